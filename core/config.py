@@ -1,0 +1,278 @@
+"""Every setting Towerline has, as frozen dataclasses; YAML only at the edge.
+
+One dataclass per component, each default visible with its unit or range, and ``__post_init__``
+rejecting impossible values with a ``ConfigError`` that names the field. ``load_config`` is the one
+place YAML (and ``--set a.b=value`` overrides) becomes these objects; it fails on unknown keys and
+suggests the nearest valid name, because a misspelt key that silently keeps its default is the
+costliest config bug there is. ``dataclasses.asdict`` of the result is what MLflow logs as params
+and what the bundle's ``config.json`` holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from towerline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _check(cond: bool, section: str, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config field '{section}.{name}': {msg}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "synthetic"  # dataset name, logged as the MLflow tag `dataset`
+    format: Literal["synthetic", "s3rec", "csv", "parquet"] = "synthetic"
+    path: str | None = None  # s3rec: <name>.txt; csv/parquet: folder with events/items/users files
+    synthetic_users: int = 3000  # synthetic generator: number of users
+    synthetic_items: int = 800  # synthetic generator: number of items
+    seed: int = 0  # synthetic generator seed
+    min_user_events: int = 3  # users with fewer events cannot give train+valid+test; they are counted, not used
+    split: Literal["leave_one_out", "time"] = "leave_one_out"
+    time_split_quantiles: tuple[float, float] = (0.8, 0.9)  # time split: valid starts / test starts
+
+    def __post_init__(self) -> None:
+        _check(self.format == "synthetic" or bool(self.path), "data", "path", f"format '{self.format}' needs a path")
+        _check(self.synthetic_users > 0, "data", "synthetic_users", "must be > 0")
+        _check(self.synthetic_items > 1, "data", "synthetic_items", "must be > 1")
+        _check(self.min_user_events >= 3, "data", "min_user_events", "must be >= 3 (train, valid, test)")
+        lo, hi = self.time_split_quantiles
+        _check(0 < lo < hi < 1, "data", "time_split_quantiles", "need 0 < valid < test < 1")
+
+
+@dataclass(frozen=True)
+class TwoTowerConfig:
+    dim: int = 64  # output width of both towers (the FAISS vector size)
+    max_len: int = 50  # history items the user tower attends over
+    n_layers: int = 2  # Transformer blocks in the user tower
+    n_heads: int = 2  # attention heads; must divide dim
+    dropout: float = 0.3  # dropout in the user tower and on embeddings, [0, 1)
+    use_attributes: bool = True  # item tower pools attribute embeddings beside the id embedding
+    max_attributes: int = 8  # attribute tokens kept per item
+    use_event_type: bool = True  # user tower adds an event-type embedding per history step
+
+    def __post_init__(self) -> None:
+        _check(self.dim > 0, "model", "dim", "must be > 0")
+        _check(self.max_len > 1, "model", "max_len", "must be > 1")
+        _check(self.n_layers >= 1, "model", "n_layers", "must be >= 1")
+        _check(self.n_heads >= 1 and self.dim % self.n_heads == 0, "model", "n_heads", f"must divide dim={self.dim}")
+        _check(0 <= self.dropout < 1, "model", "dropout", "must be in [0, 1)")
+        _check(self.max_attributes >= 1, "model", "max_attributes", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kind: Literal["full_softmax", "sampled_softmax"] = "full_softmax"
+    n_negatives: int = 1024  # sampled softmax: uniform negatives shared by the batch (plus in-batch)
+    temperature: float = 1.0  # logits are divided by this
+    logq_correction: bool = True  # sampled softmax: subtract log sampling probability (Yi et al., 2019)
+
+    def __post_init__(self) -> None:
+        _check(self.n_negatives >= 1, "loss", "n_negatives", "must be >= 1")
+        _check(self.temperature > 0, "loss", "temperature", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    max_epochs: int = 30  # upper bound; early stopping usually ends sooner
+    max_time_s: float | None = None  # wall-clock budget for fitting, seconds (None = no budget)
+    batch_size: int = 128  # sequences per batch
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    patience: int = 5  # epochs without a better valid/ndcg_10 before stopping
+    seed: int = 42  # seeds torch, numpy and Python: same seed => same metrics on CPU
+    accelerator: str = "auto"  # Lightning picks the device; nothing hard-codes CPU
+    devices: str | int = "auto"
+    precision: str = "32-true"
+    eval_batch_size: int = 256  # users per full-ranking evaluation batch
+    num_workers: int = 0  # DataLoader workers
+    limit_train_batches: float | int = 1.0  # Lightning's knob, for smoke runs
+    log_every_n_steps: int = 20
+
+    def __post_init__(self) -> None:
+        _check(self.max_epochs >= 1, "trainer", "max_epochs", "must be >= 1")
+        _check(self.batch_size >= 1, "trainer", "batch_size", "must be >= 1")
+        _check(self.lr > 0, "trainer", "lr", "must be > 0")
+        _check(self.patience >= 1, "trainer", "patience", "must be >= 1")
+        _check(self.max_time_s is None or self.max_time_s > 0, "trainer", "max_time_s", "must be > 0")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir
+    experiment: str = "towerline"
+    model_name: str = "towerline-retriever"  # registered model name; each run registers a version
+    register: bool = True
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: Literal["flat", "hnsw", "ivf"] = "flat"  # flat = exact inner product
+    hnsw_m: int = 32  # HNSW graph degree
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
+    ivf_nlist: int = 0  # 0: about 4*sqrt(n_items)
+    ivf_nprobe: int = 16
+    ivf_pq_m: int = 0  # 0: no product quantisation (IVF-Flat)
+
+    def __post_init__(self) -> None:
+        _check(self.hnsw_m >= 4, "index", "hnsw_m", "must be >= 4")
+        _check(self.hnsw_ef_search >= 1, "index", "hnsw_ef_search", "must be >= 1")
+        _check(self.ivf_nprobe >= 1, "index", "ivf_nprobe", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TowerlineConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for JSON, YAML and MLflow params."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"dim": 64}}`` -> ``{"model.dim": 64}``: how MLflow params are named."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, failing on unknown keys with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{where or cls.__name__}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{path}'{hint}")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, path)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"config field '{path}': {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config field '{path}': {value!r} does not fit {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config field '{path}': expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, path) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field '{path}': expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config field '{path}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config field '{path}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config field '{path}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TowerlineConfig:
+    """YAML file (or the defaults when ``path`` is None) plus ``--set`` overrides -> ``TowerlineConfig``.
+
+    A relative ``data.path`` is resolved against the YAML file's folder, so configs that point at
+    ``../shared/data`` work from any working directory.
+    """
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        base = p.resolve().parent
+    rel = (data.get("data") or {}).get("path") if isinstance(data.get("data"), dict) else None
+    if isinstance(rel, str) and rel and not Path(rel).is_absolute():
+        data["data"]["path"] = str((base / rel).resolve())  # --set paths stay relative to the cwd
+    data = apply_overrides(data, overrides or [])
+    return from_dict(TowerlineConfig, data)
+
+
+def save_config(cfg: TowerlineConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

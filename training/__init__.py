@@ -1,0 +1,1 @@
+"""Two-tower retrieval and ranking models, their Lightning systems, evaluation and MLflow tracking."""
