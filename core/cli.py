@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from towerline import __version__
 from towerline.errors import DataValidationError, TowerlineError
@@ -41,6 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_third_party_logs() -> None:
+    """Lightning installs its own console handler; keep one copy of each line and no adverts."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        logger.propagate = False
+        for h in logger.handlers:
+            h.addFilter(_DropAdverts())
+    warnings.filterwarnings("ignore", message=".*treespec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -49,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    _quiet_third_party_logs()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

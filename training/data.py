@@ -1,0 +1,201 @@
+"""The LightningDataModule: data set -> vocabularies and sequences (once) -> split -> batches.
+
+``prepare_data`` does the one-off work in one process: read (or generate) the data through
+``towerline.features``, build vocabularies and sequences, and write them under ``work_dir``
+(JSON vocabularies and a ``.npz`` of plain integer arrays, loaded with ``allow_pickle=False``).
+``setup`` reads those files and splits them in every process, as Lightning's DataModule guide asks.
+
+Training examples are windows, not prefixes: a sequence of length L becomes ceil((L-1)/T) windows of
+T steps, each position predicting the next item, so one pass covers every position of every
+sequence (SASRec-style) instead of one sample per prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset, TensorDataset
+
+from towerline.config import DataConfig, TowerlineConfig
+from towerline.features.contracts import Dataset
+from towerline.features.sequences import Sequences, build_sequences, left_padded_windows
+from towerline.features.splits import EvalTargets, Split, split_by_time, split_leave_one_out
+from towerline.features.vocab import PAD_IDX, Vocabs, build_vocabs, item_attribute_matrix
+
+log = logging.getLogger(__name__)
+
+SEQUENCE_ARRAYS = ("offsets", "user_idx", "item_idx", "event_type_idx", "timestamp", "value")
+
+
+def load_data(cfg: DataConfig) -> Dataset:
+    """The configured data set: synthetic (the embedded default), S3Rec, CSV or Parquet files."""
+    if cfg.format == "synthetic":
+        from towerline.features.synthetic import generate_dataset
+
+        return generate_dataset(cfg.synthetic_users, cfg.synthetic_items, seed=cfg.seed)
+    from towerline.features.readers import load_dataset
+
+    dataset, _report = load_dataset(cfg.path, format=cfg.format, name=cfg.name)
+    return dataset
+
+
+def save_sequences(seqs: Sequences, path: Path) -> None:
+    np.savez(path, **{k: getattr(seqs, k) for k in SEQUENCE_ARRAYS})
+
+
+def load_sequences(path: Path) -> Sequences:
+    with np.load(path, allow_pickle=False) as z:
+        return Sequences(**{k: z[k] for k in SEQUENCE_ARRAYS})
+
+
+def make_split(seqs: Sequences, cfg: DataConfig) -> Split:
+    if cfg.split == "time":
+        return split_by_time(seqs, cfg.time_split_quantiles)
+    return split_leave_one_out(seqs, cfg.min_user_events)
+
+
+def training_windows(train: Sequences, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, event types, next-item targets), each (S, max_len), right-aligned, PAD on the left.
+
+    Window ends step back from each sequence's end by ``max_len`` so the windows tile the sequence:
+    input column j is step e-1-T+j and its target is step e-T+j, the item that came next.
+    """
+    lengths = train.lengths
+    n_windows = np.maximum(np.ceil((lengths - 1) / max_len).astype(np.int64), 0)  # rows of length 1 teach nothing
+    rows = np.repeat(np.arange(len(train)), n_windows)
+    k = np.arange(len(rows)) - np.repeat(np.cumsum(n_windows) - n_windows, n_windows)  # window number within its row
+    starts = train.offsets[:-1][rows]
+    ends = train.offsets[1:][rows] - k * max_len  # exclusive end of the target window
+    inputs = left_padded_windows(train.item_idx, starts, ends - 1, max_len)
+    types = left_padded_windows(train.event_type_idx, starts, ends - 1, max_len)
+    targets = left_padded_windows(train.item_idx, starts + 1, ends, max_len)
+    return inputs, types, targets
+
+
+class EvalUsers(TorchDataset):
+    """One evaluated user per item: the last ``max_len`` history steps, the target and the whole
+    history (for masking already-seen items, as the published protocol does)."""
+
+    def __init__(self, full: Sequences, targets: EvalTargets, max_len: int):
+        self.full, self.targets = full, targets
+        starts = full.offsets[:-1][targets.rows]
+        self.starts = starts
+        self.items = torch.from_numpy(left_padded_windows(full.item_idx, starts, targets.history_end, max_len))
+        self.types = torch.from_numpy(left_padded_windows(full.event_type_idx, starts, targets.history_end, max_len))
+        self.target = torch.from_numpy(targets.targets.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        history = torch.from_numpy(self.full.item_idx[self.starts[i] : self.targets.history_end[i]])
+        return self.items[i], self.types[i], self.target[i], history
+
+
+def collate_eval(batch: list) -> dict[str, torch.Tensor]:
+    items, types, target, history = zip(*batch)
+    return {
+        "items": torch.stack(items),  # (B, T)
+        "types": torch.stack(types),  # (B, T)
+        "target": torch.stack(target),  # (B,)
+        "history": torch.nn.utils.rnn.pad_sequence(list(history), batch_first=True, padding_value=PAD_IDX),  # (B, H)
+    }
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What the model needs to size its tables, known after ``setup``."""
+
+    n_items: int
+    n_attributes: int
+    n_event_types: int
+    n_users: int
+
+
+class SequenceDataModule(L.LightningDataModule):
+    def __init__(self, cfg: TowerlineConfig, work_dir: str | Path):
+        super().__init__()
+        self.cfg = cfg
+        self.work_dir = Path(work_dir)
+        self.vocabs: Vocabs | None = None
+        self.split: Split | None = None
+        self.item_attributes: np.ndarray | None = None
+        self.item_counts: np.ndarray | None = None
+        self.dataset_items: pd.DataFrame | None = None
+
+    @property
+    def vocab_dir(self) -> Path:
+        return self.work_dir / "vocab"
+
+    def prepare_data(self) -> None:
+        marker = self.work_dir / "prepared.json"
+        if marker.exists():
+            return
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        dataset = load_data(self.cfg.data)
+        vocabs = build_vocabs(dataset)
+        vocabs.save(self.vocab_dir)
+        save_sequences(build_sequences(dataset.events, vocabs), self.work_dir / "sequences.npz")
+        np.save(
+            self.work_dir / "item_attributes.npy",
+            item_attribute_matrix(dataset.items, vocabs, self.cfg.model.max_attributes),
+        )
+        dataset.items.to_parquet(self.work_dir / "items.parquet")
+        marker.write_text(json.dumps({"dataset": dataset.name, "events": len(dataset.events)}))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        self.vocabs = Vocabs.load(self.vocab_dir)
+        seqs = load_sequences(self.work_dir / "sequences.npz")
+        self.split = make_split(seqs, self.cfg.data)
+        self.item_attributes = np.load(self.work_dir / "item_attributes.npy", allow_pickle=False)
+        self.item_counts = np.bincount(self.split.train.item_idx, minlength=len(self.vocabs.items))
+
+    def items_table(self) -> pd.DataFrame:
+        """The catalogue as loaded (attributes, price, stock), for the bundle's business rules."""
+        return pd.read_parquet(self.work_dir / "items.parquet")
+
+    @property
+    def stats(self) -> DataStats:
+        if self.vocabs is None:
+            raise RuntimeError("call prepare_data() and setup() first")
+        return DataStats(
+            n_items=len(self.vocabs.items),
+            n_attributes=len(self.vocabs.attributes),
+            n_event_types=len(self.vocabs.event_types),
+            n_users=len(self.vocabs.users),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        inputs, types, targets = training_windows(self.split.train, self.cfg.model.max_len)
+        ds = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(types), torch.from_numpy(targets))
+        return DataLoader(
+            ds,
+            batch_size=self.cfg.trainer.batch_size,
+            shuffle=True,
+            num_workers=self.cfg.trainer.num_workers,
+            generator=torch.Generator().manual_seed(self.cfg.trainer.seed),
+        )
+
+    def _eval_loader(self, targets: EvalTargets) -> DataLoader:
+        return DataLoader(
+            EvalUsers(self.split.full, targets, self.cfg.model.max_len),
+            batch_size=self.cfg.trainer.eval_batch_size,
+            shuffle=False,
+            collate_fn=collate_eval,
+            num_workers=self.cfg.trainer.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.split.valid)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.split.test)

@@ -1,0 +1,125 @@
+"""``TwoTowerSystem``: how the two-tower net is trained and evaluated (Lightning's "system").
+
+The network itself lives in ``model.py`` (plain ``nn.Module``s that serving rebuilds); this module
+only adds the loss, the optimiser and full-catalogue evaluation. Validation and test share one
+``_eval_step(batch, prefix)``: every item of the catalogue is scored for every user (no sampled
+negatives, whose metrics are known to mislead: Krichene & Rendle, KDD 2020), with the user's history
+masked as the published leave-one-out protocol does, and the unmasked numbers logged beside them
+(``test_unmasked/...``) so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from towerline.config import LossConfig, TrainerConfig, TwoTowerConfig, from_dict
+from towerline.features.vocab import PAD_IDX
+from towerline.training.losses import full_softmax_loss, log_sampling_prob, sample_uniform_negatives, sampled_softmax_loss
+from towerline.training.evaluate import accumulate_batch, summarise
+from towerline.training.metrics import RankingAccumulator
+from towerline.training.model import TwoTowerNet
+
+log = logging.getLogger(__name__)
+
+
+class TwoTowerSystem(L.LightningModule):
+    """Trains ``TwoTowerNet`` on next-item prediction at every position of every window.
+
+    Args:
+        n_items, n_attributes, n_event_types: vocabulary sizes (reserved rows included).
+        config: the full resolved ``TowerlineConfig`` as a dict (``towerline.config.to_dict``);
+            saved as hyper-parameters, so MLflow shows it as params and checkpoints hold only
+            plain values.
+        item_attributes: (n_items, max_attributes) attribute indices per item, PAD-padded.
+        item_counts: (n_items,) training interactions per item, for the logQ correction.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        n_attributes: int,
+        n_event_types: int,
+        config: dict[str, Any],
+        item_attributes: np.ndarray | None = None,
+        item_counts: np.ndarray | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters("n_items", "n_attributes", "n_event_types", "config")
+        self.model_cfg: TwoTowerConfig = from_dict(TwoTowerConfig, config.get("model", {}), "model")
+        self.loss_cfg: LossConfig = from_dict(LossConfig, config.get("loss", {}), "loss")
+        self.trainer_cfg: TrainerConfig = from_dict(TrainerConfig, config.get("trainer", {}), "trainer")
+        attrs = torch.as_tensor(item_attributes, dtype=torch.long) if item_attributes is not None else None
+        self.net = TwoTowerNet(n_items, n_attributes, n_event_types, self.model_cfg, attrs)
+        counts = torch.as_tensor(item_counts if item_counts is not None else np.ones(n_items), dtype=torch.float32)
+        self.register_buffer("item_counts", counts, persistent=False)  # training targets per item, for logQ
+        self._eval_items: torch.Tensor | None = None
+        self._acc: dict[str, RankingAccumulator] = {}
+
+    def forward(self, history: torch.Tensor, event_types: torch.Tensor) -> torch.Tensor:
+        """Inference: (B, T) left-padded histories -> (B, D) user vectors."""
+        return self.net.user_vector(history, event_types)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        inputs, types, targets = (t.long() for t in batch)  # (B, T) each
+        mask = targets != PAD_IDX  # (B, T) positions with a next item
+        if self.loss_cfg.kind == "full_softmax":
+            table = self.net.item_vectors()  # (V, D), attribute pooling paid once per step
+            states = self.net.user_states(inputs, types, item_table=table)[mask]  # (N, D)
+            loss = full_softmax_loss(states, table, targets[mask], self.loss_cfg.temperature)
+        else:
+            states = self.net.user_states(inputs, types)[mask]  # (N, D)
+            t = targets[mask]  # (N,)
+            neg_ids = sample_uniform_negatives(self.net.n_items, self.loss_cfg.n_negatives, device=self.device)
+            logq = log_sampling_prob(self.item_counts, n_in_batch=len(t), n_uniform=len(neg_ids))  # (V,)
+            loss = sampled_softmax_loss(
+                states,
+                self.net.item_tower(t),
+                t,
+                self.net.item_tower(neg_ids),
+                neg_ids,
+                negative_logq=logq[neg_ids],
+                target_logq=logq[t],
+                temperature=self.loss_cfg.temperature,
+                logq_correction=self.loss_cfg.logq_correction,
+            )
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=int(mask.sum()))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "valid")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.trainer_cfg.lr, weight_decay=self.trainer_cfg.weight_decay)
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
+        if self._eval_items is None:
+            self._eval_items = self.net.item_vectors()  # (V, D), once per evaluation epoch
+        accumulate_batch(self._acc, self.net, self._eval_items, batch, prefix)
+
+    def _eval_epoch_end(self) -> None:
+        for key, value in summarise(self._acc, self.net.n_items).items():
+            self.log(key, value, prog_bar=key == "valid/ndcg_10")
+        self._acc = {}
+        self._eval_items = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._acc, self._eval_items = {}, None
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end()
+
+    def on_test_epoch_start(self) -> None:
+        self._acc, self._eval_items = {}, None
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end()

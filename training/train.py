@@ -1,0 +1,167 @@
+"""``train(cfg)``: the whole retriever pipeline on one screen (RecBole's ``run_recbole`` idea).
+
+config -> DataModule (features once, then split) -> TwoTowerSystem -> Lightning fit with early
+stopping on ``valid/ndcg_10`` -> test with the best checkpoint -> bundle -> MLflow artifacts and a
+registered model version.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+
+from towerline.config import TowerlineConfig, save_config, to_dict
+from towerline.training.data import SequenceDataModule
+from towerline.training.export import export_bundle
+from towerline.training.system import TwoTowerSystem
+from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, register_bundle, use_tracking
+
+log = logging.getLogger(__name__)
+
+MONITOR = "valid/ndcg_10"
+
+
+class LearningCurve(Callback):
+    """Validation NDCG@10 against wall-clock time, so runs can be compared at equal time budgets."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.points: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.perf_counter() - (self.points[-1]["elapsed_s"] if self.points else 0.0)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        point = {"epoch": float(trainer.current_epoch), "elapsed_s": time.perf_counter() - self.start}
+        for key in (MONITOR, "valid/hr_10", "train/loss"):
+            if key in m:
+                point[key] = float(m[key])
+        self.points.append(point)
+        pl_module.log("time/elapsed_s", point["elapsed_s"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": self.points}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.points = list(state_dict.get("points", []))
+
+    def plot(self, path: Path) -> Path | None:
+        if not self.points:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        t = [p["elapsed_s"] for p in self.points]
+        ax1.plot(t, [p.get(MONITOR, float("nan")) for p in self.points], marker="o")
+        ax1.set_xlabel("wall time (s)")
+        ax1.set_ylabel("valid NDCG@10")
+        ax2.plot([p["epoch"] for p in self.points], [p.get("train/loss", float("nan")) for p in self.points], marker="o")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel("train loss")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    tracking_uri: str
+    bundle_dir: Path
+    metrics: dict[str, float]
+    model_name: str | None = None
+    model_version: str | None = None
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True) -> TrainResult:
+    """Fit, test and register a two-tower retriever; everything lands in ``out_dir`` and MLflow."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    save_config(cfg, out / "config.yaml")
+
+    dm = SequenceDataModule(cfg, out / "data")
+    dm.prepare_data()
+    dm.setup()
+    stats = dm.stats
+    system = TwoTowerSystem(
+        stats.n_items, stats.n_attributes, stats.n_event_types, to_dict(cfg),
+        item_attributes=dm.item_attributes, item_counts=dm.item_counts,
+    )
+
+    uri = use_tracking(cfg.tracking)
+    run_file = out / "run.json"
+    last_ckpt = out / "checkpoints" / "last.ckpt"
+    resume_run = json.loads(run_file.read_text())["run_id"] if resume and run_file.exists() else None
+    if resume and not last_ckpt.exists():
+        log.warning("--resume: no checkpoint at %s, starting from scratch", last_ckpt)
+    logger = MLFlowLogger(
+        experiment_name=cfg.tracking.experiment,
+        tracking_uri=uri,
+        run_id=resume_run,
+        tags={"dataset": cfg.data.name, "code_version": code_version(), "split": cfg.data.split},
+        log_model=False,
+    )
+    run_id = logger.run_id
+    run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    log.info("MLflow run %s (tracking URI %s)", run_id, uri)
+
+    curve = LearningCurve()
+    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True)
+    trainer = L.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        max_time=dt.timedelta(seconds=cfg.trainer.max_time_s) if cfg.trainer.max_time_s else None,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        precision=cfg.trainer.precision,
+        logger=logger,
+        callbacks=[best, EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience), curve],
+        default_root_dir=out,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        num_sanity_val_steps=0,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+    )
+    trainer.fit(system, datamodule=dm, ckpt_path=str(last_ckpt) if resume and last_ckpt.exists() else None)
+    tested = trainer.test(system, datamodule=dm, ckpt_path="best" if best.best_model_path else None, verbose=False)
+    metrics = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
+    metrics["train/epochs"] = float(trainer.current_epoch)
+    metrics["train/seconds"] = curve.points[-1]["elapsed_s"] if curve.points else 0.0
+
+    plot = curve.plot(out / "training_curve.png")
+    (out / "curve.json").write_text(json.dumps(curve.points, indent=2))
+    bundle = export_bundle(
+        system.net, dm.vocabs, cfg, out / "bundle",
+        items=dm.items_table(), item_popularity=dm.item_counts, metrics=metrics,
+        extra_files={"training_curve.png": plot, "curve.json": out / "curve.json"} if plot else {},
+        manifest_extra={"model_name": cfg.tracking.model_name, "run_id": run_id},
+    )
+    client = logger.experiment
+    client.log_artifacts(run_id, str(bundle), BUNDLE_ARTIFACT_PATH)
+    if plot:
+        client.log_artifact(run_id, str(plot))
+    result = TrainResult(run_id=run_id, tracking_uri=uri, bundle_dir=bundle, metrics=metrics, curve=curve.points)
+    if cfg.tracking.register:
+        result.model_name = cfg.tracking.model_name
+        result.model_version = register_bundle(run_id, cfg.tracking.model_name)
+        client.set_tag(run_id, "model_version", result.model_version)
+    logger.finalize("success")
+    return result
