@@ -40,9 +40,8 @@ class LearningCurve(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.perf_counter() - (self.points[-1]["elapsed_s"] if self.points else 0.0)
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # runs after the epoch's validation, so both the train loss and valid metrics are known
         m = trainer.callback_metrics
         point = {"epoch": float(trainer.current_epoch), "elapsed_s": time.perf_counter() - self.start}
         for key in (MONITOR, "valid/hr_10", "train/loss"):
@@ -119,6 +118,10 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
         tags={"dataset": cfg.data.name, "code_version": code_version(), "split": cfg.data.split},
         log_model=False,
     )
+    if resume_run:
+        # MLflow params are immutable and the run already holds the original config; a resumed fit
+        # may only change budgets (max_epochs, max_time_s), which the run's metrics show anyway.
+        system._log_hyperparams = False
     run_id = logger.run_id
     run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     log.info("MLflow run %s (tracking URI %s)", run_id, uri)
@@ -143,6 +146,8 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
     trainer.fit(system, datamodule=dm, ckpt_path=str(last_ckpt) if resume and last_ckpt.exists() else None)
     tested = trainer.test(system, datamodule=dm, ckpt_path="best" if best.best_model_path else None, verbose=False)
     metrics = {k: float(v) for k, v in (tested[0] if tested else {}).items()}
+    if best.best_model_score is not None:
+        metrics["valid/best_ndcg_10"] = float(best.best_model_score)
     metrics["train/epochs"] = float(trainer.current_epoch)
     metrics["train/seconds"] = curve.points[-1]["elapsed_s"] if curve.points else 0.0
 
