@@ -31,9 +31,6 @@ from towerline.features.vocab import PAD_IDX, Vocabs, build_vocabs, item_attribu
 
 log = logging.getLogger(__name__)
 
-SEQUENCE_ARRAYS = ("offsets", "user_idx", "item_idx", "event_type_idx", "timestamp", "value")
-
-
 def load_data(cfg: DataConfig) -> Dataset:
     """The configured data set: synthetic (the embedded default), S3Rec, CSV or Parquet files."""
     if cfg.format == "synthetic":
@@ -44,15 +41,6 @@ def load_data(cfg: DataConfig) -> Dataset:
 
     dataset, _report = load_dataset(cfg.path, format=cfg.format, name=cfg.name)
     return dataset
-
-
-def save_sequences(seqs: Sequences, path: Path) -> None:
-    np.savez(path, **{k: getattr(seqs, k) for k in SEQUENCE_ARRAYS})
-
-
-def load_sequences(path: Path) -> Sequences:
-    with np.load(path, allow_pickle=False) as z:
-        return Sequences(**{k: z[k] for k in SEQUENCE_ARRAYS})
 
 
 def make_split(seqs: Sequences, cfg: DataConfig) -> Split:
@@ -77,6 +65,18 @@ def training_windows(train: Sequences, max_len: int) -> tuple[np.ndarray, np.nda
     types = left_padded_windows(train.event_type_idx, starts, ends - 1, max_len)
     targets = left_padded_windows(train.item_idx, starts + 1, ends, max_len)
     return inputs, types, targets
+
+
+def trim_left_padding(items: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Drop the columns that are padding in every row of a right-aligned (B, T) batch.
+
+    Most users have far fewer than ``max_len`` steps (Beauty: about 9 of 50), and the user tower
+    counts positions back from the newest step, so cutting all-PAD columns changes no output while
+    saving most of the attention and MLP work.
+    """
+    longest = int((items != PAD_IDX).sum(dim=1).max()) if items.numel() else 0
+    width = max(longest, 1)
+    return tuple(t[:, -width:] for t in (items, *others))
 
 
 class EvalUsers(TorchDataset):
@@ -142,7 +142,7 @@ class SequenceDataModule(L.LightningDataModule):
         dataset = load_data(self.cfg.data)
         vocabs = build_vocabs(dataset)
         vocabs.save(self.vocab_dir)
-        save_sequences(build_sequences(dataset.events, vocabs), self.work_dir / "sequences.npz")
+        build_sequences(dataset.events, vocabs).save(self.work_dir / "sequences.npz")
         np.save(
             self.work_dir / "item_attributes.npy",
             item_attribute_matrix(dataset.items, vocabs, self.cfg.model.max_attributes),
@@ -154,7 +154,7 @@ class SequenceDataModule(L.LightningDataModule):
         if self.split is not None:
             return
         self.vocabs = Vocabs.load(self.vocab_dir)
-        seqs = load_sequences(self.work_dir / "sequences.npz")
+        seqs = Sequences.load(self.work_dir / "sequences.npz")
         self.split = make_split(seqs, self.cfg.data)
         self.item_attributes = np.load(self.work_dir / "item_attributes.npy", allow_pickle=False)
         self.item_counts = np.bincount(self.split.train.item_idx, minlength=len(self.vocabs.items))

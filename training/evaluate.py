@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from towerline.features.sequences import Sequences
 from towerline.features.splits import EvalTargets
-from towerline.training.data import EvalUsers, collate_eval
+from towerline.training.data import EvalUsers, collate_eval, trim_left_padding
 from towerline.training.metrics import RankingAccumulator, mask_scores, target_ranks, top_k_items
 from towerline.training.model import TwoTowerNet
 
@@ -26,7 +26,8 @@ def accumulate_batch(
     accs: dict[str, RankingAccumulator], net: TwoTowerNet, item_table: torch.Tensor, batch: dict[str, torch.Tensor], prefix: str
 ) -> None:
     """Score one batch of users against the whole catalogue and add its ranks to ``accs``."""
-    users = net.user_vector(batch["items"], batch["types"], item_table=item_table)  # (B, D)
+    items, types = trim_left_padding(batch["items"], batch["types"])  # (B, T')
+    users = net.user_vector(items, types, item_table=item_table)  # (B, D)
     scores = users @ item_table.T  # (B, V)
     for masked, name in ((True, prefix), (False, f"{prefix}_unmasked")):
         ranks = target_ranks(scores, batch["target"], batch["history"], mask_history=masked)

@@ -20,6 +20,7 @@ import torch
 from towerline.config import LossConfig, TrainerConfig, TwoTowerConfig, from_dict
 from towerline.features.vocab import PAD_IDX
 from towerline.training.losses import full_softmax_loss, log_sampling_prob, sample_uniform_negatives, sampled_softmax_loss
+from towerline.training.data import trim_left_padding
 from towerline.training.evaluate import accumulate_batch, summarise
 from towerline.training.metrics import RankingAccumulator
 from towerline.training.model import TwoTowerNet
@@ -65,7 +66,7 @@ class TwoTowerSystem(L.LightningModule):
         return self.net.user_vector(history, event_types)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        inputs, types, targets = (t.long() for t in batch)  # (B, T) each
+        inputs, types, targets = trim_left_padding(*(t.long() for t in batch))  # (B, T') each
         mask = targets != PAD_IDX  # (B, T) positions with a next item
         if self.loss_cfg.kind == "full_softmax":
             table = self.net.item_vectors()  # (V, D), attribute pooling paid once per step

@@ -1,0 +1,377 @@
+"""The two-tower network: an item tower, a causal-Transformer user tower, and the net that joins them.
+
+Plain ``nn.Module``s in dependency order (nanoGPT's ``model.py`` layout); the Lightning system in
+``training/system.py`` adds losses and optimisers, and serving imports this module alone to rebuild
+the net from ``config.json`` (``TwoTowerNet.meta()``) plus a safetensors state dict.
+
+Design choices, and why:
+
+- **Shared item vectors** (as in SASRec, Kang & McAuley, ICDM 2018): the user tower reads the item
+  tower's vectors of the history, and the same vectors are the softmax's output embeddings and the
+  FAISS catalogue, so a user state and an item vector live in one space and serving is a plain
+  inner-product search.
+- **Every position is a training example**: the user tower returns a state at every step (state
+  after seeing items up to and including ``t``), so one pass trains on every prefix of every
+  sequence instead of one sample per prefix.
+- **No LayerNorm or dropout on the item tower's output**: those vectors are both the output embedding
+  of every logit and the index vectors. Dropout there would perturb the catalogue side of every
+  logit, and a LayerNorm would pin every item's norm to about the same value, taking away the
+  per-item magnitude that inner-product scoring uses to express popularity. Dropout is applied where
+  SASRec applies it: on the user tower's input and inside its blocks.
+- **Positions are counted from the newest event** (histories are left-padded, newest event at
+  ``T - 1``): the newest event always gets position ``max_len - 1`` whatever ``T`` is, so a batch
+  may be trimmed to its longest history and extra left padding changes nothing.
+- **Every position may attend to itself**: with causal masking and left padding, a padded position
+  sees only pads; letting the diagonal through keeps its softmax finite (no NaN), and because real
+  positions come after all pads they never see a pad key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from towerline.config import TwoTowerConfig, from_dict
+from towerline.errors import BundleError, ConfigError
+from towerline.features.vocab import N_RESERVED, PAD_IDX
+
+log = logging.getLogger(__name__)
+
+INIT_STD = 0.02  # normal init of embeddings and linear weights (GPT-2 / nanoGPT)
+
+
+def _fit_attribute_table(item_attributes: torch.Tensor | None, n_items: int, width: int) -> torch.Tensor:
+    """(n_items, width) long table of attribute indices, PAD-padded or truncated to ``width`` columns.
+
+    ``None`` gives an all-PAD table: the shape a net rebuilt for serving needs before
+    ``load_state_dict`` fills in the real table. The PAD item's row is forced to PAD so that the
+    padding item's vector is exactly zero.
+    """
+    table = torch.full((n_items, width), PAD_IDX, dtype=torch.long)
+    if item_attributes is None:
+        return table
+    if item_attributes.dim() != 2 or item_attributes.shape[0] != n_items:
+        raise ValueError(
+            f"item_attributes must have shape (n_items={n_items}, max_attributes), got {tuple(item_attributes.shape)}"
+        )
+    if item_attributes.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"item_attributes must hold integer attribute indices, got {item_attributes.dtype}")
+    w = min(width, item_attributes.shape[1])
+    table[:, :w] = item_attributes[:, :w].to(torch.long)
+    table[PAD_IDX] = PAD_IDX
+    return table
+
+
+class ItemTower(nn.Module):
+    """Item index -> vector: id embedding plus the mean of the item's attribute embeddings.
+
+    The attribute half lets items that share a category or brand share signal, which matters most for
+    rarely seen items whose id embedding gets few updates (the motivation for attribute-aware models
+    such as S3-Rec, Zhou et al., CIKM 2020). The two halves are summed: same width, no extra
+    parameters, and an item without attributes falls back to its id embedding.
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        n_attributes: int,
+        item_attributes: torch.Tensor | None,
+        cfg: TwoTowerConfig,
+    ) -> None:
+        """
+        Args:
+            n_items: item table size including the reserved PAD/UNK rows (``len(vocab)``).
+            n_attributes: attribute table size including the reserved rows.
+            item_attributes: (n_items, A) long attribute indices per item, PAD-padded; kept as a
+                persistent buffer (so it travels in the state dict), padded or cut to
+                ``cfg.max_attributes`` columns. Ignored when ``cfg.use_attributes`` is False.
+            cfg: the model config.
+        """
+        super().__init__()
+        if n_items <= N_RESERVED:
+            raise ValueError(f"n_items={n_items} leaves no real item (the first {N_RESERVED} rows are reserved)")
+        self.n_items = n_items
+        self.use_attributes = cfg.use_attributes
+        self.id_emb = nn.Embedding(n_items, cfg.dim, padding_idx=PAD_IDX)
+        if cfg.use_attributes:
+            n_attr_rows = max(n_attributes, N_RESERVED)
+            table = _fit_attribute_table(item_attributes, n_items, cfg.max_attributes)
+            if table.numel() and int(table.max()) >= n_attr_rows:
+                bad = int((table >= n_attr_rows).any(dim=1).nonzero()[0, 0])
+                raise ValueError(
+                    f"item_attributes row {bad} holds attribute index {int(table[bad].max())} "
+                    f">= n_attributes={n_attributes}"
+                )
+            # mean over the non-PAD attributes of each item; an item with none gets a zero vector
+            self.attr_emb: nn.EmbeddingBag | None = nn.EmbeddingBag(
+                n_attr_rows, cfg.dim, mode="mean", padding_idx=PAD_IDX
+            )
+            self.register_buffer("item_attributes", table, persistent=True)
+        else:
+            self.attr_emb = None
+            self.item_attributes: torch.Tensor | None = None
+
+    def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """(...) long item indices -> (..., D) item vectors; PAD gives the zero vector."""
+        x = self.id_emb(item_idx)  # (..., D)
+        if self.attr_emb is not None:
+            attrs = self.item_attributes[item_idx.reshape(-1)]  # (N, A)
+            x = x + self.attr_emb(attrs).view(x.shape)  # (..., D)
+        return x
+
+    def all_items(self) -> torch.Tensor:
+        """(n_items, D): every row of the catalogue in one pass (softmax outputs, FAISS vectors)."""
+        x = self.id_emb.weight  # (V, D)
+        if self.attr_emb is not None:
+            x = x + self.attr_emb(self.item_attributes)  # (V, D)
+        return x
+
+
+def attention_mask(pad_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, True at padding -> (B, 1, T, T) bool, True where query ``t`` may attend key ``s``.
+
+    Key ``s`` is allowed when ``s <= t`` (causal) and it is not padding, and every query may always
+    attend to itself. The diagonal matters for left-padded rows: a padded query has no other
+    allowed key, and a softmax over nothing but ``-inf`` is NaN on the kernels of several torch
+    versions. A real query never sees a pad key, since with left padding all pads come before it.
+    """
+    T = pad_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=pad_mask.device).tril()  # (T, T)
+    eye = torch.eye(T, dtype=torch.bool, device=pad_mask.device)  # (T, T)
+    return (causal & ~pad_mask[:, None, None, :]) | eye  # (B, 1, T, T)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where step ``t`` sees steps ``<= t`` that are not padding."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D), allowed (B, 1, T, T) bool, True where a query may attend to a key."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=2)  # 3 x (B, T, D)
+        q = q.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
+        v = v.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, Dh)
+        y = y.transpose(1, 2).contiguous().view(B, T, D)  # (B, T, D)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward layer, 4x wide as in the Transformer."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.dim, 4 * cfg.dim)
+        self.proj = nn.Linear(4 * cfg.dim, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x))))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm Transformer block: stable to train without learning-rate warm-up."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.dim)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), allowed)  # (B, T, D)
+        return x + self.mlp(self.ln_2(x))  # (B, T, D)
+
+
+class UserTower(nn.Module):
+    """History of item vectors (+ position, + event type) -> a user state at every step.
+
+    A causal Transformer as in SASRec (Kang & McAuley, ICDM 2018), pre-LN. The event-type
+    embedding tells a purchase from a view of the same item.
+    """
+
+    def __init__(self, cfg: TwoTowerConfig, n_event_types: int) -> None:
+        """
+        Args:
+            cfg: the model config (``dim``, ``max_len``, ``n_layers``, ``n_heads``, ``dropout``,
+                ``use_event_type``).
+            n_event_types: event-type table size including the reserved PAD/UNK rows.
+        """
+        super().__init__()
+        self.max_len = cfg.max_len
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        self.event_emb = (
+            nn.Embedding(max(n_event_types, N_RESERVED), cfg.dim, padding_idx=PAD_IDX)
+            if cfg.use_event_type
+            else None
+        )
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.ln_f = nn.LayerNorm(cfg.dim)
+
+    def forward(
+        self,
+        item_vectors: torch.Tensor,
+        event_types: torch.Tensor | None,
+        pad_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            item_vectors: (B, T, D) item-tower vectors of the history, oldest first.
+            event_types: (B, T) long event-type indices, or None (ignored without ``use_event_type``).
+            pad_mask: (B, T) bool, True at padding.
+
+        Returns:
+            (B, T, D): at step ``t`` the state after items ``<= t``; padded steps hold finite
+            values that mean nothing.
+        """
+        B, T, D = item_vectors.shape
+        if T > self.max_len:
+            raise ValueError(f"history length {T} exceeds max_len={self.max_len}; keep the newest {self.max_len} events")
+        device = item_vectors.device
+        # right-aligned positions: the newest step is always max_len - 1, whatever the padding
+        pos = torch.arange(self.max_len - T, self.max_len, device=device)  # (T,)
+        x = item_vectors + self.pos_emb(pos)  # (B, T, D)
+        if self.event_emb is not None and event_types is not None:
+            x = x + self.event_emb(event_types)  # (B, T, D)
+        x = self.drop(x)
+
+        allowed = attention_mask(pad_mask)  # (B, 1, T, T)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.ln_f(x)  # (B, T, D)
+
+
+class TwoTowerNet(nn.Module):
+    """Item tower and user tower in one space: ``score(user, item) = user_vector . item_vector``.
+
+    Constructor arguments are plain ints and a config so that ``build_two_tower(net.meta())`` plus
+    ``load_state_dict`` rebuilds the same net in serving; the attribute table is a persistent
+    buffer, so it travels in the state dict.
+
+    Example::
+
+        net = TwoTowerNet(n_items=len(vocabs.items), n_attributes=len(vocabs.attributes),
+                          n_event_types=len(vocabs.event_types), cfg=TwoTowerConfig(),
+                          item_attributes=table)
+        scores = net.user_vector(history, event_types) @ net.item_vectors().T  # (B, V)
+    """
+
+    def __init__(
+        self,
+        n_items: int,
+        n_attributes: int,
+        n_event_types: int,
+        cfg: TwoTowerConfig,
+        item_attributes: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.n_attributes = n_attributes
+        self.n_event_types = n_event_types
+        self.cfg = cfg
+        self.item_tower = ItemTower(n_items, n_attributes, item_attributes, cfg)
+        self.user_tower = UserTower(cfg, n_event_types)
+        self.init_weights()
+        log.debug("TwoTowerNet: %d parameters", sum(p.numel() for p in self.parameters()))
+
+    def init_weights(self) -> None:
+        """Normal(0, 0.02) weights and zero biases (GPT-2); residual projections scaled by
+        1/sqrt(2 * n_layers) so the residual stream's variance does not grow with depth."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(self, history: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference: (B, T) left-padded history -> (B, D) user vectors."""
+        return self.user_vector(history, event_types)
+
+    def item_vectors(self) -> torch.Tensor:
+        """(n_items, D) vectors of the whole catalogue, reserved rows included (score them -inf)."""
+        return self.item_tower.all_items()
+
+    def user_states(
+        self,
+        history: torch.Tensor,
+        event_types: torch.Tensor | None = None,
+        item_table: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) left-padded item indices -> (B, T, D) state after each step.
+
+        ``item_table`` (n_items, D), when given, is used instead of running the item tower on the
+        history: a training step that already computed ``item_vectors()`` for a full softmax then
+        pays for the attribute pooling once.
+        """
+        pad_mask = history == PAD_IDX  # (B, T)
+        vecs = item_table[history] if item_table is not None else self.item_tower(history)  # (B, T, D)
+        return self.user_tower(vecs, event_types, pad_mask)
+
+    def user_vector(
+        self,
+        history: torch.Tensor,
+        event_types: torch.Tensor | None = None,
+        item_table: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) left-padded history -> (B, D) state at the newest step ``T - 1``."""
+        return self.user_states(history, event_types, item_table)[:, -1]  # (B, D)
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able constructor arguments; ``build_two_tower(meta)`` rebuilds this net's shape."""
+        return {
+            "n_items": self.n_items,
+            "n_attributes": self.n_attributes,
+            "n_event_types": self.n_event_types,
+            "cfg": dataclasses.asdict(self.cfg),
+        }
+
+
+def build_two_tower(meta: dict[str, Any]) -> TwoTowerNet:
+    """Rebuild an (untrained) ``TwoTowerNet`` from ``TwoTowerNet.meta()``, e.g. read from a bundle's
+    ``config.json``; load weights with ``net.load_state_dict(safetensors.torch.load_file(path))``.
+
+    Raises:
+        BundleError: a key is missing or the config section is invalid.
+    """
+    missing = [k for k in ("n_items", "n_attributes", "n_event_types", "cfg") if k not in meta]
+    if missing:
+        raise BundleError(f"model meta is missing {missing}; expected the dict TwoTowerNet.meta() writes")
+    try:
+        cfg = from_dict(TwoTowerConfig, meta["cfg"], "model")
+    except ConfigError as e:
+        raise BundleError(f"model meta 'cfg' is not a valid TwoTowerConfig: {e}") from None
+    return TwoTowerNet(
+        n_items=int(meta["n_items"]),
+        n_attributes=int(meta["n_attributes"]),
+        n_event_types=int(meta["n_event_types"]),
+        cfg=cfg,
+    )
