@@ -134,6 +134,70 @@ class IndexConfig:
 
 
 @dataclass(frozen=True)
+class RankerConfig:
+    enabled: bool = False  # train the ranker after the retriever in `towerline train`
+    n_candidates: int = 100  # retriever top-N the ranker re-orders (training and serving)
+    hidden: int = 64  # width of the ranker's MLP
+    n_layers: int = 2  # MLP layers
+    dropout: float = 0.1  # [0, 1)
+    history_len: int = 50  # recent steps the candidate's target attention looks at
+    loss: Literal["listwise", "pointwise"] = "listwise"  # softmax over the candidate list, or BCE per pair
+    max_epochs: int = 10
+    batch_size: int = 256  # training positions per batch (each with n_candidates candidates)
+    lr: float = 1e-3
+    patience: int = 3  # epochs without a better valid/pipeline_ndcg_10
+    max_positions_per_user: int = 5  # training positions sampled per user (most recent first)
+    bootstrap_samples: int = 1000  # paired bootstrap resamples for the lift's 95% interval
+
+    def __post_init__(self) -> None:
+        _check(self.n_candidates >= 2, "ranker", "n_candidates", "must be >= 2")
+        _check(self.hidden >= 1, "ranker", "hidden", "must be >= 1")
+        _check(0 <= self.dropout < 1, "ranker", "dropout", "must be in [0, 1)")
+        _check(self.max_positions_per_user >= 1, "ranker", "max_positions_per_user", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    new_days: float = 30.0  # first event at most this many days before the reference time => "new"
+    active_days: float = 30.0  # last event within this many days => active (or loyal)
+    at_risk_days: float = 90.0  # last event older than active_days but within this => "at-risk"; older => "churned"
+    loyal_min_frequency: int = 3  # active users with at least this many orders (or steps, without orders) => "loyal"
+    tag_half_life_days: float = 30.0  # recency weight of an interaction halves every this many days
+    n_tags: int = 5  # interest tags per user
+    n_clusters: int = 8  # k-means clusters of user embeddings
+
+    def __post_init__(self) -> None:
+        _check(self.active_days < self.at_risk_days, "profile", "at_risk_days", "must exceed active_days")
+        _check(self.n_clusters >= 1, "profile", "n_clusters", "must be >= 1")
+        _check(self.tag_half_life_days > 0, "profile", "tag_half_life_days", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    name: str = "control"
+    model: str | None = None  # model URI or alias for this arm (e.g. models:/towerline-retriever@challenger); None = the served model
+    rules: str | None = None  # named rule set, e.g. "popular" (no personalisation) or "default"
+    share: float = 0.5  # traffic share, (0, 1]; shares of an experiment sum to 1
+
+    def __post_init__(self) -> None:
+        _check(0 < self.share <= 1, "experiments.arms", "share", f"arm '{self.name}' share must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "default"
+    arms: tuple[ArmConfig, ...] = (ArmConfig("control", share=1.0),)
+    control: str = "control"  # the arm lifts are measured against
+
+    def __post_init__(self) -> None:
+        total = sum(a.share for a in self.arms)
+        _check(abs(total - 1.0) < 1e-6, "experiments", "arms", f"experiment '{self.name}' shares sum to {total}, not 1")
+        names = [a.name for a in self.arms]
+        _check(len(set(names)) == len(names), "experiments", "arms", f"experiment '{self.name}' repeats an arm name")
+        _check(self.control in names, "experiments", "control", f"'{self.control}' is not an arm of '{self.name}'")
+
+
+@dataclass(frozen=True)
 class TowerlineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: TwoTowerConfig = field(default_factory=TwoTowerConfig)
@@ -141,6 +205,9 @@ class TowerlineConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    ranker: RankerConfig = field(default_factory=RankerConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    experiments: tuple[ExperimentConfig, ...] = ()
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,9 @@ import pandas as pd
 from towerline.features.vocab import PAD_IDX, Vocabs
 
 log = logging.getLogger(__name__)
+
+
+SEQUENCE_ARRAYS = ("offsets", "user_idx", "item_idx", "event_type_idx", "timestamp", "value")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,15 @@ class Sequences:
 
     def items_of(self, row: int) -> np.ndarray:
         return self.item_idx[self.offsets[row] : self.offsets[row + 1]]
+
+    def save(self, path: str | Path) -> None:
+        """Plain integer/float arrays in one ``.npz``; ``load`` reads them with ``allow_pickle=False``."""
+        np.savez(path, **{k: getattr(self, k) for k in SEQUENCE_ARRAYS})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Sequences":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(**{k: z[k] for k in SEQUENCE_ARRAYS})
 
     def truncate(self, lengths: np.ndarray, keep: np.ndarray | None = None) -> "Sequences":
         """The first ``lengths[r]`` events of each row (rows where ``keep`` is False, or whose new
