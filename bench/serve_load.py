@@ -1,0 +1,218 @@
+"""HTTP load on the Ray Serve app against a trivial Serve handler, plus in-process recommend latency.
+
+The issue's targets (Beauty model, 8 concurrent clients, 30 s each, one Serve instance on 127.0.0.1):
+
+- ``POST /recommend`` throughput >= 0.7x the trivial handler's;
+- ``POST /recommend`` p99 <= the trivial handler's p99 + 30 ms;
+- in-process ``Recommender.recommend`` (user tower + exact FAISS + rules, no HTTP) p50 <= 2 ms.
+
+Both HTTP targets run in one Serve instance: the Towerline app at ``/`` and a trivial deployment
+(returns a constant JSON, no model) at ``/trivial``, so proxy, HTTP parsing and the machine are the
+same and the difference is what the application adds. Clients are 8 asyncio tasks over one
+``httpx.AsyncClient`` each sending its next request when the previous one answers (closed loop);
+each phase runs ``--seconds`` after a short warm-up. Users are sampled from the model's training
+users, so most requests take the personalised path (user tower + FAISS + ranker + rules).
+
+    python bench/serve_load.py --model runs/beauty/bundle              # the target run
+    python bench/serve_load.py --model runs/latest/bundle --seconds 5  # a quick look
+
+Writes ``bench/results/serve_load.json`` with the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import shlex
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("bench.serve_load")
+
+TARGET_THROUGHPUT_RATIO = 0.7
+TARGET_P99_EXTRA_MS = 30.0
+TARGET_INPROCESS_P50_MS = 2.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="bundle directory, runs:/... or models:/name@alias")
+    p.add_argument("--seconds", type=float, default=30.0, help="duration of each HTTP phase (default 30)")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each phase (default 2)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs for Ray (default 2)")
+    p.add_argument("--inprocess-calls", type=int, default=2000, help="in-process recommend calls (default 2000)")
+    p.add_argument("--users", type=int, default=1000, help="distinct users to sample (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "serve_load.json")
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentiles(latencies_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(latencies_s) * 1000.0
+    if not len(ms):
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "mean_ms": float("nan")}
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+async def closed_loop(url: str, bodies: list[dict[str, Any]], clients: int, seconds: float, warmup: float) -> dict[str, Any]:
+    """``clients`` tasks, each POSTing back to back until the deadline; bounded by time, not count."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    measuring = False
+
+    async def client(i: int) -> None:
+        nonlocal errors
+        async with httpx.AsyncClient(timeout=30.0) as c:
+            n = i
+            while time.perf_counter() < deadline:
+                body = bodies[n % len(bodies)]
+                n += clients
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post(url, json=body)
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                if measuring:
+                    latencies.append(time.perf_counter() - t0)
+                    errors += 0 if ok else 1
+
+    deadline = time.perf_counter() + warmup
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    measuring = True
+    start = time.perf_counter()
+    deadline = start + seconds
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - start
+    return {"requests": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
+            "throughput_rps": len(latencies) / elapsed, **percentiles(latencies)}
+
+
+def in_process(model: str, users: list[str], calls: int, k: int) -> dict[str, Any]:
+    """p50/p99 of ``Recommender.recommend`` with one torch/FAISS thread, after 50 warm-up calls."""
+    import faiss
+    import torch
+
+    from towerline.serving.history import SQLiteHistoryStore
+    from towerline.serving.recommender import Recommender, load_model
+    from towerline.serving.settings import ServeSettings
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    settings = ServeSettings()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SQLiteHistoryStore(Path(tmp) / "history.sqlite")
+        rec = Recommender(load_model(model, settings), settings, store)
+        for u in users[:50]:
+            rec.recommend(u, k)
+        latencies = []
+        for i in range(calls):
+            t0 = time.perf_counter()
+            rec.recommend(users[i % len(users)], k)
+            latencies.append(time.perf_counter() - t0)
+        store.close()
+        return {"calls": calls, "items": rec.state.n_items, "index": rec.state.index_kind, **percentiles(latencies)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    import ray
+    from ray import serve
+
+    from towerline.bundle import load_bundle
+    from towerline.serving.app import AppArgs, build_app
+
+    bundle = load_bundle(args.model)
+    if bundle.histories is None or not len(bundle.histories):
+        raise SystemExit(f"{args.model} has no histories.npz: retrain it with the current towerline to benchmark users")
+    rng = np.random.default_rng(args.seed)
+    rows = rng.choice(len(bundle.histories), size=min(args.users, len(bundle.histories)), replace=False)
+    users = [str(u) for u in bundle.vocabs.users.decode(bundle.histories.user_idx[rows])]
+    bodies = [{"user_id": u, "k": args.k} for u in users]
+
+    log.info("in-process recommend: %d calls", args.inprocess_calls)
+    inproc = in_process(args.model, users, args.inprocess_calls, args.k)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+    class Trivial:
+        async def __call__(self, request: Any) -> dict[str, Any]:
+            return {"items": [], "model_version": None, "arm": "default", "fallback": False}
+
+    port = free_port()
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial")
+            app_args = AppArgs(model=args.model, settings={"history_db": str(Path(tmp) / "history.sqlite")})
+            serve.run(build_app(app_args), name="towerline", route_prefix="/")
+            base = f"http://127.0.0.1:{port}"
+            for name, url in (("trivial", f"{base}/trivial"), ("recommend", f"{base}/recommend")):
+                log.info("%s: %d clients for %.0f s", name, args.clients, args.seconds)
+                results[name] = asyncio.run(closed_loop(url, bodies, args.clients, args.seconds, args.warmup))
+                log.info("%s: %s", name, results[name])
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    trivial, recommend = results["trivial"], results["recommend"]
+    report = {
+        "model": args.model,
+        "model_name": bundle.model_name,
+        "model_version": bundle.model_version,
+        "items": int(bundle.item_embeddings.shape[0]),
+        "clients": args.clients,
+        "seconds_per_phase": args.seconds,
+        "trivial": trivial,
+        "recommend": recommend,
+        "in_process": inproc,
+        "throughput_ratio": recommend["throughput_rps"] / trivial["throughput_rps"],
+        "p99_extra_ms": recommend["p99_ms"] - trivial["p99_ms"],
+        "target": {"throughput_ratio": TARGET_THROUGHPUT_RATIO, "p99_extra_ms": TARGET_P99_EXTRA_MS,
+                   "in_process_p50_ms": TARGET_INPROCESS_P50_MS},
+        "cpu_count": os.cpu_count(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],  # other work on the machine skews latency
+        "machine": platform.platform(),
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+    }
+    report["met"] = {
+        "throughput_ratio": report["throughput_ratio"] >= TARGET_THROUGHPUT_RATIO,
+        "p99_extra_ms": report["p99_extra_ms"] <= TARGET_P99_EXTRA_MS,
+        "in_process_p50_ms": inproc["p50_ms"] <= TARGET_INPROCESS_P50_MS,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"trivial   : {trivial['throughput_rps']:8.1f} req/s  p50 {trivial['p50_ms']:6.1f} ms  p99 {trivial['p99_ms']:6.1f} ms")
+    print(f"recommend : {recommend['throughput_rps']:8.1f} req/s  p50 {recommend['p50_ms']:6.1f} ms  p99 {recommend['p99_ms']:6.1f} ms"
+          f"  errors {recommend['errors']}")
+    print(f"ratio {report['throughput_ratio']:.2f} (target >= {TARGET_THROUGHPUT_RATIO}), p99 extra "
+          f"{report['p99_extra_ms']:.1f} ms (target <= {TARGET_P99_EXTRA_MS}); in-process p50 {inproc['p50_ms']:.2f} ms "
+          f"(target <= {TARGET_INPROCESS_P50_MS}) over {inproc['items']} items")
+    print(f"written: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""``towerline index | serve``: build a FAISS index for a model, run the Ray Serve application."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+INDEX_EXAMPLE = """example:
+  towerline index --model runs/latest/bundle                        # exact, written to the bundle's index/
+  towerline index --model models:/towerline-retriever@champion --kind hnsw --out indexes/champion
+  towerline index --model runs/beauty/bundle --kind ivf --nprobe 32
+
+HNSW and IVF print their recall@10 against exact search (queries: user vectors of sampled users)
+and both indexes' queries per second."""
+
+SERVE_EXAMPLE = """example:
+  towerline serve --model runs/latest/bundle
+  towerline serve --model models:/towerline-retriever@champion --port 8080
+  towerline serve --model runs/latest/bundle --check      # start, ask once, print, stop
+
+  curl -s localhost:8000/recommend -H 'content-type: application/json' -d '{"user_id": "u000001", "k": 5}'
+  Interactive API docs: http://127.0.0.1:8000/docs
+The same application from a config file:  serve run configs/serve.yaml"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("index", help="build a FAISS index (flat, HNSW, IVF) over a model's item embeddings",
+                       description="Build an inner-product FAISS index over a bundle's item embeddings and write it "
+                       "atomically with manifest.json (dim, metric, count, kind, model name/version, sha256).",
+                       epilog=INDEX_EXAMPLE, formatter_class=fmt)
+    p.add_argument("--model", required=True, help="bundle directory, runs:/<run_id>/bundle or models:/<name>@<alias>")
+    p.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default="flat", help="flat = exact (default)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="index folder (default: <bundle>/index for a bundle directory, else indexes/<name>-v<version>)")
+    p.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree (default: index.hnsw_m = 32)")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: 128)")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(items))")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: 16)")
+    p.add_argument("--queries", type=int, default=1000, help="sampled users for the recall measurement (default: 1000)")
+    p.add_argument("--threads", type=int, default=1, help="FAISS threads for build and benchmark (default: 1)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("serve", help="serve recommendations over HTTP with Ray Serve",
+                       description="Start Ray locally and run the Towerline application (ingress, retriever, "
+                       "ranker) on --host:--port until Ctrl-C.", epilog=SERVE_EXAMPLE, formatter_class=fmt)
+    p.add_argument("--model", required=True, help="bundle directory, runs:/<run_id>/bundle or models:/<name>@<alias>")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--index", dest="index_dir", default=None, help="index folder (default: the bundle's index/, else exact)")
+    p.add_argument("--history-db", default="towerline_history.sqlite", help="SQLite file of the online event history")
+    p.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray may use (default: 2)")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever and of the ranker (default: 1)")
+    p.add_argument("--max-per-category", type=int, default=None, help="diversity cap per category (default: none)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
+    p.add_argument("--check", action="store_true",
+                   help="start, send one /recommend request for a user of the model, print the answer, stop")
+    p.set_defaults(func=cmd_serve)
+
+
+def _tracking(uri: str | None) -> None:
+    if uri:
+        import os
+
+        import mlflow
+
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        mlflow.set_tracking_uri(uri)
+
+
+def build_model_index(
+    model: str,
+    kind: str = "flat",
+    out: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    n_queries: int = 1000,
+    threads: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Build, measure (approximate kinds) and save an index for ``model``; returns a report."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from towerline.bundle import load_bundle
+    from towerline.config import IndexConfig
+    from towerline.serving.index import benchmark_index, build_index, save_index
+    from towerline.serving.recommender import training_histories, user_vectors
+
+    torch.set_num_threads(threads)
+    bundle = load_bundle(model)
+    cfg = dataclasses.replace(IndexConfig(kind=kind), **(overrides or {}))
+    emb = bundle.item_embeddings  # (V, D)
+    t0 = time.perf_counter()
+    index = build_index(emb, cfg, threads=threads)
+    build_s = time.perf_counter() - t0
+    report: dict[str, Any] = {"kind": kind, "count": int(emb.shape[0]), "dim": bundle.dim, "build_s": round(build_s, 3)}
+    if kind != "flat" and bundle.histories is not None and len(bundle.histories):
+        rng = np.random.default_rng(seed)
+        rows = rng.choice(len(bundle.histories), size=min(n_queries, len(bundle.histories)), replace=False)
+        queries = np.concatenate([user_vectors(bundle, training_histories(bundle, chunk))
+                                  for chunk in np.array_split(rows, max(1, len(rows) // 256))])  # (Q, D)
+        exact = build_index(emb, IndexConfig(kind="flat"))
+        bench = benchmark_index(index, exact, queries, k=10, threads=threads)
+        report.update({k: bench[k] for k in ("recall_at_10", "qps", "exact_qps", "speedup", "n_queries")})
+    if out is None:
+        local = not str(model).startswith(("runs:/", "models:/"))
+        out = Path(model) / "index" if local else Path("indexes") / f"{bundle.model_name}-v{bundle.model_version}"
+    manifest = {"model_name": bundle.model_name, "model_version": bundle.model_version, "model_uri": str(model),
+                **{k: report[k] for k in ("recall_at_10", "qps", "exact_qps") if k in report}}
+    save_index(index, out, manifest)
+    report["out"] = str(out)
+    return report
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    _tracking(args.tracking_uri)
+    overrides = {name: value for name, value in (("hnsw_m", args.hnsw_m), ("hnsw_ef_search", args.ef_search),
+                                                 ("ivf_nlist", args.nlist), ("ivf_nprobe", args.nprobe))
+                 if value is not None}
+    report = build_model_index(args.model, args.kind, args.out, overrides, args.queries, args.threads)
+    print(f"{report['kind']} index over {report['count']} items (dim {report['dim']}) built in {report['build_s']:.2f} s")
+    if "recall_at_10" in report:
+        print(f"recall@10 vs exact: {report['recall_at_10']:.4f} on {report['n_queries']} sampled users; "
+              f"{report['qps']:.0f} queries/s vs exact {report['exact_qps']:.0f} ({report['speedup']:.1f}x)")
+    print(f"written: {report['out']}  (load with: towerline serve --model {args.model} --index {report['out']})")
+    return 0
+
+
+def _sample_user(model: str) -> str:
+    from towerline.bundle import load_bundle
+
+    b = load_bundle(model)
+    if b.histories is not None and len(b.histories):
+        return str(b.vocabs.users.decode([b.histories.user_idx[0]])[0])
+    return "anonymous"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from towerline.serving.app import AppArgs, build_app
+
+    _tracking(args.tracking_uri)
+    settings = {"host": args.host, "port": args.port, "history_db": args.history_db,
+                "retriever_replicas": args.replicas, "ranker_replicas": args.replicas,
+                "max_per_category": args.max_per_category}
+    app_args = AppArgs(model=args.model, index_dir=args.index_dir, tracking_uri=args.tracking_uri, settings=settings)
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.check is False)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(app_args), name="towerline", route_prefix="/")
+        base = f"http://{args.host}:{args.port}"
+        print(f"serving {args.model} at {base}  (API docs: {base}/docs; Ctrl-C stops)", flush=True)
+        if args.check:
+            import httpx
+
+            user = _sample_user(args.model)
+            request = {"user_id": user, "k": 5}
+            resp = httpx.post(f"{base}/recommend", json=request, timeout=60)
+            print(f"POST /recommend {json.dumps(request)}")
+            print(json.dumps(resp.json(), indent=2))
+            return 0 if resp.status_code == 200 else 1
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,63 @@
+"""Every knob of the serving layer in one frozen pydantic model.
+
+Why pydantic and not a dataclass like ``towerline.config``: the same object arrives from three
+edges — ``towerline serve`` flags, the ``args:`` block of ``configs/serve.yaml`` (Ray Serve builds
+``AppArgs`` from it and passes it to ``build_app``) and tests — and pydantic validates nested YAML,
+rejects unknown keys and names the offending field, which is exactly ``ConfigError``'s job.
+``core/config.py`` stays about training; serving settings live here because only serving reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from towerline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+
+
+class ServeSettings(BaseModel):
+    """What the endpoint does with a request, with every default visible."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = "127.0.0.1"  # bind address; 0.0.0.0 only behind a proxy you trust
+    port: int = Field(8000, ge=1, le=65535)
+    n_candidates: int = Field(100, ge=1, le=10_000)  # FAISS top-N handed to the ranker and the rules
+    max_k: int = Field(200, ge=1, le=1000)  # largest k a request may ask for
+    exclude_seen: bool = True  # drop every item already in the user's history
+    exclude_purchased: bool = True  # drop purchased items (matters when exclude_seen is False)
+    max_per_category: Optional[int] = Field(None, ge=1)  # diversity cap per "category:" token; None = no cap
+    blocked_items: tuple[str, ...] = ()  # item ids never recommended (legal, brand safety)
+    history_db: str = "towerline_history.sqlite"  # SQLite file of the online history store
+    history_recent: int = Field(200, ge=1)  # newest online events read per request (>= the model's max_len)
+    threads: int = Field(1, ge=1, le=64)  # torch/FAISS threads per replica: replicas share the cores
+    rank_stage: Literal["auto", "always", "never"] = "auto"  # auto: call the Ranker deployment only when
+    # the bundle has a trained ranker (ranker/); until then the retrieval score ranks, without the extra hop
+    retriever_batch_size: int = Field(32, ge=1, le=1024)  # serve.batch max_batch_size of the retriever
+    ranker_batch_size: int = Field(32, ge=1, le=1024)  # serve.batch max_batch_size of the ranker
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=1.0)  # how long a batch waits to fill
+    max_body_bytes: int = Field(MIB, ge=1024)  # larger request bodies get 413
+    retriever_replicas: int = Field(1, ge=1)
+    ranker_replicas: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServeSettings":
+        if self.max_per_category is not None and self.max_per_category > self.max_k:
+            log.warning("max_per_category=%d exceeds max_k=%d: the cap never binds", self.max_per_category, self.max_k)
+        return self
+
+
+def settings_from(values: dict | None = None, **overrides: object) -> ServeSettings:
+    """``ServeSettings`` from a dict plus keyword overrides, or ``ConfigError`` naming each bad field."""
+    data = {**(values or {}), **overrides}
+    try:
+        return ServeSettings(**data)
+    except ValidationError as e:
+        problems = [f"serve setting '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in e.errors()]
+        raise ConfigError("; ".join(problems)) from None
