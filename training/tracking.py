@@ -25,8 +25,12 @@ BUNDLE_ARTIFACT_PATH = "bundle"
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """Config first, then ``$MLFLOW_TRACKING_URI``, then a SQLite file in the working directory."""
-    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """Config first, then ``$MLFLOW_TRACKING_URI``, then ``mlflow.db`` in the working directory
+    (as an absolute path, so Ray Serve replicas with another working directory find the same store)."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri == DEFAULT_TRACKING_URI:
+        uri = f"sqlite:///{Path('mlflow.db').resolve()}"
+    return uri
 
 
 def use_tracking(cfg: TrackingConfig) -> str:

@@ -9,7 +9,6 @@ whole product.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", type=int, default=800, help="synthetic items (default: 800)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs at most (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
+    p.add_argument("--port", type=int, default=8000, help="port for the one served request (default: 8000)")
     p.add_argument("--no-serve", action="store_true", help="stop after training and indexing")
     p.set_defaults(func=cmd_quickstart)
 
@@ -58,18 +58,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"      MLflow run {result.run_id}, registered {result.model_name} version {result.model_version}")
     print(f"      test NDCG@10 {result.metrics.get('test/ndcg_10', float('nan')):.4f}  HR@10 {result.metrics.get('test/hr_10', float('nan')):.4f}")
 
-    use_tracking(cfg.tracking)
+    uri = use_tracking(cfg.tracking)
     version = promote(cfg.tracking.model_name, result.model_version, "champion")
     model_uri = f"models:/{cfg.tracking.model_name}@champion"
     print(f"[3/5] promoted version {version} to {model_uri}")
 
-    if importlib.util.find_spec("towerline.serving.app") is None or args.no_serve:
-        print("[4/5] serving skipped")
-        return 0
-    from towerline.serving.demo import serve_one_request
+    from towerline.commands.serve import build_model_index, serve_locally
+    from towerline.serving.app import AppArgs
 
+    report = build_model_index(model_uri, "flat", out / "index")
+    print(f"[4/5] exact FAISS index over {report['count']} items written to {report['out']}")
+    if args.no_serve:
+        return 0
     user_id = str(dataset.events["user_id"].iloc[0])
-    print(f"[4/5] starting Ray Serve on 127.0.0.1 with {model_uri}; [5/5] POST /recommend for {user_id}")
-    answer = serve_one_request(model_uri, {"user_id": user_id, "k": 5}, work_dir=out)
-    print(json.dumps(answer, indent=2))
-    return 0
+    print(f"[5/5] Ray Serve on 127.0.0.1:{args.port} with {model_uri}: one POST /recommend for {user_id}")
+    app_args = AppArgs(model=model_uri, index_dir=str(report["out"]), tracking_uri=uri,
+                       settings={"host": "127.0.0.1", "port": args.port, "history_db": str(out / "history.db")})
+    answer = serve_locally(app_args, "127.0.0.1", args.port, num_cpus=2, check_request={"user_id": user_id, "k": 5})
+    print(json.dumps(answer["body"] if answer else None, indent=2))
+    return 0 if answer and answer["status"] == 200 else 1

@@ -144,37 +144,49 @@ def _sample_user(model: str) -> str:
     return "anonymous"
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve_locally(
+    app_args: Any, host: str, port: int, num_cpus: int | None = None, check_request: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """Start Ray and the Serve app on ``host:port``; with ``check_request``, POST it to /recommend,
+    stop everything and return the answer, else block until Ctrl-C."""
     import ray
     from ray import serve
 
-    from towerline.serving.app import AppArgs, build_app
+    from towerline.serving.app import build_app
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=check_request is None)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(app_args), name="towerline", route_prefix="/")
+        base = f"http://{host}:{port}"
+        print(f"serving {app_args.model} at {base}  (API docs: {base}/docs; Ctrl-C stops)", flush=True)
+        if check_request is not None:
+            import httpx
+
+            resp = httpx.post(f"{base}/recommend", json=check_request, timeout=60)
+            print(f"POST /recommend {json.dumps(check_request)} -> HTTP {resp.status_code}")
+            return {"status": resp.status_code, "body": resp.json()}
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+        return None
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from towerline.serving.app import AppArgs
 
     _tracking(args.tracking_uri)
     settings = {"host": args.host, "port": args.port, "history_db": args.history_db,
                 "retriever_replicas": args.replicas, "ranker_replicas": args.replicas,
                 "max_per_category": args.max_per_category}
     app_args = AppArgs(model=args.model, index_dir=args.index_dir, tracking_uri=args.tracking_uri, settings=settings)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=args.check is False)
-    try:
-        serve.start(http_options={"host": args.host, "port": args.port})
-        serve.run(build_app(app_args), name="towerline", route_prefix="/")
-        base = f"http://{args.host}:{args.port}"
-        print(f"serving {args.model} at {base}  (API docs: {base}/docs; Ctrl-C stops)", flush=True)
-        if args.check:
-            import httpx
-
-            user = _sample_user(args.model)
-            request = {"user_id": user, "k": 5}
-            resp = httpx.post(f"{base}/recommend", json=request, timeout=60)
-            print(f"POST /recommend {json.dumps(request)}")
-            print(json.dumps(resp.json(), indent=2))
-            return 0 if resp.status_code == 200 else 1
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping", flush=True)
-        return 0
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    check = {"user_id": _sample_user(args.model), "k": 5} if args.check else None
+    answer = serve_locally(app_args, args.host, args.port, args.num_cpus, check)
+    if answer is not None:
+        print(json.dumps(answer["body"], indent=2))
+        return 0 if answer["status"] == 200 else 1
+    return 0
