@@ -21,6 +21,10 @@ EPILOG = """examples:
   towerline data validate data/synthetic
   towerline data describe ../shared/data/s3rec/Beauty.txt --format s3rec
   towerline train --config configs/synthetic.yaml
+  towerline serve --model models:/towerline-retriever@champion
+  towerline profile --model runs/latest/bundle --out profiles/profiles.parquet
+  towerline audience --model runs/latest/bundle --item i00042 --size 500 --out audience.csv
+  towerline experiment simulate home-feed --config configs/synthetic.yaml --users 20000 --db demo.db
 
 Run 'towerline <command> --help' for each command's flags and an example."""
 

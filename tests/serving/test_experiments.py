@@ -1,0 +1,145 @@
+"""A/B experiments: stable assignment, idempotent feedback, and intervals that cover known effects."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from towerline.config import ArmConfig, ExperimentConfig
+from towerline.errors import ConfigError, DataValidationError
+from towerline.serving.experiments import (
+    Feedback,
+    FeedbackStore,
+    assign_arm,
+    assign_arms,
+    experiment_report,
+    find_experiment,
+    format_report,
+    ratio_interval,
+    record_feedback,
+    simulate,
+    wilson_interval,
+    write_report,
+)
+
+TWO = ExperimentConfig("home-feed", (ArmConfig("control", share=0.5), ArmConfig("treatment", share=0.5)))
+THREE = ExperimentConfig("three", (ArmConfig("control", share=0.2), ArmConfig("b", share=0.3), ArmConfig("c", share=0.5)))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = FeedbackStore(tmp_path / "feedback.db")
+    yield s
+    s.close()
+
+
+def test_same_user_gets_the_same_arm_every_time():
+    users = [f"u{i}" for i in range(500)]
+    first = assign_arms(THREE, users)
+    rebuilt = ExperimentConfig("three", (ArmConfig("control", share=0.2), ArmConfig("b", share=0.3), ArmConfig("c", share=0.5)))
+    assert assign_arms(rebuilt, users) == first
+    assert [assign_arm(THREE, u) for u in users[:50]] == first[:50]
+
+
+def test_shares_are_met_within_tolerance_on_10k_users():
+    arms = np.array(assign_arms(THREE, [f"user-{i}" for i in range(10_000)]))
+    for arm, share in (("control", 0.2), ("b", 0.3), ("c", 0.5)):
+        # binomial sd at n=10k is at most 0.005; 0.02 is four of them
+        assert abs((arms == arm).mean() - share) < 0.02, arm
+
+
+def test_different_experiments_split_users_independently():
+    users = [f"user-{i}" for i in range(4000)]
+    other = ExperimentConfig("other", TWO.arms)
+    same = np.mean(np.array(assign_arms(TWO, users)) == np.array(assign_arms(other, users)))
+    assert 0.45 < same < 0.55
+
+
+def test_feedback_is_idempotent_on_event_id(store):
+    e = Feedback(experiment="home-feed", arm="control", user_id="u1", kind="click", event_id="ev-1", timestamp=10)
+    assert store.record([e]).accepted == 1
+    again = store.record([e, e])
+    assert (again.accepted, again.duplicate) == (0, 2)
+    conflict = store.record([e.model_copy(update={"kind": "purchase", "value": 3.0})])
+    assert conflict.accepted == 0 and "already used" in conflict.rejected[0]
+    no_id = Feedback(experiment="home-feed", arm="control", user_id="u2", kind="impression", timestamp=11)
+    assert store.record([no_id]).accepted == 1 and store.record([no_id]).duplicate == 1  # retried without id
+    assert store.count("home-feed") == 2
+
+
+def test_record_feedback_derives_arms_and_rejects_unknown_names(store):
+    result = record_feedback(store, [
+        Feedback(experiment="home-feed", user_id="u7", kind="impression", event_id="a"),
+        Feedback(experiment="missing", user_id="u7", kind="impression", event_id="b"),
+        Feedback(experiment="home-feed", arm="nope", user_id="u7", kind="impression", event_id="c"),
+    ], [TWO])
+    assert result.accepted == 1 and len(result.rejected) == 2
+    assert store.per_user("home-feed")["arm"].tolist() == [assign_arm(TWO, "u7")]
+    with pytest.raises(ConfigError, match="known experiments: home-feed"):
+        find_experiment([TWO], "nope")
+
+
+def test_simulation_is_idempotent(store):
+    rates = {"control": (0.1, 0.05, 20.0), "treatment": (0.1, 0.05, 20.0)}
+    n = simulate(store, TWO, 300, rates, seed=5)
+    assert n > 300 and simulate(store, TWO, 300, rates, seed=5) == 0
+    with pytest.raises(ConfigError, match="treatment"):
+        simulate(store, TWO, 10, {"control": (0.1, 0.05, 20.0)})
+
+
+def test_report_intervals_cover_a_known_simulated_effect(store, tmp_path):
+    true = {"control": (0.05, 0.04, 50.0), "treatment": (0.08, 0.08, 50.0)}
+    simulate(store, TWO, 8000, true, seed=3)
+    report = experiment_report(store, TWO, n_boot=500, seed=0)
+    for arm, (ctr, conv, value) in true.items():
+        a = report["arms"][arm]
+        assert a["users"] > 3500
+        assert a["ctr"]["ci"][0] <= ctr <= a["ctr"]["ci"][1], arm
+        assert a["conversion"]["ci"][0] <= conv <= a["conversion"]["ci"][1], arm
+        assert a["revenue_per_user"]["ci"][0] <= conv * value <= a["revenue_per_user"]["ci"][1], arm
+    lift = report["arms"]["treatment"]["lift"]
+    assert "lift" not in report["arms"]["control"]
+    for metric, true_lift in (("ctr", 0.6), ("conversion", 1.0), ("revenue_per_user", 1.0)):
+        lo, hi = lift[metric]["relative"]["ci"]
+        assert lo <= true_lift <= hi and lo > 0, metric  # covers the truth and detects the effect
+    html_path, json_path = write_report(report, tmp_path / "out")
+    assert "Lift over control" in html_path.read_text() and json_path.exists()
+    assert "treatment" in format_report(report)
+
+
+def test_no_effect_gives_lift_intervals_around_zero(store):
+    same = {"control": (0.05, 0.05, 30.0), "treatment": (0.05, 0.05, 30.0)}
+    simulate(store, TWO, 6000, same, seed=11)
+    lift = experiment_report(store, TWO, n_boot=500)["arms"]["treatment"]["lift"]
+    for metric in ("ctr", "conversion", "revenue_per_user"):
+        lo, hi = lift[metric]["relative"]["ci"]
+        assert lo < 0 < hi, metric
+
+
+def test_wilson_interval_keeps_its_coverage_at_a_small_rate():
+    rng = np.random.default_rng(0)
+    n, p = 300, 0.02
+    hits = [lo <= p <= hi for lo, hi in (wilson_interval(int(k), n) for k in rng.binomial(n, p, 2000))]
+    assert 0.92 <= np.mean(hits) <= 0.98
+
+
+def test_delta_method_ctr_interval_accounts_for_user_clustering():
+    """Users differ in click propensity, so impressions are correlated within a user: the delta
+    interval over users keeps ~95% coverage where a Wilson interval over impressions does not."""
+    rng = np.random.default_rng(1)
+    true_ctr, delta_hits, naive_hits = 0.1, [], []
+    for _ in range(300):
+        propensity = rng.beta(0.5, 4.5, 400)  # mean 0.1, very heterogeneous
+        impressions = 1 + rng.poisson(9, 400)
+        clicks = rng.binomial(impressions, propensity)
+        _, lo, hi = ratio_interval(clicks, impressions)
+        delta_hits.append(lo <= true_ctr <= hi)
+        wlo, whi = wilson_interval(int(clicks.sum()), int(impressions.sum()))
+        naive_hits.append(wlo <= true_ctr <= whi)
+    assert np.mean(delta_hits) >= 0.9
+    assert np.mean(naive_hits) < np.mean(delta_hits) - 0.1
+
+
+def test_report_without_feedback_says_how_to_get_some(store):
+    with pytest.raises(DataValidationError, match="simulate"):
+        experiment_report(store, TWO)
