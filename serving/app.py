@@ -35,6 +35,7 @@ k out of range 422, bodies over ``max_body_bytes`` 413, a non-JSON content type 
 # endpoint annotations at runtime, and Ray ships the ingress class to its replica by value
 # (cloudpickle), where string annotations such as "RecommendRequest" can no longer be resolved.
 import asyncio
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -52,7 +53,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from towerline.errors import TowerlineError
 from towerline.features.contracts import Event
+from towerline.features.profiles import UserProfile, load_profiles, profile_of, segment_definitions, segment_summary
 from towerline.serving import recommender as rec
+from towerline.serving.audience import AudienceRequest, AudienceResponse
+from towerline.serving.experiments import Feedback
 from towerline.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -74,8 +78,11 @@ class AppArgs(BaseModel):
     index_dir: Optional[str] = Field(None, description="FAISS index folder; default: the bundle's index/ or exact search")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI)")
     settings: ServeSettings = ServeSettings()
+    experiments: list[dict[str, Any]] = Field(default_factory=list, description="experiments (the config's experiments: list)")
+    experiment: Optional[str] = Field(None, description="the experiment /recommend assigns arms for; None = no A/B split")
+    profiles: Optional[str] = Field(None, description="profiles Parquet (towerline profile) for /users/{id}/profile and /segments")
 
-    @field_validator("model", "index_dir")
+    @field_validator("model", "index_dir", "profiles")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
         """Replicas may run in another working directory: local paths become absolute here."""
@@ -89,7 +96,8 @@ class AppArgs(BaseModel):
         if tracking and tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////"):
             tracking = "sqlite:///" + str(Path(tracking[len("sqlite:///") :]).resolve())
         db = str(Path(self.settings.history_db).expanduser().resolve())
-        settings = self.settings.model_copy(update={"history_db": db})
+        feedback = str(Path(self.settings.feedback_db).expanduser().resolve())
+        settings = self.settings.model_copy(update={"history_db": db, "feedback_db": feedback})
         return self.model_copy(update={"tracking_uri": tracking, "settings": settings})
 
 
@@ -224,7 +232,7 @@ class ScoredItem(BaseModel):
 class RecommendResponse(BaseModel):
     items: list[ScoredItem]
     model_version: Optional[str]
-    arm: str = Field(description='experiment arm; "default" until A/B experiments land')
+    arm: str = Field(description='the experiment arm that served the request; "default" without an experiment')
     fallback: bool = Field(description="true: popular items, the user could not be personalised")
 
 
@@ -356,6 +364,75 @@ def _install_error_handlers(app: FastAPI) -> None:
         return problem(500, "Internal Server Error", f"{type(exc).__name__}: {exc}", instance=request.url.path)
 
 
+# ----------------------------------------------------------------------------- marketing
+
+
+class Marketing:
+    """Profiles, segments, audiences, A/B arms and feedback: the ingress's marketing endpoints.
+
+    Each method is one call into ``features.profiles``, ``serving.audience`` or
+    ``serving.experiments``, which hold the logic and their own tests; user vectors for audiences
+    are computed on the first ``/audiences`` request per model version and cached.
+    """
+
+    def __init__(self, args: AppArgs) -> None:
+        from towerline.config import ExperimentConfig, from_dict
+        from towerline.serving.experiments import FeedbackStore, find_experiment
+
+        self.experiments = [from_dict(ExperimentConfig, e, "experiments") for e in args.experiments]
+        self.active = find_experiment(self.experiments, args.experiment) if args.experiment else None
+        self.feedback = FeedbackStore(args.settings.feedback_db)
+        self.profiles = load_profiles(args.profiles) if args.profiles else None
+        self._vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def arms_with_models(self) -> list[Any]:
+        return [a for a in (self.active.arms if self.active else ()) if a.model]
+
+    def arm_of(self, user_id: str) -> Any:
+        if self.active is None:
+            return None
+        from towerline.serving.experiments import assign_arm
+
+        name = assign_arm(self.active, user_id)
+        return next(a for a in self.active.arms if a.name == name)
+
+    def profile(self, user_id: str) -> Any:
+        found = profile_of(self.profiles, user_id) if self.profiles is not None else None
+        if found is None:
+            detail = ("no profiles are loaded; start the service with profiles from `towerline profile`"
+                      if self.profiles is None else f"no profile for user {user_id!r} (unknown, or no consent)")
+            raise StarletteHTTPException(404, detail)
+        return found
+
+    def segments(self) -> dict[str, Any]:
+        from towerline.config import ProfileConfig
+
+        if self.profiles is None:
+            return {"definitions": segment_definitions(ProfileConfig()), "sizes": None,
+                    "note": "no profiles are loaded; start the service with profiles from `towerline profile`"}
+        return segment_summary(self.profiles, ProfileConfig())
+
+    def audience(self, bundle: Any, req: Any) -> Any:
+        from towerline.serving.audience import audience_response, log_partition, user_vectors
+
+        if req.item_id is not None and req.item_id not in bundle.vocabs.items:
+            raise StarletteHTTPException(404, f"item {req.item_id!r} is not in the model's catalogue")
+        key = f"{bundle.path}"
+        if key not in self._vectors:
+            ids, vecs = user_vectors(bundle)
+            self._vectors = {key: (ids, vecs, log_partition(bundle, vecs))}  # one model version cached
+        ids, vecs, log_z = self._vectors[key]
+        try:
+            return audience_response(bundle, vecs, ids, req, self.profiles, log_z)
+        except TowerlineError as e:  # e.g. a segment nobody is in, attributes no item carries
+            raise StarletteHTTPException(422, str(e)) from None
+
+    def record(self, events: list[Any]) -> Any:
+        from towerline.serving.experiments import FeedbackResult, record_feedback
+
+        return record_feedback(self.feedback, events, self.experiments) if events else FeedbackResult()
+
+
 # ----------------------------------------------------------------------------- ingress
 
 
@@ -377,6 +454,13 @@ class Ingress:
         self.state = rec.load_model(args.model, args.settings, args.index_dir)
         self.ref: ModelRef = (self.state.key, args.index_dir)
         self.reload_lock = asyncio.Lock()
+        self.marketing = Marketing(args)
+        # an arm with its own model is loaded beside the served one; a model that fails to load
+        # stops the start-up, since serving that arm with another model would void the experiment
+        self.arm_models: dict[str, tuple[rec.ModelState, ModelRef]] = {}
+        for arm in self.marketing.arms_with_models():
+            state = rec.load_model(arm.model, args.settings, None)
+            self.arm_models[arm.name] = (state, (state.key, None))
 
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built per replica so routes close over this replica's state."""
@@ -426,6 +510,30 @@ class Ingress:
                                    model_key=self.state.key, index_kind=self.state.index_kind,
                                    item_count=self.state.n_items - 2)
 
+        @app.get("/users/{user_id}/profile", response_model=UserProfile)
+        async def profile(user_id: str) -> Any:
+            return self.marketing.profile(user_id)
+
+        @app.get("/segments")
+        async def segments() -> Any:
+            return self.marketing.segments()
+
+        @app.post("/audiences", response_model=AudienceResponse)
+        async def audiences(req: AudienceRequest) -> Any:
+            return await asyncio.to_thread(self.marketing.audience, self.state.bundle, req)
+
+        @app.post("/feedback", response_model=EventsResponse)
+        async def feedback(body: list[dict[str, Any]] = Body(..., max_length=100_000)) -> Any:
+            valid: list[Feedback] = []
+            rejected: list[str] = []
+            for pos, raw in enumerate(body):
+                try:
+                    valid.append(Feedback.model_validate(raw))
+                except ValidationError as e:
+                    rejected.append(_event_problems(pos, e))
+            result = await asyncio.to_thread(self.marketing.record, valid)
+            return EventsResponse(accepted=result.accepted, duplicate=result.duplicate, rejected=rejected + result.rejected)
+
         @app.post("/admin/reload")
         async def reload(req: Optional[ReloadRequest] = None) -> Any:
             return await self.reload(req or ReloadRequest())
@@ -436,9 +544,12 @@ class Ingress:
         if req.k > self.settings.max_k:
             return problem(422, "Unprocessable Content", f"body.k: must be at most {self.settings.max_k}",
                            errors=[{"field": "k", "location": "body.k", "message": f"must be at most {self.settings.max_k}"}])
-        state, ref = self.state, self.ref  # one version for the whole request
+        arm = self.marketing.arm_of(req.user_id)
+        state, ref = self.arm_models.get(arm.name, (self.state, self.ref)) if arm else (self.state, self.ref)
         online = self.store.recent(req.user_id, self.settings.history_recent)
         prep = rec.prepare(state, self.settings, req.user_id, online, req.exclude, req.context)
+        if arm is not None and arm.rules == "popular":  # the non-personalised arm of an experiment
+            prep = dataclasses.replace(prep, fallback=True)
         ranked = None
         if not prep.fallback:
             cands = await self.retriever.top_n.remote((ref, prep.history))
@@ -451,7 +562,7 @@ class Ingress:
         return RecommendResponse(
             items=[ScoredItem(item_id=i, score=s) for i, s in result.items],
             model_version=result.model_version,
-            arm="default",
+            arm=arm.name if arm else "default",
             fallback=result.fallback,
         )
 

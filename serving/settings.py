@@ -35,6 +35,7 @@ class ServeSettings(BaseModel):
     max_per_category: Optional[int] = Field(None, ge=1)  # diversity cap per "category:" token; None = no cap
     blocked_items: tuple[str, ...] = ()  # item ids never recommended (legal, brand safety)
     history_db: str = "towerline_history.sqlite"  # SQLite file of the online history store
+    feedback_db: str = "towerline_feedback.sqlite"  # SQLite file of A/B feedback (POST /feedback)
     history_recent: int = Field(200, ge=1)  # newest online events read per request (>= the model's max_len)
     threads: int = Field(1, ge=1, le=64)  # torch/FAISS threads per replica: replicas share the cores
     rank_stage: Literal["auto", "always", "never"] = "auto"  # auto: call the Ranker deployment only when

@@ -60,6 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever and of the ranker (default: 1)")
     p.add_argument("--max-per-category", type=int, default=None, help="diversity cap per category (default: none)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
+    p.add_argument("--config", type=Path, default=None, help="Towerline YAML whose experiments: list defines the A/B arms")
+    p.add_argument("--experiment", default=None, help="experiment (from --config) whose arms /recommend assigns")
+    p.add_argument("--profiles", default=None, help="profiles Parquet from `towerline profile` for /users/{id}/profile")
+    p.add_argument("--feedback-db", default="towerline_feedback.sqlite", help="SQLite file of A/B feedback")
     p.add_argument("--check", action="store_true",
                    help="start, send one /recommend request for a user of the model, print the answer, stop")
     p.set_defaults(func=cmd_serve)
@@ -180,10 +184,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from towerline.serving.app import AppArgs
 
     _tracking(args.tracking_uri)
-    settings = {"host": args.host, "port": args.port, "history_db": args.history_db,
+    from towerline.config import load_config, to_dict
+
+    settings = {"host": args.host, "port": args.port, "history_db": args.history_db, "feedback_db": args.feedback_db,
                 "retriever_replicas": args.replicas, "ranker_replicas": args.replicas,
                 "max_per_category": args.max_per_category}
-    app_args = AppArgs(model=args.model, index_dir=args.index_dir, tracking_uri=args.tracking_uri, settings=settings)
+    experiments = to_dict(load_config(args.config))["experiments"] if args.config else []
+    app_args = AppArgs(model=args.model, index_dir=args.index_dir, tracking_uri=args.tracking_uri, settings=settings,
+                       experiments=experiments, experiment=args.experiment, profiles=args.profiles)
     check = {"user_id": _sample_user(args.model), "k": 5} if args.check else None
     answer = serve_locally(app_args, args.host, args.port, args.num_cpus, check)
     if answer is not None:

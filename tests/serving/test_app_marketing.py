@@ -1,0 +1,106 @@
+"""The marketing side of the real Serve app: A/B arms, profiles, segments, audiences, feedback.
+
+A second application ("/ab") is deployed into the Serve instance ``served`` started, with an
+experiment and a profiles table, so the plain app's tests keep their no-experiment contract.
+"""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+
+from test_app import a_known_user, assert_problem, served  # noqa: F401  (module fixture reused)
+
+pytestmark = pytest.mark.serve
+
+EXPERIMENT = {
+    "name": "home-feed",
+    "control": "control",
+    "arms": [{"name": "control", "share": 0.5}, {"name": "popular", "rules": "popular", "share": 0.5}],
+}
+
+
+@pytest.fixture(scope="module")
+def ab(served, tmp_path_factory):  # noqa: F811
+    from ray import serve
+
+    from towerline.config import ProfileConfig
+    from towerline.features.profiles import build_profiles, export_profiles
+    from towerline.features.synthetic import generate_dataset
+    from towerline.serving.app import AppArgs, build_app
+
+    base, tiny_run = served
+    tmp = tmp_path_factory.mktemp("ab")
+    profiles = build_profiles(generate_dataset(300, 60, seed=0), ProfileConfig())  # the tiny run's data
+    export_profiles(profiles, tmp / "profiles.parquet")
+    args = AppArgs(
+        model=str(tiny_run.bundle_dir),
+        settings={"history_db": str(tmp / "h.sqlite"), "feedback_db": str(tmp / "f.sqlite")},
+        experiments=[EXPERIMENT],
+        experiment="home-feed",
+        profiles=str(tmp / "profiles.parquet"),
+    )
+    serve.run(build_app(args), name="ab", route_prefix="/ab")
+    with httpx.Client(base_url=f"{base}/ab", timeout=60) as client:
+        yield client, tiny_run, profiles
+    serve.delete("ab")
+
+
+def test_recommend_carries_a_stable_arm_and_the_popular_arm_is_not_personalised(ab):
+    client, tiny_run, _ = ab
+    from towerline.bundle import load_bundle
+
+    b = load_bundle(tiny_run.bundle_dir)
+    users = [str(u) for u in b.vocabs.users.decode(b.histories.user_idx[b.histories.lengths >= 3][:30])]
+    arms = {}
+    for u in users:
+        first = client.post("/recommend", json={"user_id": u, "k": 3}).json()
+        again = client.post("/recommend", json={"user_id": u, "k": 3}).json()
+        assert first["arm"] == again["arm"]
+        arms[u] = first
+    assert {r["arm"] for r in arms.values()} == {"control", "popular"}
+    assert all(r["fallback"] for r in arms.values() if r["arm"] == "popular")
+    assert not any(r["fallback"] for r in arms.values() if r["arm"] == "control")
+
+
+def test_profile_of_a_consenting_user_and_404_for_unknown(ab):
+    client, _, profiles = ab
+    user = str(profiles.loc[profiles["consent"].astype(bool), "user_id"].iloc[0])
+    body = client.get(f"/users/{user}/profile").json()
+    assert body["user_id"] == user and body["segment"] in {"new", "active", "loyal", "at-risk", "churned"}
+    assert_problem(client.get("/users/nobody-at-all/profile"), 404, "nobody-at-all")
+    hidden = profiles.loc[~profiles["consent"].astype(bool), "user_id"]
+    if len(hidden):
+        assert client.get(f"/users/{hidden.iloc[0]}/profile").status_code == 404
+
+
+def test_segments_have_sizes_and_definitions(ab):
+    body = ab[0].get("/segments").json()
+    assert body["definitions"] and body["segments"]
+
+
+def test_audience_for_an_item_and_problems_for_bad_queries(ab):
+    client = ab[0]
+    body = client.post("/audiences", json={"item_id": "i00003", "size": 20}).json()
+    assert 0 < body["size"] <= 20 and len({u["user_id"] for u in body["users"]}) == body["size"]
+    scores = [u["score"] for u in body["users"]]
+    assert scores == sorted(scores, reverse=True)
+    assert_problem(client.post("/audiences", json={"item_id": "no-such-item", "size": 5}), 404, "no-such-item")
+    assert_problem(client.post("/audiences", json={"item_id": "i00003", "attributes": ["x"], "size": 5}), 422)
+    assert_problem(client.post("/audiences", json={"item_id": "i00003", "size": 0}), 422, "size")
+
+
+def test_feedback_is_idempotent_and_unknown_experiments_are_rejected(ab):
+    client = ab[0]
+    events = [
+        {"experiment": "home-feed", "user_id": "u1", "item_id": "i00001", "kind": "impression", "event_id": "f-1"},
+        {"experiment": "home-feed", "user_id": "u1", "item_id": "i00001", "kind": "click", "event_id": "f-2"},
+        {"experiment": "no-such-experiment", "user_id": "u1", "kind": "click", "event_id": "f-3"},
+        {"experiment": "home-feed", "user_id": "u1", "kind": "teleport"},
+    ]
+    body = client.post("/feedback", json=events).json()
+    assert (body["accepted"], body["duplicate"]) == (2, 0)
+    assert any("kind" in r for r in body["rejected"]) and any("no-such-experiment" in r for r in body["rejected"])
+    again = client.post("/feedback", json=events[:2]).json()
+    assert (again["accepted"], again["duplicate"]) == (0, 2)
