@@ -58,6 +58,7 @@ def _quiet_third_party_logs() -> None:
         logger.propagate = False
         for h in logger.handlers:
             h.addFilter(_DropAdverts())
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "no AVX2 build" is not news to a user
     warnings.filterwarnings("ignore", message=".*treespec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
