@@ -9,7 +9,11 @@ retriever/weights.safetensors
 item_embeddings.npy    (n_items, dim) float32 item-tower output, row = item vocabulary index
 item_popularity.npy    (n_items,) int64 training interactions per item (popular fallback, logQ)
 items.parquet          the catalogue (attributes, price, in_stock) for business rules
+histories.npz          every user's time-ordered steps at training time (``Sequences`` arrays):
+                       the starting point of the online history store and of "already seen" rules
 metrics.json           final metrics of the run
+ranker/config.json     optional: ranker metadata (Ranker.meta()), enough to rebuild it
+ranker/weights.safetensors  ranker weights + its per-item facts (item vectors, categories, popularity)
 ```
 
 Nothing in a bundle is unpickled: weights are safetensors, arrays are ``.npy`` read with
@@ -38,6 +42,7 @@ import pandas as pd
 
 from towerline import __version__
 from towerline.errors import BundleError
+from towerline.features.sequences import Sequences
 from towerline.features.vocab import Vocabs
 
 log = logging.getLogger(__name__)
@@ -125,6 +130,8 @@ class Bundle:
     model_name: str | None = None
     model_version: str | None = None
     model_alias: str | None = None
+    histories: Sequences | None = None
+    ranker: Any = None  # towerline.training.ranker_model.Ranker in eval mode, None without ranker/
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -198,6 +205,9 @@ def load_bundle(uri: str | Path, cache_dir: str | Path | None = None) -> Bundle:
     items = pd.read_parquet(items_path) if items_path.exists() else pd.DataFrame({"item_id": []})
     metrics_path = path / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    hist_path = path / "histories.npz"
+    histories = Sequences.load(hist_path) if hist_path.exists() else None
+    ranker = _load_ranker(path) if (path / "ranker" / "config.json").exists() else None
     info = {
         "model_name": info["model_name"] or manifest.get("model_name"),
         "model_version": info["model_version"] or manifest.get("model_version"),
@@ -215,5 +225,24 @@ def load_bundle(uri: str | Path, cache_dir: str | Path | None = None) -> Bundle:
         items=items,
         metrics=metrics,
         manifest=manifest,
+        histories=histories,
+        ranker=ranker,
         **info,
     )
+
+
+def _load_ranker(path: Path) -> Any:
+    """The ranker of ``ranker/`` (config.json + weights.safetensors), rebuilt in eval mode."""
+    from safetensors.torch import load_file
+
+    from towerline.training.ranker_model import build_ranker
+
+    ranker = build_ranker(json.loads((path / "ranker" / "config.json").read_text()))
+    weights = path / "ranker" / "weights.safetensors"
+    if not weights.is_file():
+        raise BundleError(f"{path}: ranker/config.json is present but ranker/weights.safetensors is missing")
+    try:
+        ranker.load_state_dict(load_file(str(weights)))
+    except RuntimeError as e:
+        raise BundleError(f"{path}: ranker weights do not fit ranker/config.json ({e})") from None
+    return ranker.eval()

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from towerline.bundle import write_manifest
 from towerline.config import TowerlineConfig, to_dict
+from towerline.features.sequences import Sequences
 from towerline.features.vocab import Vocabs
 from towerline.training.model import TwoTowerNet
 
@@ -39,6 +40,7 @@ def export_bundle(
     *,
     items: pd.DataFrame | None = None,
     item_popularity: np.ndarray | None = None,
+    histories: Sequences | None = None,
     metrics: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
     manifest_extra: dict[str, Any] | None = None,
@@ -57,6 +59,8 @@ def export_bundle(
         np.save(d / "item_popularity.npy", np.asarray(item_popularity, dtype=np.int64), allow_pickle=False)
     if items is not None:
         items.to_parquet(d / "items.parquet")
+    if histories is not None:
+        histories.save(d / "histories.npz")
     (d / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True))
     for name, src in (extra_files or {}).items():
         if Path(src).exists():

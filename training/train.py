@@ -155,7 +155,7 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
     (out / "curve.json").write_text(json.dumps(curve.points, indent=2))
     bundle = export_bundle(
         system.net, dm.vocabs, cfg, out / "bundle",
-        items=dm.items_table(), item_popularity=dm.item_counts, metrics=metrics,
+        items=dm.items_table(), item_popularity=dm.item_counts, histories=dm.split.full, metrics=metrics,
         extra_files={"training_curve.png": plot, "curve.json": out / "curve.json"} if plot else {},
         manifest_extra={"model_name": cfg.tracking.model_name, "run_id": run_id},
     )
@@ -163,6 +163,10 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
     client.log_artifacts(run_id, str(bundle), BUNDLE_ARTIFACT_PATH)
     if plot:
         client.log_artifact(run_id, str(plot))
+    if cfg.ranker.enabled:  # before registering, so the registered version includes the ranker
+        from towerline.training.ranker_train import train_ranker
+
+        metrics.update(train_ranker(system.net, dm.vocabs, dm.split, cfg, bundle, run_id=run_id, tracking_uri=uri, progress=progress).metrics)
     result = TrainResult(run_id=run_id, tracking_uri=uri, bundle_dir=bundle, metrics=metrics, curve=curve.points)
     if cfg.tracking.register:
         result.model_name = cfg.tracking.model_name

@@ -1,0 +1,230 @@
+"""The ranker's data: the retriever's top-N candidates for training, validation and test positions.
+
+A *position* is one (user, moment) pair: the user's steps before it are the history and the step at
+it is the true next item, the positive. Candidates come from one batched retrieval pass (user tower
+over the history window, scores against the whole catalogue, top-N), with the same protocol as the
+retriever's evaluation (``training/metrics.py``): reserved rows and the user's history are masked,
+except the target itself when it repeats an earlier item. So the pipeline's candidate list is
+exactly the retriever's top-N that retrieval-only metrics rank, and the two can be compared user by
+user.
+
+No leakage (the point of this module):
+
+- training positions are steps of ``Split.train`` (each user's training prefix); their history is
+  the steps before them, so it never holds the user's validation or test step;
+- their candidate lists additionally mask the user's validation and test items, so a held-out item
+  is never shown to the ranker, not even as a negative;
+- popularity features are counted on training sequences (``ranker_model.build_ranker_features``);
+- the retriever was trained on ``Split.train`` only.
+
+When the retriever misses the positive (it is not in the top-N), the training position is **dropped**
+rather than having the positive pasted in: a pasted positive would carry a retrieval rank beyond N
+that no negative has, and the ranker would learn "rank > N means positive", a signal that never
+exists when serving. Those users cannot be helped by any re-ranking of the N candidates anyway; the
+share dropped is logged, and at evaluation such users keep their retrieval rank (see
+``pipeline_ranks``), so the pipeline metrics count them honestly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from towerline.features.sequences import Sequences, left_padded_windows
+from towerline.features.splits import EvalTargets, Split
+from towerline.features.vocab import N_RESERVED, PAD_IDX
+from towerline.training.data import trim_left_padding
+from towerline.training.metrics import mask_scores, target_ranks
+from towerline.training.model import TwoTowerNet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Positions as flat indices into ``Sequences`` (``Split.full``): history = ``start:end``, target at ``end``."""
+
+    rows: np.ndarray  # (P,) row of the user in the sequences
+    start: np.ndarray  # (P,) flat index of the row's first step
+    end: np.ndarray  # (P,) flat index of the target step; history is start:end
+    target: np.ndarray  # (P,) item index of the positive
+    heldout: np.ndarray  # (P, K) items to keep out of the candidate list (PAD: none)
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """Everything the ranker trains or evaluates on, one row per position (numpy, CPU)."""
+
+    hist: np.ndarray  # (P, T) int64 newest ``history_len`` items, left-padded
+    hist_types: np.ndarray  # (P, T) int64
+    hist_ts: np.ndarray  # (P, T) int64
+    cand: np.ndarray  # (P, N) int64 retriever top-N, best first
+    cand_scores: np.ndarray  # (P, N) float32 retrieval scores
+    target_pos: np.ndarray  # (P,) int64 column of the positive in ``cand``, -1 when retrieval missed it
+    retrieval_rank: np.ndarray  # (P,) int64 0-based full-catalogue rank of the positive (history masked)
+    rows: np.ndarray  # (P,) row of the user in ``Split.full``
+
+    def __len__(self) -> int:
+        return len(self.target_pos)
+
+    def subset(self, keep: np.ndarray) -> "CandidateSet":
+        return CandidateSet(**{k: v[keep] for k, v in self.__dict__.items()})
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(hist, hist_types, hist_ts, cand, cand_scores, target_pos, retrieval_rank) as tensors."""
+        return tuple(
+            torch.from_numpy(np.ascontiguousarray(a))
+            for a in (self.hist, self.hist_types, self.hist_ts, self.cand, self.cand_scores, self.target_pos, self.retrieval_rank)
+        )
+
+    @property
+    def recall(self) -> float:
+        """Share of positions whose positive is among the N candidates (the pipeline's ceiling)."""
+        return float((self.target_pos >= 0).mean()) if len(self) else 0.0
+
+
+@dataclass(frozen=True)
+class RankerData:
+    train: CandidateSet  # positions whose positive was retrieved (misses dropped)
+    valid: CandidateSet
+    test: CandidateSet
+    train_recall: float  # share of sampled training positions kept
+
+
+def _user_heldout(split: Split, n_rows: int) -> np.ndarray:
+    """(rows of Split.full, 2) validation and test item of each user (PAD when none)."""
+    out = np.full((n_rows, 2), PAD_IDX, dtype=np.int64)
+    out[split.valid.rows, 0] = split.valid.targets
+    out[split.test.rows, 1] = split.test.targets
+    return out
+
+
+def training_positions(split: Split, max_positions_per_user: int) -> Positions:
+    """The last ``max_positions_per_user`` steps of every user's training prefix (each with >= 1 step
+    of history), as positions into ``Split.full``; newest first within a user.
+
+    Recent steps are kept because they resemble the validation and test positions (long histories,
+    the user's current taste) and because a budget of a few per user keeps ~150k users x 100
+    candidates affordable.
+    """
+    full, train = split.full, split.train
+    full_rows = np.searchsorted(full.user_idx, train.user_idx)  # train rows are a subset of full rows, same order
+    if len(full_rows) and not np.array_equal(full.user_idx[full_rows], train.user_idx):
+        raise ValueError("Split.train users are not a subset of Split.full users")
+    train_len = train.lengths  # (U_train,)
+    k = np.minimum(max_positions_per_user, np.maximum(train_len - 1, 0))  # positions per user
+    rows = np.repeat(full_rows, k)
+    back = np.arange(k.sum()) - np.repeat(np.cumsum(k) - k, k)  # 0 = newest
+    t = np.repeat(train_len, k) - 1 - back  # step within the row, >= 1
+    start = full.offsets[:-1][rows]
+    end = start + t
+    heldout = _user_heldout(split, len(full))[rows]
+    return Positions(rows=rows, start=start, end=end, target=full.item_idx[end], heldout=heldout)
+
+
+def eval_positions(full: Sequences, targets: EvalTargets) -> Positions:
+    """Validation or test targets as positions (nothing extra held out: the history is all that is masked)."""
+    start = full.offsets[:-1][targets.rows]
+    return Positions(
+        rows=np.asarray(targets.rows),
+        start=start,
+        end=np.asarray(targets.history_end),
+        target=np.asarray(targets.targets, dtype=np.int64),
+        heldout=np.zeros((len(targets.rows), 0), dtype=np.int64),
+    )
+
+
+@torch.no_grad()
+def retrieve_candidates(
+    net: TwoTowerNet,
+    full: Sequences,
+    pos: Positions,
+    n_candidates: int,
+    history_len: int,
+    batch_size: int = 512,
+    progress: bool = False,
+    desc: str = "candidates",
+) -> CandidateSet:
+    """One batched retrieval pass: the top-``n_candidates`` items for every position.
+
+    Scores use the net in eval mode against ``net.item_vectors()`` computed once. The user's history
+    (the whole prefix, not only the window) and ``pos.heldout`` are masked, the target is kept (the
+    evaluation protocol of ``target_ranks``), and ``retrieval_rank`` is the positive's full-catalogue
+    rank under that same mask.
+    """
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    table = net.item_vectors()  # (V, D)
+    V = table.shape[0]
+    n = min(n_candidates, V - N_RESERVED)
+    P = len(pos.target)
+    cand = np.zeros((P, n), dtype=np.int64)
+    cand_scores = np.zeros((P, n), dtype=np.float32)
+    ranks = np.zeros(P, dtype=np.int64)
+    max_len = net.cfg.max_len
+    for lo in tqdm(range(0, P, batch_size), desc=desc, disable=not progress, leave=False):
+        sl = slice(lo, min(lo + batch_size, P))
+        s, e = pos.start[sl], pos.end[sl]
+        items = torch.from_numpy(left_padded_windows(full.item_idx, s, e, max_len)).to(device)
+        types = torch.from_numpy(left_padded_windows(full.event_type_idx, s, e, max_len)).to(device)
+        items, types = trim_left_padding(items, types)  # (B, T')
+        users = net.user_vector(items, types, item_table=table)  # (B, D)
+        scores = (users @ table.T).float()  # (B, V)
+        width = max(int((e - s).max()), 1)
+        prefix = left_padded_windows(full.item_idx, s, e, width)  # (B, H) whole history, for masking
+        masked_items = torch.from_numpy(np.concatenate([prefix, pos.heldout[sl]], axis=1)).to(device)
+        target = torch.from_numpy(pos.target[sl]).to(device)
+        masked = mask_scores(scores, masked_items, keep=target)  # (B, V)
+        top = masked.topk(n, dim=1)  # (B, n) each, best first; reserved rows are -inf, never on top
+        missing = torch.isinf(top.values)  # fewer than n items left after masking: pad the list
+        cand[sl] = top.indices.masked_fill(missing, PAD_IDX).cpu().numpy()
+        cand_scores[sl] = top.values.masked_fill(missing, 0.0).cpu().numpy()
+        ranks[sl] = target_ranks(scores, target, masked_items).cpu().numpy()
+    net.train(was_training)
+
+    hit = cand == pos.target[:, None]  # (P, n)
+    target_pos = np.where(hit.any(1), hit.argmax(1), -1).astype(np.int64)
+    return CandidateSet(
+        hist=left_padded_windows(full.item_idx, pos.start, pos.end, history_len).astype(np.int64),
+        hist_types=left_padded_windows(full.event_type_idx, pos.start, pos.end, history_len).astype(np.int64),
+        hist_ts=left_padded_windows(full.timestamp, pos.start, pos.end, history_len).astype(np.int64),
+        cand=cand,
+        cand_scores=cand_scores,
+        target_pos=target_pos,
+        retrieval_rank=ranks,
+        rows=np.asarray(pos.rows, dtype=np.int64),
+    )
+
+
+def build_ranker_data(
+    net: TwoTowerNet,
+    split: Split,
+    n_candidates: int,
+    history_len: int,
+    max_positions_per_user: int,
+    batch_size: int = 512,
+    progress: bool = False,
+) -> RankerData:
+    """Training, validation and test candidate sets; training positions the retriever missed are dropped."""
+    full = split.full
+    train_pos = training_positions(split, max_positions_per_user)
+    train = retrieve_candidates(net, full, train_pos, n_candidates, history_len, batch_size, progress, "train candidates")
+    valid = retrieve_candidates(
+        net, full, eval_positions(full, split.valid), n_candidates, history_len, batch_size, progress, "valid candidates"
+    )
+    test = retrieve_candidates(
+        net, full, eval_positions(full, split.test), n_candidates, history_len, batch_size, progress, "test candidates"
+    )
+    kept = train.subset(train.target_pos >= 0)
+    log.info(
+        "ranker data: %d training positions sampled, %d kept (retriever recall@%d %.3f); %d valid, %d test users "
+        "(recall@%d %.3f / %.3f)",
+        len(train), len(kept), train.cand.shape[1], train.recall, len(valid), len(test), valid.cand.shape[1],
+        valid.recall, test.recall,
+    )
+    return RankerData(train=kept, valid=valid, test=test, train_recall=train.recall)
