@@ -187,14 +187,15 @@ class Retriever:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
 class Ranker:
-    """Scores each user's candidates; the identity (retrieval score) until bundles carry a ranker.
-
-    It already batches and already receives what a trained ranker needs (the history and the
-    candidates), so shipping one changes ``recommender.rank`` and this class's loading only.
-    """
+    """Scores each user's candidates with the bundle's trained ranker, one batched call per version."""
 
     def __init__(self, args: AppArgs) -> None:
+        _use_tracking(args.tracking_uri)
         _limit_threads(args.settings.threads)
+        self.settings = args.settings
+        self.versions = _Versions(args.settings)
+        state = rec.load_model(args.model, args.settings, args.index_dir)
+        self.versions.add((state.key, args.index_dir), state)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         if "max_batch_size" in config:
@@ -203,13 +204,22 @@ class Ranker:
             self.rank.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
     async def prepare(self, ref: ModelRef) -> str:
-        return ref[0]
+        return (await self.versions.get(tuple(ref))).key
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def rank(
         self, requests: list[tuple[ModelRef, rec.UserHistory, tuple[np.ndarray, np.ndarray]]]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
-        return rec.rank(None, [r[1] for r in requests], [r[2] for r in requests])
+        out: list[Any] = [None] * len(requests)
+        by_ref: dict[ModelRef, list[int]] = {}
+        for pos, (ref, _, _) in enumerate(requests):
+            by_ref.setdefault(tuple(ref), []).append(pos)
+        for ref, positions in by_ref.items():
+            state = await self.versions.get(ref)
+            ranked = rec.rank(state, [requests[p][1] for p in positions], [requests[p][2] for p in positions])
+            for p, r in zip(positions, ranked):
+                out[p] = r
+        return out
 
 
 # ----------------------------------------------------------------------------- HTTP contract

@@ -284,13 +284,26 @@ def rank(
     histories: Sequence[UserHistory],
     candidates: Sequence[tuple[np.ndarray, np.ndarray]],
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Score each user's candidates; the seam for the trained ranker.
+    """Score each user's candidates with the bundle's trained ranker (the retrieval score without one).
 
-    Until a bundle carries a ranker (a later issue), the ranking score is the retrieval score,
-    so this is the identity. The signature is what the ranker will need: the history (target
-    attention over it) and the candidates.
+    One batched ranker call when every list has the same length (the usual case: N candidates);
+    the rules sort by the returned scores, so candidate order need not change here.
     """
-    return [(np.asarray(i), np.asarray(s, dtype=np.float32)) for i, s in candidates]
+    plain = [(np.asarray(i), np.asarray(s, dtype=np.float32)) for i, s in candidates]
+    if state is None or getattr(state.bundle, "ranker", None) is None or not plain:
+        return plain
+    from towerline.training.ranker_model import rank_candidates
+
+    if len({len(i) for i, _ in plain}) == 1:
+        scores = rank_candidates(
+            state.bundle, [h.items for h in histories], [h.event_types for h in histories], None,
+            np.stack([i for i, _ in plain]), np.stack([s for _, s in plain]),
+        )
+        return [(i, scores[row].astype(np.float32)) for row, (i, _) in enumerate(plain)]
+    return [
+        (i, rank_candidates(state.bundle, h.items, h.event_types, None, i, s).astype(np.float32))
+        for h, (i, s) in zip(histories, plain)
+    ]
 
 
 def popular(state: ModelState, settings: ServeSettings, k: int, banned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

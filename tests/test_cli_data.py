@@ -13,7 +13,7 @@ import pytest
 
 from towerline.cli import main
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "s3rec"
+from support import SHARED_DATA  # noqa: E402  (../shared beside the checkout)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
 
 # features/ may use nothing above it.
 FEATURES_FORBIDDEN = ("towerline.training", "towerline.serving", "towerline.bundle")

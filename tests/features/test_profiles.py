@@ -26,7 +26,7 @@ from towerline.features.profiles import (
     segment_summary,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "s3rec"  # /work/shared beside the repo
+from support import SHARED_DATA  # noqa: E402  (../shared beside the checkout)
 DAY = 86_400
 NOW = 1_750_000_000  # reference time, epoch seconds
 

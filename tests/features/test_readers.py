@@ -17,8 +17,7 @@ from towerline.features.contracts import EVENT_COLUMNS, ITEM_COLUMNS, Dataset
 from towerline.features.readers import load_dataset, read_events, read_items, read_s3rec, read_users
 from towerline.features.writers import write_dataset
 
-# tests/features/this_file -> parents[3] is the folder holding the checkout and ../shared
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "s3rec"
+from support import SHARED_DATA  # noqa: E402  (../shared beside the checkout)
 
 
 def _shared(name: str) -> Path:

@@ -255,5 +255,6 @@ def test_ranker_deployment_scores_candidates_through_its_handle(served):
     ranker = serve.get_deployment_handle("Ranker", app_name="towerline")
     cands = (np.array([5, 3, 9]), np.array([0.9, 0.5, 0.1], dtype=np.float32))
     hist = UserHistory(np.array([2, 4]), np.array([2, 3]))
-    idx, scores = ranker.rank.remote((("any", None), hist, cands)).result(timeout_s=60)
+    key = httpx.get(f"{served[0]}/version", timeout=30).json()["model_key"]
+    idx, scores = ranker.rank.remote(((key, None), hist, cands)).result(timeout_s=60)  # no ranker: identity
     assert idx.tolist() == [5, 3, 9] and scores.tolist() == pytest.approx([0.9, 0.5, 0.1])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from support import REPO, tiny_overrides
 from towerline.bundle import load_bundle, verify_bundle, write_manifest
 from towerline.cli import main
 from towerline.config import TwoTowerConfig, load_config
@@ -276,3 +276,21 @@ def test_train_ranker_command_adds_a_ranker_to_a_bundle_and_registers_a_version(
     versions = client.search_model_versions("name = 'tiny-retriever'")
     assert len(versions) >= 2
     assert json.loads((copy / "metrics.json").read_text())["ranker/epochs"] == 1.0
+
+
+def test_serving_rank_stage_uses_the_bundles_ranker(ranked_run):
+    from towerline.serving import recommender as rec
+    from towerline.serving.settings import ServeSettings
+
+    settings = ServeSettings(n_candidates=20)
+    state = rec.load_model(str(ranked_run.bundle_dir), settings)
+    assert state.has_ranker and state.bundle.ranker is not None
+    b = state.bundle
+    rows = np.flatnonzero(b.histories.lengths >= 3)[:20]
+    histories = [rec.UserHistory(b.histories.items_of(r), b.histories.event_type_idx[b.histories.offsets[r]:b.histories.offsets[r + 1]])
+                 for r in rows]
+    candidates = rec.retrieve(state, settings, histories)
+    ranked = rec.rank(state, histories, candidates)
+    assert all(np.array_equal(i, ci) for (i, _), (ci, _) in zip(ranked, candidates))  # same items, new scores
+    assert any(not np.allclose(s, cs) for (_, s), (_, cs) in zip(ranked, candidates))
+    assert rec.rank(None, histories, candidates)[0][1].tolist() == pytest.approx(candidates[0][1].tolist())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from support import REPO, tiny_overrides
 from towerline.bundle import load_bundle
 from towerline.cli import main
 from towerline.config import load_config
