@@ -11,9 +11,13 @@ problem). Queries are fresh Gaussian draws, not database vectors. This is the ha
 indexes: i.i.d. Gaussian data in 64 dimensions has no low-dimensional structure to exploit, whereas
 real item embeddings usually do, so recall here is a lower bound for what a trained model sees.
 
-    python bench/index_recall.py --n 100000              # a quick look (about a minute on 2 cores)
-    python bench/index_recall.py                         # the target: 1,000,000 vectors
-    python bench/index_recall.py --m 32 48 --ef-search 64 128 256 512
+    python bench/index_recall.py --n 100000              # a quick look (2-3 minutes on 2 cores)
+    python bench/index_recall.py --threads 1 --build-threads 2 --ef-search 64 128 256 384 512
+    python bench/index_recall.py --m 32 48 --ef-search 256 512 1024
+
+The second line is the recorded 1M run: building HNSW (M=32, efConstruction=128) over 1M vectors
+took about 30 minutes on 2 busy shared cores. Searching uses one thread so that the CPU-time QPS,
+printed beside wall-clock QPS, is exact even when other jobs share the machine.
 
 Prints a table and writes ``bench/results/index_recall.json`` (including the command line).
 """
