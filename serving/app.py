@@ -145,6 +145,24 @@ class _Versions:
             return self.states[ref]
 
 
+def _by_ref(refs: list[Any]) -> dict[ModelRef, list[int]]:
+    """Positions of a batch grouped by model version (almost always one group)."""
+    groups: dict[ModelRef, list[int]] = {}
+    for pos, ref in enumerate(refs):
+        groups.setdefault(tuple(ref), []).append(pos)
+    return groups
+
+
+def _stage_versions(args: AppArgs) -> _Versions:
+    """What every model stage replica does first: its threads, tracking URI and the served version."""
+    _use_tracking(args.tracking_uri)
+    _limit_threads(args.settings.threads)
+    versions = _Versions(args.settings)
+    state = rec.load_model(args.model, args.settings, args.index_dir)
+    versions.add((state.key, args.index_dir), state)
+    return versions
+
+
 # ----------------------------------------------------------------------------- model stages
 
 
@@ -153,12 +171,8 @@ class Retriever:
     """User tower over the request's history + FAISS top-N, one forward pass per batch."""
 
     def __init__(self, args: AppArgs) -> None:
-        _use_tracking(args.tracking_uri)
-        _limit_threads(args.settings.threads)
         self.settings = args.settings
-        self.versions = _Versions(args.settings)
-        state = rec.load_model(args.model, args.settings, args.index_dir)
-        self.versions.add((state.key, args.index_dir), state)
+        self.versions = _stage_versions(args)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``), changeable without a restart."""
@@ -174,10 +188,7 @@ class Retriever:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def top_n(self, requests: list[tuple[ModelRef, rec.UserHistory]]) -> list[tuple[np.ndarray, np.ndarray]]:
         out: list[Any] = [None] * len(requests)
-        by_ref: dict[ModelRef, list[int]] = {}
-        for pos, (ref, _) in enumerate(requests):
-            by_ref.setdefault(tuple(ref), []).append(pos)
-        for ref, positions in by_ref.items():  # almost always one version per batch
+        for ref, positions in _by_ref([r[0] for r in requests]).items():
             state = await self.versions.get(ref)
             found = rec.retrieve(state, self.settings, [requests[p][1] for p in positions])
             for p, cands in zip(positions, found):
@@ -190,12 +201,8 @@ class Ranker:
     """Scores each user's candidates with the bundle's trained ranker, one batched call per version."""
 
     def __init__(self, args: AppArgs) -> None:
-        _use_tracking(args.tracking_uri)
-        _limit_threads(args.settings.threads)
         self.settings = args.settings
-        self.versions = _Versions(args.settings)
-        state = rec.load_model(args.model, args.settings, args.index_dir)
-        self.versions.add((state.key, args.index_dir), state)
+        self.versions = _stage_versions(args)
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         if "max_batch_size" in config:
@@ -211,10 +218,7 @@ class Ranker:
         self, requests: list[tuple[ModelRef, rec.UserHistory, tuple[np.ndarray, np.ndarray]]]
     ) -> list[tuple[np.ndarray, np.ndarray]]:
         out: list[Any] = [None] * len(requests)
-        by_ref: dict[ModelRef, list[int]] = {}
-        for pos, (ref, _, _) in enumerate(requests):
-            by_ref.setdefault(tuple(ref), []).append(pos)
-        for ref, positions in by_ref.items():
+        for ref, positions in _by_ref([r[0] for r in requests]).items():
             state = await self.versions.get(ref)
             ranked = rec.rank(state, [requests[p][1] for p in positions], [requests[p][2] for p in positions])
             for p, r in zip(positions, ranked):

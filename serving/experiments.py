@@ -37,8 +37,6 @@ import hashlib
 import html
 import json
 import logging
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from towerline.config import ExperimentConfig
 from towerline.errors import ConfigError, DataValidationError
+from towerline.serving.sqlite import open_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +143,7 @@ class FeedbackStore:
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.executescript(_SCHEMA)
+        self._conn, self._lock = open_sqlite(self.path, _SCHEMA, busy_timeout_s)
 
     def record(self, events: Sequence[Feedback]) -> FeedbackResult:
         """Store events that carry an ``arm``; a repeated ``event_id`` is a duplicate, not an error.

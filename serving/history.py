@@ -25,14 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, Protocol, Sequence
 
 from towerline.features.contracts import Event
+from towerline.serving.sqlite import open_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +100,7 @@ class SQLiteHistoryStore:
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
-        with self._lock:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable on app crash, fast
-            self._conn.executescript(_SCHEMA)
+        self._conn, self._lock = open_sqlite(self.path, _SCHEMA, busy_timeout_s)
         log.info("history store: %s", self.path)
 
     def append(self, events: Sequence[Event]) -> AppendResult:
