@@ -27,4 +27,4 @@ class BundleError(TowerlineError):
 
 
 class IndexMismatchError(TowerlineError):
-    """A FAISS index does not match its manifest or the model (dim, metric, count, version)."""
+    """A FAISS index does not match its manifest (sha256, dim, metric, count) or the model (dim, version)."""
