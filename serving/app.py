@@ -12,10 +12,12 @@ async; the two model stages batch concurrent requests into one forward pass / on
 scale by replicas on their own. All three call the functions of ``recommender.py``, so the HTTP
 path and the in-process ``Recommender`` cannot drift apart.
 
-Until bundles carry a trained ranker, ``rank_stage="auto"`` skips the Ranker hop and ranks by the
-retrieval score in the ingress (the same ``recommender.rank`` function): an identity is not worth
-a second actor round trip per request. The deployment is in the graph regardless, batched and
-warmed on reload, so a bundle with ``ranker/`` is ranked there without a redeploy.
+Where the model stages run is a setting (``stage_placement``). On one machine the default,
+``"ingress"``, runs the user tower, FAISS and the ranker batched (``serve.batch``) inside the
+ingress replica: on a few cores every actor hop costs as much CPU as the model itself, and
+``bench/serve_load.py`` measures the difference. ``"deployments"`` sends each request to the
+``Retriever`` and ``Ranker`` deployments, which then scale out by replicas across a cluster; with
+``rank_stage="auto"`` the Ranker hop is skipped for bundles without a trained ranker.
 
 Model versions and reload: a request reads the ingress's current ``ModelState`` once and sends its
 ``ModelRef`` (a URI that pins the version, plus the index directory) with every stage call. A
@@ -565,7 +567,9 @@ class Ingress:
         if arm is not None and arm.rules == "popular":  # the non-personalised arm of an experiment
             prep = dataclasses.replace(prep, fallback=True)
         ranked = None
-        if not prep.fallback:
+        if not prep.fallback and self.settings.stage_placement == "ingress":
+            ranked = await self.local_stages((state, prep.history))
+        elif not prep.fallback:
             cands = await self.retriever.top_n.remote((ref, prep.history))
             stage = self.settings.rank_stage
             if stage == "always" or (stage == "auto" and state.has_ranker):
@@ -579,6 +583,27 @@ class Ingress:
             arm=arm.name if arm else "default",
             fallback=result.fallback,
         )
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def local_stages(
+        self, requests: list[tuple[rec.ModelState, rec.UserHistory]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Retrieve and rank a batch of requests in this replica (``stage_placement="ingress"``).
+
+        Each request brings the model state it started with, so a reload mid-batch is harmless.
+        """
+        out: list[Any] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for pos, (state, _) in enumerate(requests):
+            groups.setdefault(state.key, []).append(pos)
+        for positions in groups.values():
+            state = requests[positions[0]][0]
+            histories = [requests[p][1] for p in positions]
+            cands = rec.retrieve(state, self.settings, histories)
+            ranked = rec.rank(state, histories, cands) if self.settings.rank_stage != "never" else cands
+            for p, r in zip(positions, ranked):
+                out[p] = r
+        return out
 
     async def reload(self, req: ReloadRequest) -> Any:
         uri = req.model or self.args.model

@@ -38,6 +38,9 @@ class ServeSettings(BaseModel):
     feedback_db: str = "towerline_feedback.sqlite"  # SQLite file of A/B feedback (POST /feedback)
     history_recent: int = Field(200, ge=1)  # newest online events read per request (>= the model's max_len)
     threads: int = Field(1, ge=1, le=64)  # torch/FAISS threads per replica: replicas share the cores
+    stage_placement: Literal["ingress", "deployments"] = "ingress"  # ingress: user tower, FAISS and ranker run
+    # batched inside the ingress replica (no actor hop: fastest on one machine); deployments: through the
+    # Retriever and Ranker deployments, which scale out on their own across a cluster
     rank_stage: Literal["auto", "always", "never"] = "auto"  # auto: call the Ranker deployment only when
     # the bundle has a trained ranker (ranker/); until then the retrieval score ranks, without the extra hop
     retriever_batch_size: int = Field(32, ge=1, le=1024)  # serve.batch max_batch_size of the retriever

@@ -36,7 +36,8 @@ def ab(served, tmp_path_factory):  # noqa: F811
     export_profiles(profiles, tmp / "profiles.parquet")
     args = AppArgs(
         model=str(tiny_run.bundle_dir),
-        settings={"history_db": str(tmp / "h.sqlite"), "feedback_db": str(tmp / "f.sqlite")},
+        # this app also covers the other placement: every request hops to the Retriever deployment
+        settings={"history_db": str(tmp / "h.sqlite"), "feedback_db": str(tmp / "f.sqlite"), "stage_placement": "deployments"},
         experiments=[EXPERIMENT],
         experiment="home-feed",
         profiles=str(tmp / "profiles.parquet"),
