@@ -146,7 +146,11 @@ class RankerConfig:
     batch_size: int = 256  # training positions per batch (each with n_candidates candidates)
     lr: float = 1e-3
     patience: int = 3  # epochs without a better valid/pipeline_ndcg_10
-    max_positions_per_user: int = 5  # training positions sampled per user (most recent first)
+    train_on: Literal["validation", "training"] = "validation"  # validation: the ranker learns from the users'
+    # validation positions, which the retriever never trained on (its scores there look like at serving time),
+    # keeping `holdout_share` of those users for model selection; training: recent training-prefix positions
+    holdout_share: float = 0.2  # train_on=validation: share of validation users that select the epoch
+    max_positions_per_user: int = 5  # train_on=training: positions sampled per user (most recent first)
     bootstrap_samples: int = 1000  # paired bootstrap resamples for the lift's 95% interval
 
     def __post_init__(self) -> None:
@@ -154,6 +158,7 @@ class RankerConfig:
         _check(self.hidden >= 1, "ranker", "hidden", "must be >= 1")
         _check(0 <= self.dropout < 1, "ranker", "dropout", "must be in [0, 1)")
         _check(self.max_positions_per_user >= 1, "ranker", "max_positions_per_user", "must be >= 1")
+        _check(0 < self.holdout_share < 1, "ranker", "holdout_share", "must be in (0, 1)")
 
 
 @dataclass(frozen=True)

@@ -209,14 +209,29 @@ def build_ranker_data(
     max_positions_per_user: int,
     batch_size: int = 512,
     progress: bool = False,
+    train_on: str = "training",
+    holdout_share: float = 0.2,
+    seed: int = 0,
 ) -> RankerData:
-    """Training, validation and test candidate sets; training positions the retriever missed are dropped."""
+    """Training, validation and test candidate sets; training positions the retriever missed are dropped.
+
+    ``train_on="validation"`` learns from the validation positions of a random ``1 - holdout_share``
+    of the users and selects epochs on the rest. The retriever was fitted on the training
+    prefixes, so its scores there are over-confident (Beauty: recall@100 0.34 on training positions
+    against 0.27 on test); on validation positions they behave as at test and serving time, which is
+    what a second stage must learn to correct. Test positions are never seen either way.
+    """
     full = split.full
-    train_pos = training_positions(split, max_positions_per_user)
-    train = retrieve_candidates(net, full, train_pos, n_candidates, history_len, batch_size, progress, "train candidates")
-    valid = retrieve_candidates(
+    valid_all = retrieve_candidates(
         net, full, eval_positions(full, split.valid), n_candidates, history_len, batch_size, progress, "valid candidates"
     )
+    if train_on == "validation":
+        learn = np.random.default_rng(seed).random(len(valid_all)) >= holdout_share  # (U,)
+        train, valid = valid_all.subset(learn), valid_all.subset(~learn)
+    else:
+        train_pos = training_positions(split, max_positions_per_user)
+        train = retrieve_candidates(net, full, train_pos, n_candidates, history_len, batch_size, progress, "train candidates")
+        valid = valid_all
     test = retrieve_candidates(
         net, full, eval_positions(full, split.test), n_candidates, history_len, batch_size, progress, "test candidates"
     )

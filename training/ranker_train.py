@@ -315,7 +315,8 @@ def train_ranker(
         client = mlflow.MlflowClient(tracking_uri)
     ranker = build_ranker_for(net, vocabs, split, cfg)
     data = build_ranker_data(
-        net, split, rc.n_candidates, rc.history_len, rc.max_positions_per_user, cfg.trainer.eval_batch_size, progress
+        net, split, rc.n_candidates, rc.history_len, rc.max_positions_per_user, cfg.trainer.eval_batch_size, progress,
+        train_on=rc.train_on, holdout_share=rc.holdout_share, seed=cfg.trainer.seed,
     )
     ranker, epochs = fit_ranker(ranker, data, cfg, client, run_id, progress)
 

@@ -294,3 +294,18 @@ def test_serving_rank_stage_uses_the_bundles_ranker(ranked_run):
     assert all(np.array_equal(i, ci) for (i, _), (ci, _) in zip(ranked, candidates))  # same items, new scores
     assert any(not np.allclose(s, cs) for (_, s), (_, cs) in zip(ranked, candidates))
     assert rec.rank(None, histories, candidates)[0][1].tolist() == pytest.approx(candidates[0][1].tolist())
+
+
+def test_ranker_learns_from_validation_positions_of_other_users_than_those_that_select_it(ranked_run):
+    bundle = load_bundle(ranked_run.bundle_dir)
+    split = split_leave_one_out(bundle.histories)
+    data = build_ranker_data(bundle.net, split, 20, 12, 3, train_on="validation", holdout_share=0.3, seed=0)
+    train_users, valid_users = set(data.train.rows.tolist()), set(data.valid.rows.tolist())
+    assert train_users and valid_users and not (train_users & valid_users)
+    # every training example is a validation target the retriever found: never a test item
+    valid_target = dict(zip(split.valid.rows.tolist(), split.valid.targets.tolist()))
+    valid_end = dict(zip(split.valid.rows.tolist(), split.valid.history_end.tolist()))
+    for row, hist, cand, pos in zip(data.train.rows, data.train.hist, data.train.cand, data.train.target_pos):
+        assert pos >= 0 and cand[pos] == valid_target[row]
+        assert hist[-1] == split.full.item_idx[valid_end[row] - 1]  # the history stops before the target
+    assert len(data.test) == len(split.test)
