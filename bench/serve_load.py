@@ -136,6 +136,7 @@ def in_process(model: str, users: list[str], calls: int, k: int) -> dict[str, An
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per request would load the client, not the server
     args = parse_args(argv)
     import ray
     from ray import serve
