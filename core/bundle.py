@@ -9,6 +9,7 @@ retriever/weights.safetensors
 item_embeddings.npy    (n_items, dim) float32 item-tower output, row = item vocabulary index
 item_popularity.npy    (n_items,) int64 training interactions per item (popular fallback, logQ)
 items.parquet          the catalogue (attributes, price, in_stock) for business rules
+users.parquet          user_id, consent: users who said no get no personalisation when served
 histories.npz          every user's time-ordered steps at training time (``Sequences`` arrays):
                        the starting point of the online history store and of "already seen" rules
 metrics.json           final metrics of the run

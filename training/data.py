@@ -148,6 +148,8 @@ class SequenceDataModule(L.LightningDataModule):
             item_attribute_matrix(dataset.items, vocabs, self.cfg.model.max_attributes),
         )
         dataset.items.to_parquet(self.work_dir / "items.parquet")
+        # consent only: serving must not personalise for users who said no, and needs nothing else
+        dataset.users[["user_id", "consent"]].astype({"user_id": str, "consent": bool}).to_parquet(self.work_dir / "users.parquet")
         marker.write_text(json.dumps({"dataset": dataset.name, "events": len(dataset.events)}))
 
     def setup(self, stage: str | None = None) -> None:
@@ -158,6 +160,10 @@ class SequenceDataModule(L.LightningDataModule):
         self.split = make_split(seqs, self.cfg.data)
         self.item_attributes = np.load(self.work_dir / "item_attributes.npy", allow_pickle=False)
         self.item_counts = np.bincount(self.split.train.item_idx, minlength=len(self.vocabs.items))
+
+    def users_consent(self) -> pd.DataFrame:
+        """``user_id, consent`` of every user, for the bundle (no other user attribute leaves training)."""
+        return pd.read_parquet(self.work_dir / "users.parquet")
 
     def items_table(self) -> pd.DataFrame:
         """The catalogue as loaded (attributes, price, stock), for the bundle's business rules."""

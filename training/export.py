@@ -41,6 +41,7 @@ def export_bundle(
     items: pd.DataFrame | None = None,
     item_popularity: np.ndarray | None = None,
     histories: Sequences | None = None,
+    users: pd.DataFrame | None = None,
     metrics: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
     manifest_extra: dict[str, Any] | None = None,
@@ -61,6 +62,8 @@ def export_bundle(
         items.to_parquet(d / "items.parquet")
     if histories is not None:
         histories.save(d / "histories.npz")
+    if users is not None:
+        users.to_parquet(d / "users.parquet")
     (d / "metrics.json").write_text(json.dumps(metrics or {}, indent=2, sort_keys=True))
     for name, src in (extra_files or {}).items():
         if Path(src).exists():

@@ -155,7 +155,7 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
     (out / "curve.json").write_text(json.dumps(curve.points, indent=2))
     bundle = export_bundle(
         system.net, dm.vocabs, cfg, out / "bundle",
-        items=dm.items_table(), item_popularity=dm.item_counts, histories=dm.split.full, metrics=metrics,
+        items=dm.items_table(), item_popularity=dm.item_counts, histories=dm.split.full, users=dm.users_consent(), metrics=metrics,
         extra_files={"training_curve.png": plot, "curve.json": out / "curve.json"} if plot else {},
         manifest_extra={"model_name": cfg.tracking.model_name, "run_id": run_id},
     )

@@ -155,3 +155,14 @@ def test_index_command_writes_an_hnsw_index_that_serving_loads(tiny_state, tmp_p
     assert state.index_kind == "hnsw"
     assert state.index_manifest["model_name"] == tiny_state.bundle.model_name
     assert Recommender(state, ServeSettings(), None).similar(str(tiny_state.bundle.vocabs.items.ids[0]), 3)
+
+
+def test_a_user_who_refused_consent_in_the_data_gets_no_personalisation(tiny_state, store):
+    import pandas as pd
+
+    users = pd.read_parquet(tiny_state.bundle.path / "users.parquet")
+    assert list(users.columns) == ["user_id", "consent"]  # no other user attribute leaves training
+    refused = users.loc[~users["consent"], "user_id"]
+    assert len(refused), "the synthetic data should contain users without consent"
+    result = Recommender(tiny_state, ServeSettings(), store).recommend(str(refused.iloc[0]), 5)
+    assert result.fallback
