@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -70,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     work = Path(tempfile.mkdtemp(prefix="towerline-quality-"))
+
+    args.out = args.out.resolve()  # paths given on the command line are relative to where it ran
+    os.chdir(work)  # MLflow puts run artifacts under ./mlruns: keep them out of the checkout
     uri = args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
     report = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])), "results": {}}
     for name in args.datasets:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -88,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     from towerline.config import load_config, to_dict
 
     work = Path(tempfile.mkdtemp(prefix="towerline-ranker-"))
+
+    # paths given on the command line are relative to where it ran
+    args.out, args.model = args.out.resolve(), (args.model.resolve() if args.model else None)
+    os.chdir(work)  # MLflow puts run artifacts under ./mlruns: keep them out of the checkout
     uri = args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
     t0 = time.perf_counter()
     if args.model:

@@ -43,7 +43,7 @@ def served(tiny_run, tmp_path_factory):
         args = AppArgs(
             model=str(tiny_run.bundle_dir),
             tracking_uri=tiny_run.tracking_uri,
-            settings={"history_db": str(tmp / "history.sqlite")},
+            settings={"history_db": str(tmp / "history.sqlite"), "feedback_db": str(tmp / "feedback.sqlite")},
         )
         serve.run(build_app(args), name="towerline", route_prefix="/")
         yield f"http://127.0.0.1:{port}", tiny_run
