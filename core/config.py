@@ -141,6 +141,7 @@ class RankerConfig:
     n_layers: int = 2  # MLP layers
     dropout: float = 0.1  # [0, 1)
     history_len: int = 50  # recent steps the candidate's target attention looks at
+    use_profiles: bool = True  # feed the marketing layer's profile (RFM scores, lifecycle segment) per user
     loss: Literal["listwise", "pointwise"] = "listwise"  # softmax over the candidate list, or BCE per pair
     max_epochs: int = 10
     batch_size: int = 256  # training positions per batch (each with n_candidates candidates)

@@ -498,3 +498,30 @@ def _consent(users: pd.DataFrame, user_ids: np.ndarray) -> np.ndarray:
     table = pd.Series(users["consent"].astype(bool).to_numpy(), index=users["user_id"].astype(str).to_numpy())
     table = table[~table.index.duplicated()]
     return table.reindex(user_ids).fillna(True).to_numpy(dtype=bool)
+
+
+LIFECYCLE_SEGMENTS = ("new", "active", "loyal", "at-risk", "churned")
+PROFILE_FEATURE_NAMES = ("r_score", "f_score", "m_score") + tuple(f"segment={s}" for s in LIFECYCLE_SEGMENTS)
+
+
+def profile_features(profiles: pd.DataFrame, user_ids: np.ndarray) -> np.ndarray:
+    """(len(user_ids), len(PROFILE_FEATURE_NAMES)) float32 model inputs, one row per requested user.
+
+    RFM quintile scores scaled to (0, 1] and a one-hot lifecycle segment: what a ranker can use of
+    a profile. Users without a profile, and scores a data set cannot give (no clock, no money),
+    are zeros, which the model reads as "unknown".
+    """
+    out = np.zeros((len(user_ids), len(PROFILE_FEATURE_NAMES)), dtype=np.float32)
+    if profiles is None or not len(profiles) or not len(user_ids):
+        return out
+    pos = pd.Index(profiles["user_id"].astype(str)).get_indexer(np.asarray(user_ids, dtype=object))
+    found = pos >= 0
+    rows = profiles.iloc[pos[found]]
+    for j, col in enumerate(("r_score", "f_score", "m_score")):
+        if col in rows:
+            out[found, j] = pd.to_numeric(rows[col], errors="coerce").fillna(0).to_numpy(dtype=np.float32) / 5.0
+    if "segment" in rows:
+        seg = rows["segment"].astype(str).to_numpy()
+        for j, name in enumerate(LIFECYCLE_SEGMENTS):
+            out[found, 3 + j] = seg == name
+    return out

@@ -84,6 +84,7 @@ class UserHistory:
 
     items: np.ndarray  # (L,) int64 item indices (UNK kept here, for the rules)
     event_types: np.ndarray  # (L,) int64
+    user_idx: int = UNK_IDX  # user vocabulary index: the ranker's profile row (UNK: no profile)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -186,7 +187,8 @@ def training_histories(bundle: Bundle, rows: np.ndarray) -> list[UserHistory]:
     out = []
     for r in np.asarray(rows, dtype=np.int64):
         lo, hi = int(hist.offsets[r]), int(hist.offsets[r + 1])
-        out.append(UserHistory(hist.item_idx[lo:hi].astype(np.int64), hist.event_type_idx[lo:hi].astype(np.int64)))
+        out.append(UserHistory(hist.item_idx[lo:hi].astype(np.int64), hist.event_type_idx[lo:hi].astype(np.int64),
+                               int(hist.user_idx[r])))
     return out
 
 
@@ -206,9 +208,9 @@ def user_history(state: ModelState, user_id: str, online: Sequence[HistoryEvent]
         parts_i.append(vocabs.items.encode(np.asarray([e.item_id for e in online], dtype=object)))
         parts_t.append(vocabs.event_types.encode(np.asarray([e.event_type for e in online], dtype=object)))
     if not parts_i:
-        return UserHistory(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        return UserHistory(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), u)
     items, etypes = _fold_repeats(np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_t).astype(np.int64))
-    return UserHistory(items, etypes)
+    return UserHistory(items, etypes, u)
 
 
 def prepare(
@@ -298,10 +300,11 @@ def rank(
         scores = rank_candidates(
             state.bundle, [h.items for h in histories], [h.event_types for h in histories], None,
             np.stack([i for i, _ in plain]), np.stack([s for _, s in plain]),
+            user_idx=np.array([h.user_idx for h in histories], dtype=np.int64),
         )
         return [(i, scores[row].astype(np.float32)) for row, (i, _) in enumerate(plain)]
     return [
-        (i, rank_candidates(state.bundle, h.items, h.event_types, None, i, s).astype(np.float32))
+        (i, rank_candidates(state.bundle, h.items, h.event_types, None, i, s, user_idx=h.user_idx).astype(np.float32))
         for h, (i, s) in zip(histories, plain)
     ]
 

@@ -67,6 +67,7 @@ class CandidateSet:
     target_pos: np.ndarray  # (P,) int64 column of the positive in ``cand``, -1 when retrieval missed it
     retrieval_rank: np.ndarray  # (P,) int64 0-based full-catalogue rank of the positive (history masked)
     rows: np.ndarray  # (P,) row of the user in ``Split.full``
+    users: np.ndarray  # (P,) user vocabulary index (the ranker's profile table row)
 
     def __len__(self) -> int:
         return len(self.target_pos)
@@ -75,10 +76,11 @@ class CandidateSet:
         return CandidateSet(**{k: v[keep] for k, v in self.__dict__.items()})
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """(hist, hist_types, hist_ts, cand, cand_scores, target_pos, retrieval_rank) as tensors."""
+        """(hist, hist_types, hist_ts, cand, cand_scores, target_pos, retrieval_rank, users) as tensors."""
         return tuple(
             torch.from_numpy(np.ascontiguousarray(a))
-            for a in (self.hist, self.hist_types, self.hist_ts, self.cand, self.cand_scores, self.target_pos, self.retrieval_rank)
+            for a in (self.hist, self.hist_types, self.hist_ts, self.cand, self.cand_scores, self.target_pos,
+                      self.retrieval_rank, self.users)
         )
 
     @property
@@ -198,6 +200,7 @@ def retrieve_candidates(
         target_pos=target_pos,
         retrieval_rank=ranks,
         rows=np.asarray(pos.rows, dtype=np.int64),
+        users=full.user_idx[np.asarray(pos.rows, dtype=np.int64)].astype(np.int64),
     )
 
 

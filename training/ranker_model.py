@@ -173,6 +173,7 @@ class Ranker(nn.Module):
         max_attributes: int = 8,
         n_profile_features: int = 0,
         features: RankerFeatures | None = None,
+        n_users: int = 0,
     ) -> None:
         """
         Args:
@@ -182,6 +183,8 @@ class Ranker(nn.Module):
             max_attributes: attribute columns per item in the attribute table.
             n_profile_features: width of the optional user profile vector (0: none).
             features: per-item facts; None leaves zero buffers for ``load_state_dict`` to fill.
+            n_users: rows of the per-user profile table (user vocabulary size); the table is a
+                buffer, so the profiles a ranker was trained with are the ones it serves with.
         """
         super().__init__()
         if n_items <= N_RESERVED:
@@ -191,6 +194,8 @@ class Ranker(nn.Module):
         self.cfg = cfg
         H = cfg.hidden
         self._buffers_from(features)
+        self.n_users = n_users
+        self.register_buffer("user_profiles", torch.zeros(n_users, n_profile_features))  # (U, P)
 
         self.item_proj = nn.Linear(item_dim, H)
         self.attr_emb = nn.EmbeddingBag(max(n_attributes, N_RESERVED), H, mode="mean", padding_idx=PAD_IDX)
@@ -376,6 +381,14 @@ class Ranker(nn.Module):
         one_hot = F.one_hot(hist_types.clamp(0, E - 1), E).float() * (~hist_pad)[..., None]  # (B, T, E)
         return one_hot.sum(1) / (~hist_pad).sum(1, keepdim=True).clamp(min=1).float()  # (B, E)
 
+    def profile_of(self, user_idx: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, P) profile rows of the users (zeros for users outside the table), or None without profiles."""
+        if user_idx is None or self.n_profile_features == 0 or self.n_users == 0:
+            return None
+        idx = user_idx.long().to(self.user_profiles.device)
+        inside = (idx >= 0) & (idx < self.n_users)
+        return self.user_profiles[idx.clamp(0, self.n_users - 1)] * inside[:, None]  # (B, P)
+
     def meta(self) -> dict[str, Any]:
         """JSON-able constructor arguments; ``build_ranker(meta)`` rebuilds this net's shape."""
         return {
@@ -385,6 +398,7 @@ class Ranker(nn.Module):
             "item_dim": self.item_dim,
             "max_attributes": self.max_attributes,
             "n_profile_features": self.n_profile_features,
+            "n_users": self.n_users,
             "cfg": dataclasses.asdict(self.cfg),
         }
 
@@ -412,6 +426,7 @@ def build_ranker(meta: dict[str, Any]) -> Ranker:
         cfg=cfg,
         max_attributes=int(meta.get("max_attributes", 8)),
         n_profile_features=int(meta.get("n_profile_features", 0)),
+        n_users=int(meta.get("n_users", 0)),
     )
 
 
@@ -437,6 +452,7 @@ def rank_candidates(
     candidate_idx: np.ndarray,
     retrieval_scores: np.ndarray,
     profile: np.ndarray | None = None,
+    user_idx: np.ndarray | int | None = None,
 ) -> np.ndarray:
     """Ranker scores of retrieved candidates, numpy in and numpy out; serving's ranker step.
 
@@ -453,6 +469,8 @@ def rank_candidates(
         candidate_idx: (N,) or (B, N) int item indices, best retrieval first.
         retrieval_scores: same shape, float retrieval scores.
         profile: (P,) or (B, P) float user profile features, or None.
+        user_idx: the user's (or (B,) users') vocabulary index: the profile comes from the
+            ranker's own table when ``profile`` is None.
 
     Returns:
         float32 scores, same shape as ``candidate_idx``; sort descending for the ranked order.
@@ -477,6 +495,8 @@ def rank_candidates(
     device = ranker.item_vectors.device
     cand_t = torch.as_tensor(np.where(cand < 0, PAD_IDX, cand).astype(np.int64), device=device)
     prof = None if profile is None else torch.as_tensor(np.asarray(profile, dtype=np.float32), device=device)
+    if prof is None and user_idx is not None:
+        prof = ranker.profile_of(torch.as_tensor(np.atleast_1d(np.asarray(user_idx, dtype=np.int64)), device=device))
     out = ranker(
         cand_t,
         torch.as_tensor(scores, device=device),

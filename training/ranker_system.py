@@ -78,7 +78,8 @@ class RankerSystem(L.LightningModule):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Inference: (B, N) ranker scores of a batch's candidates."""
         hist, types, ts, cand, cand_scores = batch[:5]
-        return self.ranker(cand, cand_scores, hist, types, ts)
+        profile = self.ranker.profile_of(batch[7]) if len(batch) > 7 else None  # (B, P) or None
+        return self.ranker(cand, cand_scores, hist, types, ts, profile)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         scores = self(batch)  # (B, N)

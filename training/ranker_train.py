@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from safetensors.torch import save_file
@@ -33,8 +34,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from towerline.bundle import MANIFEST, write_manifest
 from towerline.config import TowerlineConfig, flatten, to_dict
 from towerline.errors import ConfigError
+from towerline.features.contracts import Dataset
+from towerline.features.profiles import build_profiles, profile_features
 from towerline.features.splits import Split
-from towerline.features.vocab import PAD_IDX, Vocabs
+from towerline.features.vocab import N_RESERVED, PAD_IDX, Vocabs
 from towerline.training.candidates import CandidateSet, RankerData, build_ranker_data
 from towerline.training.export import item_embeddings
 from towerline.training.metrics import ranking_metrics
@@ -110,8 +113,8 @@ def score_candidates(ranker: Ranker, data: CandidateSet, batch_size: int = 1024)
     out = []
     tensors = data.tensors()
     for lo in range(0, len(data), batch_size):
-        hist, types, ts, cand, cand_scores = (t[lo : lo + batch_size].to(device) for t in tensors[:5])
-        out.append(ranker(cand, cand_scores, hist, types, ts).float().cpu())
+        hist, types, ts, cand, cand_scores, users = (t[lo : lo + batch_size].to(device) for t in tensors[:5] + tensors[7:8])
+        out.append(ranker(cand, cand_scores, hist, types, ts, ranker.profile_of(users)).float().cpu())
     ranker.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, data.cand.shape[1]), dtype=np.float32)
 
@@ -182,12 +185,14 @@ def _loader(data: CandidateSet, batch_size: int, shuffle: bool, seed: int) -> Da
 
 
 def build_ranker_for(net: TwoTowerNet, vocabs: Vocabs, split: Split, cfg: TowerlineConfig) -> Ranker:
-    """A fresh ranker whose per-item facts come from this retriever and the split's training data."""
+    """A fresh ranker whose per-item facts come from this retriever and the split's training data,
+    and (with ``ranker.use_profiles``) whose per-user profile table comes from the marketing layer."""
     emb = item_embeddings(net)  # (V, D) eval-mode item vectors, as in the bundle
     attrs = net.item_tower.item_attributes
     attrs_np = attrs.cpu().numpy() if attrs is not None else np.full((net.n_items, 1), PAD_IDX, dtype=np.int64)
     features = build_ranker_features(emb, attrs_np, vocabs.attributes, split.train)
-    return Ranker(
+    table = training_profile_table(split, vocabs, cfg) if cfg.ranker.use_profiles else None
+    ranker = Ranker(
         n_items=net.n_items,
         n_attributes=net.n_attributes,
         n_event_types=net.n_event_types,
@@ -195,7 +200,37 @@ def build_ranker_for(net: TwoTowerNet, vocabs: Vocabs, split: Split, cfg: Towerl
         cfg=cfg.ranker,
         max_attributes=attrs_np.shape[1],
         features=features,
+        n_profile_features=0 if table is None else table.shape[1],
+        n_users=0 if table is None else table.shape[0],
     )
+    if table is not None:
+        ranker.user_profiles.copy_(torch.from_numpy(table))
+    return ranker
+
+
+def training_profile_table(split: Split, vocabs: Vocabs, cfg: TowerlineConfig) -> np.ndarray:
+    """(len(vocabs.users), P) profile features per user vocabulary row, from training prefixes only.
+
+    Profiles are built by the marketing layer (``features.profiles``) over the events the retriever
+    trained on, so no validation or test interaction leaks into a feature; reserved rows and users
+    without training events are zeros.
+    """
+    train = split.train
+    user_rows = np.repeat(train.user_idx, train.lengths)
+    events = pd.DataFrame({
+        "user_id": vocabs.users.decode(user_rows),
+        "item_id": vocabs.items.decode(train.item_idx),
+        "timestamp": train.timestamp,
+        "event_type": vocabs.event_types.decode(train.event_type_idx),
+        "value": train.value,
+    })
+    items = pd.DataFrame({"item_id": vocabs.items.ids, "attributes": [[] for _ in range(len(vocabs.items.ids))]})
+    users = pd.DataFrame({"user_id": vocabs.users.ids, "consent": True})
+    profiles = build_profiles(Dataset("train-prefix", events, items, users), cfg.profile)
+    ids = np.concatenate([np.array(["<pad>", "<unk>"], dtype=object), vocabs.users.ids])
+    table = profile_features(profiles, ids)
+    table[:N_RESERVED] = 0.0
+    return table
 
 
 def fit_ranker(

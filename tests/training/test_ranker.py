@@ -132,7 +132,7 @@ def test_pipeline_report_compares_both_systems_on_the_same_users():
         hist=np.zeros((3, 2), dtype=np.int64), hist_types=np.zeros((3, 2), dtype=np.int64),
         hist_ts=np.zeros((3, 2), dtype=np.int64), cand=np.tile(np.arange(2, 2 + n), (3, 1)),
         cand_scores=np.tile(np.linspace(1, 0, n, dtype=np.float32), (3, 1)),
-        target_pos=np.array([2, 0, -1]), retrieval_rank=np.array([2, 0, 30]), rows=np.arange(3),
+        target_pos=np.array([2, 0, -1]), retrieval_rank=np.array([2, 0, 30]), rows=np.arange(3), users=np.arange(3) + 2,
     )
     scores = np.array([[0, 0, 5, 0], [9, 0, 0, 0], [1, 2, 3, 4]], dtype=np.float32)  # lifts user 0 to the top
     m = pipeline_report(scores, data, bootstrap_samples=200)
@@ -192,8 +192,8 @@ def test_untrained_ranker_keeps_the_retrieval_order_and_training_steps_lower_the
     batch = [t[:128] for t in data.train.tensors()]
 
     def loss() -> torch.Tensor:
-        hist, types, ts, cand, cs, target_pos, _ = batch
-        return listwise_loss(ranker(cand, cs, hist, types, ts), target_pos)
+        hist, types, ts, cand, cs, target_pos, _, users = batch
+        return listwise_loss(ranker(cand, cs, hist, types, ts, ranker.profile_of(users)), target_pos)
 
     ranker.train()
     before = loss().item()
@@ -309,3 +309,19 @@ def test_ranker_learns_from_validation_positions_of_other_users_than_those_that_
         assert pos >= 0 and cand[pos] == valid_target[row]
         assert hist[-1] == split.full.item_idx[valid_end[row] - 1]  # the history stops before the target
     assert len(data.test) == len(split.test)
+
+
+def test_ranker_carries_training_prefix_profiles_of_the_marketing_layer(ranked_run):
+    from towerline.features.profiles import PROFILE_FEATURE_NAMES
+
+    bundle = load_bundle(ranked_run.bundle_dir)
+    ranker = bundle.ranker
+    assert ranker.n_profile_features == len(PROFILE_FEATURE_NAMES)
+    assert ranker.user_profiles.shape == (len(bundle.vocabs.users), len(PROFILE_FEATURE_NAMES))
+    table = ranker.user_profiles.numpy()
+    assert (table[:2] == 0).all()  # PAD / UNK rows
+    assert (table[2:, 3:].sum(1) <= 1).all()  # at most one lifecycle segment per user
+    assert table[2:, :3].max() <= 1.0 and (table[2:, :3] > 0).any()  # RFM scores scaled into (0, 1]
+    users = torch.tensor([2, 3, 10_000_000])  # the last is outside the table: zeros, not an error
+    prof = ranker.profile_of(users)
+    assert prof.shape == (3, len(PROFILE_FEATURE_NAMES)) and (prof[2] == 0).all()
