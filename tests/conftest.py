@@ -7,11 +7,10 @@ speed is size: a few hundred users, a few dozen items, two epochs.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
-from support import REPO, tiny_overrides
+from support import train_tiny
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -31,19 +30,4 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One tiny training run shared by the tests that only read its bundle and MLflow records."""
-    import mlflow
-
-    from towerline.config import load_config
-    from towerline.training.train import train
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        cfg = load_config(REPO / "configs" / "synthetic.yaml", tiny_overrides(uri))
-        result = train(cfg, root / "run", progress=False)
-    finally:
-        os.chdir(cwd)
-        mlflow.set_tracking_uri(None)
-    return result
+    return train_tiny(tmp_path_factory.mktemp("tiny_run"))

@@ -30,3 +30,26 @@ def tiny_overrides(tracking_uri: str | None = None) -> list[str]:
     if tracking_uri:
         out.append(f"tracking.tracking_uri={tracking_uri}")
     return out
+
+
+def train_tiny(root: Path, extra_overrides: list[str] | tuple[str, ...] = ()):
+    """Train the tiny config in ``root`` with its own SQLite MLflow store; returns the TrainResult.
+
+    Runs from ``root`` so MLflow's ./mlruns artifacts stay out of the checkout.
+    """
+    import os
+
+    import mlflow
+
+    from towerline.config import load_config
+    from towerline.training.train import train
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = load_config(REPO / "configs" / "synthetic.yaml", tiny_overrides(uri) + list(extra_overrides))
+        return train(cfg, root / "run", progress=False)
+    finally:
+        os.chdir(cwd)
+        mlflow.set_tracking_uri(None)

@@ -7,10 +7,9 @@ experiment and a profiles table, so the plain app's tests keep their no-experime
 from __future__ import annotations
 
 import httpx
-import numpy as np
 import pytest
 
-from test_app import a_known_user, assert_problem, served  # noqa: F401  (module fixture reused)
+from test_app import assert_problem, served  # noqa: F401  (the module fixture is reused)
 
 pytestmark = pytest.mark.serve
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import mlflow
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from support import REPO, tiny_overrides
+from support import REPO, tiny_overrides, train_tiny
 from towerline.bundle import load_bundle, verify_bundle, write_manifest
 from towerline.cli import main
 from towerline.config import TwoTowerConfig, load_config
@@ -163,19 +162,7 @@ def test_paired_bootstrap_interval_brackets_the_lift_and_excludes_one_only_for_a
 @pytest.fixture(scope="module")
 def ranked_run(tmp_path_factory):
     """A tiny retriever trained by ``towerline train`` with the ranker enabled (one real MLflow store)."""
-    from towerline.training.train import train
-
-    root = tmp_path_factory.mktemp("ranked_run")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        cfg = load_config(REPO / "configs" / "synthetic.yaml", tiny_overrides(uri) + RANKER_OVERRIDES)
-        result = train(cfg, root / "run", progress=False)
-    finally:
-        os.chdir(cwd)
-        mlflow.set_tracking_uri(None)
-    return result
+    return train_tiny(tmp_path_factory.mktemp("ranked_run"), RANKER_OVERRIDES)
 
 
 def test_untrained_ranker_keeps_the_retrieval_order_and_training_steps_lower_the_loss(ranked_run):
