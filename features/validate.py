@@ -505,18 +505,25 @@ def validate_items(raw: pd.DataFrame, source: str = "items") -> tuple[pd.DataFra
         return None, report
 
     items = pd.DataFrame(out, index=raw.index)[ITEM_COLUMNS]
-    dup, listing = _duplicates(items["item_id"], rows)
+    return _keep_first_of_each_id(items, "item_id", "items", rows, source, report), report
+
+
+def _keep_first_of_each_id(
+    table: pd.DataFrame, id_column: str, kind: str, rows: np.ndarray, source: str, report: ValidationReport
+) -> pd.DataFrame:
+    """Drop rows repeating an earlier id of a catalogue or users table, counted and reported, never silently."""
+    dup, listing = _duplicates(table[id_column], rows)
     if dup.any():
-        report.counts["duplicate_items"] = int(dup.sum())
+        report.counts[f"duplicate_{kind}"] = int(dup.sum())
         report.warnings.append(
-            f"{source}, field 'item_id': {_n(int(dup.sum()), 'row')} dropped as repeats of an earlier item_id, "
-            f"keeping the first: {listing}"
+            f"{source}, field '{id_column}': {_n(int(dup.sum()), 'row')} dropped as repeats of an earlier "
+            f"{id_column}, keeping the first: {listing}"
         )
-        items = items[~dup]
-    report.counts["items"] = len(items)
+        table = table[~dup]
+    report.counts[kind] = len(table)
     for line in report.warnings:
         log.warning(line)
-    return items.reset_index(drop=True), report
+    return table.reset_index(drop=True)
 
 
 def _attribute_lists(s: pd.Series) -> list[list[str]]:
@@ -562,18 +569,7 @@ def validate_users(raw: pd.DataFrame, source: str = "users") -> tuple[pd.DataFra
         return None, report
     extra = {c: _blank_as_missing(raw[c]) for c in raw.columns if c not in USER_COLUMNS}
     users = pd.DataFrame({"user_id": ids.astype("str"), "consent": consent, **extra}, index=raw.index)
-    dup, listing = _duplicates(users["user_id"], rows)
-    if dup.any():
-        report.counts["duplicate_users"] = int(dup.sum())
-        report.warnings.append(
-            f"{source}, field 'user_id': {_n(int(dup.sum()), 'row')} dropped as repeats of an earlier user_id, "
-            f"keeping the first: {listing}"
-        )
-        users = users[~dup]
-    report.counts["users"] = len(users)
-    for line in report.warnings:
-        log.warning(line)
-    return users.reset_index(drop=True), report
+    return _keep_first_of_each_id(users, "user_id", "users", rows, source, report), report
 
 
 def _blank_as_missing(s: pd.Series) -> pd.Series:

@@ -355,6 +355,17 @@ class TwoTowerNet(nn.Module):
         }
 
 
+def config_from_meta(meta: dict[str, Any], keys: tuple[str, ...], cls: type, section: str, owner: str) -> Any:
+    """The config dataclass of a network's ``meta()`` dict, or a ``BundleError`` naming what is wrong."""
+    missing = [k for k in (*keys, "cfg") if k not in meta]
+    if missing:
+        raise BundleError(f"{section} meta is missing {missing}; expected the dict {owner}.meta() writes")
+    try:
+        return from_dict(cls, meta["cfg"], section)
+    except ConfigError as e:
+        raise BundleError(f"{section} meta 'cfg' is not a valid {cls.__name__}: {e}") from None
+
+
 def build_two_tower(meta: dict[str, Any]) -> TwoTowerNet:
     """Rebuild an (untrained) ``TwoTowerNet`` from ``TwoTowerNet.meta()``, e.g. read from a bundle's
     ``config.json``; load weights with ``net.load_state_dict(safetensors.torch.load_file(path))``.
@@ -362,13 +373,7 @@ def build_two_tower(meta: dict[str, Any]) -> TwoTowerNet:
     Raises:
         BundleError: a key is missing or the config section is invalid.
     """
-    missing = [k for k in ("n_items", "n_attributes", "n_event_types", "cfg") if k not in meta]
-    if missing:
-        raise BundleError(f"model meta is missing {missing}; expected the dict TwoTowerNet.meta() writes")
-    try:
-        cfg = from_dict(TwoTowerConfig, meta["cfg"], "model")
-    except ConfigError as e:
-        raise BundleError(f"model meta 'cfg' is not a valid TwoTowerConfig: {e}") from None
+    cfg = config_from_meta(meta, ("n_items", "n_attributes", "n_event_types"), TwoTowerConfig, "model", "TwoTowerNet")
     return TwoTowerNet(
         n_items=int(meta["n_items"]),
         n_attributes=int(meta["n_attributes"]),

@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from towerline.config import RankerConfig, from_dict
-from towerline.errors import BundleError, ConfigError
+from towerline.config import RankerConfig
 from towerline.features.vocab import N_RESERVED, PAD_IDX, Vocab
+from towerline.training.model import config_from_meta
 
 if TYPE_CHECKING:
     from towerline.features.sequences import Sequences
@@ -410,14 +410,7 @@ def build_ranker(meta: dict[str, Any]) -> Ranker:
     Raises:
         BundleError: a key is missing or the config section is invalid.
     """
-    keys = ("n_items", "n_attributes", "n_event_types", "item_dim", "cfg")
-    missing = [k for k in keys if k not in meta]
-    if missing:
-        raise BundleError(f"ranker meta is missing {missing}; expected the dict Ranker.meta() writes")
-    try:
-        cfg = from_dict(RankerConfig, meta["cfg"], "ranker")
-    except ConfigError as e:
-        raise BundleError(f"ranker meta 'cfg' is not a valid RankerConfig: {e}") from None
+    cfg = config_from_meta(meta, ("n_items", "n_attributes", "n_event_types", "item_dim"), RankerConfig, "ranker", "Ranker")
     return Ranker(
         n_items=int(meta["n_items"]),
         n_attributes=int(meta["n_attributes"]),
