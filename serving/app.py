@@ -458,7 +458,7 @@ class Ingress:
     """HTTP in, JSON out: history store, rules and fallbacks here; model stages behind handles."""
 
     def __init__(self, retriever: Any, ranker: Any, args: AppArgs) -> None:
-        from towerline.serving.history import SQLiteHistoryStore
+        from towerline.serving.history import open_history_store
 
         _use_tracking(args.tracking_uri)
         _limit_threads(args.settings.threads)
@@ -466,7 +466,7 @@ class Ingress:
         self.settings = args.settings
         self.retriever = retriever
         self.ranker = ranker
-        self.store = SQLiteHistoryStore(args.settings.history_db)
+        self.store = open_history_store(args.settings)
         self.state = rec.load_model(args.model, args.settings, args.index_dir)
         self.ref: ModelRef = (self.state.key, args.index_dir)
         self.reload_lock = asyncio.Lock()

@@ -9,8 +9,10 @@ Two implementations sit behind one ``Protocol`` (``append`` / ``recent``):
 - ``SQLiteHistoryStore`` — the embedded default, one file, no server. WAL mode lets several
   processes (Serve replicas on one machine) read while one writes; a UNIQUE index on
   ``event_id`` makes ``append`` idempotent, so a client may retry a batch after a timeout.
-- Redis — the store for several machines (``LPUSH``/``LTRIM`` a list per user plus ``SET NX`` on
-  ``event_id``); not written yet, the Protocol is the seam it plugs into.
+- ``RedisHistoryStore`` (``serving/redis_history.py``) — the store for several machines: every
+  ingress replica on every host reads and writes one Redis, so an event posted to any of them
+  shapes the next ``/recommend`` wherever it lands. ``open_history_store`` picks one from the
+  settings (``history_redis_url`` set → Redis, else the SQLite file ``history_db``).
 
 Events without an ``event_id`` get one derived from their content (sha256 of user, item, time,
 type, value and channel), so an identical retry is still a duplicate. Events without a timestamp
@@ -28,10 +30,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Sequence
 
 from towerline.features.contracts import Event
 from towerline.serving.sqlite import open_sqlite
+
+if TYPE_CHECKING:
+    from towerline.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +67,50 @@ class HistoryStore(Protocol):
         """The user's newest ``n`` events, oldest first (newest last, as the user tower reads them)."""
         ...
 
+    def count(self) -> int:
+        """Events stored (for tests and operators)."""
+        ...
+
+    def close(self) -> None: ...
+
 
 def event_digest(e: Event) -> str:
     """sha256 of an event's content (not its ``event_id``): the derived id and the conflict check."""
     payload = [e.user_id, e.item_id, e.timestamp, e.event_type, e.value, e.channel]
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()
+
+
+class Identified(NamedTuple):
+    """An incoming event as every store keeps it: its id, its content digest, a timestamp filled in."""
+
+    event_id: str
+    digest: str
+    event: Event
+
+
+def identify(e: Event, now: int) -> Identified:
+    """The id and digest the idempotency rules above give ``e``, and ``e`` with a timestamp.
+
+    The digest is taken as sent (before the clock fills a missing timestamp), so a retry of an
+    identified event without timestamp still matches its first copy whenever it arrives.
+    """
+    digest = event_digest(e)
+    if e.timestamp is None:
+        e = e.model_copy(update={"timestamp": now})
+    return Identified(e.event_id or f"sha256:{event_digest(e)}", digest, e)
+
+
+def conflict_reason(event_id: str) -> str:
+    return f"event_id {event_id!r} was already used for a different event; give each event its own event_id"
+
+
+def open_history_store(settings: "ServeSettings") -> HistoryStore:
+    """The store the settings name: Redis when ``history_redis_url`` is set, else the SQLite file."""
+    if settings.history_redis_url:
+        from towerline.serving.redis_history import RedisHistoryStore
+
+        return RedisHistoryStore(settings.history_redis_url, keep_per_user=settings.history_keep_per_user)
+    return SQLiteHistoryStore(settings.history_db)
 
 
 _SCHEMA = """
@@ -110,11 +154,7 @@ class SQLiteHistoryStore:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for e in events:
-                    digest = event_digest(e)  # as sent: a retry without timestamp still matches
-                    if e.timestamp is None:
-                        e = e.model_copy(update={"timestamp": now})
-                    event_id = e.event_id or f"sha256:{event_digest(e)}"
+                for event_id, digest, e in (identify(e, now) for e in events):
                     cur = self._conn.execute(
                         "INSERT OR IGNORE INTO events (event_id, digest, user_id, item_id, event_type, timestamp, value, "
                         "channel, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -127,10 +167,7 @@ class SQLiteHistoryStore:
                     if stored == digest:
                         duplicate += 1
                     else:
-                        rejected.append(
-                            f"event_id {event_id!r} was already used for a different event; "
-                            "give each event its own event_id"
-                        )
+                        rejected.append(conflict_reason(event_id))
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")

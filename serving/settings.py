@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from towerline.errors import ConfigError
 
@@ -35,6 +35,9 @@ class ServeSettings(BaseModel):
     max_per_category: Optional[int] = Field(None, ge=1)  # diversity cap per "category:" token; None = no cap
     blocked_items: tuple[str, ...] = ()  # item ids never recommended (legal, brand safety)
     history_db: str = "towerline_history.sqlite"  # SQLite file of the online history store
+    history_redis_url: Optional[str] = None  # redis://host:6379/0: the history store shared by several
+    # machines (needs `pip install 'towerline[redis]'`); None = the SQLite file history_db
+    history_keep_per_user: int = Field(1000, ge=1)  # Redis keeps each user's newest events only
     feedback_db: str = "towerline_feedback.sqlite"  # SQLite file of A/B feedback (POST /feedback)
     history_recent: int = Field(200, ge=1)  # newest online events read per request (>= the model's max_len)
     threads: int = Field(1, ge=1, le=64)  # torch/FAISS threads per replica: replicas share the cores
@@ -50,8 +53,18 @@ class ServeSettings(BaseModel):
     retriever_replicas: int = Field(1, ge=1)
     ranker_replicas: int = Field(1, ge=1)
 
+    @field_validator("history_redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected redis://host:port/db, rediss://... or unix:///path.sock, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
+        if self.history_redis_url and self.history_keep_per_user < self.history_recent:
+            log.warning("history_keep_per_user=%d < history_recent=%d: requests read at most %d online events",
+                        self.history_keep_per_user, self.history_recent, self.history_keep_per_user)
         if self.max_per_category is not None and self.max_per_category > self.max_k:
             log.warning("max_per_category=%d exceeds max_k=%d: the cap never binds", self.max_per_category, self.max_k)
         return self

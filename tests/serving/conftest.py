@@ -1,4 +1,4 @@
-"""Serving fixtures: the tiny trained bundle loaded once, a fresh history store per test."""
+"""Serving fixtures: the tiny trained bundle loaded once, a fresh history store (SQLite, Redis) per test."""
 
 from __future__ import annotations
 
@@ -16,10 +16,17 @@ def tiny_state(tiny_run):
     return load_model(tiny_run.bundle_dir)
 
 
-@pytest.fixture
-def store(tmp_path):
-    from towerline.serving.history import SQLiteHistoryStore
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    """Each history-store test runs against both stores: one contract, two backends."""
+    if request.param == "sqlite":
+        from towerline.serving.history import SQLiteHistoryStore
 
-    s = SQLiteHistoryStore(tmp_path / "history.sqlite")
+        s = SQLiteHistoryStore(tmp_path / "history.sqlite")
+    else:
+        from towerline.serving.redis_history import RedisHistoryStore
+
+        # a fresh key prefix per test instead of FLUSHDB: tests stay independent on one server
+        s = RedisHistoryStore(request.getfixturevalue("redis_url"), prefix=f"t:{request.node.name}:")
     yield s
     s.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,15 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
+from support import free_port
+
 pytestmark = pytest.mark.serve
 
 PROBLEM = "application/problem+json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

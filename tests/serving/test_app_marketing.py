@@ -1,7 +1,8 @@
 """The marketing side of the real Serve app: A/B arms, profiles, segments, audiences, feedback.
 
 A second application ("/ab") is deployed into the Serve instance ``served`` started, with an
-experiment and a profiles table, so the plain app's tests keep their no-experiment contract.
+experiment and a profiles table, so the plain app's tests keep their no-experiment contract. It
+keeps its online history in a real redis-server, as a deployment on several machines does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ EXPERIMENT = {
 
 
 @pytest.fixture(scope="module")
-def ab(served, tmp_path_factory):  # noqa: F811
+def ab(served, tmp_path_factory, redis_url):  # noqa: F811
     from ray import serve
 
     from towerline.config import ProfileConfig
@@ -36,7 +37,8 @@ def ab(served, tmp_path_factory):  # noqa: F811
     args = AppArgs(
         model=str(tiny_run.bundle_dir),
         # this app also covers the other placement: every request hops to the Retriever deployment
-        settings={"history_db": str(tmp / "h.sqlite"), "feedback_db": str(tmp / "f.sqlite"), "stage_placement": "deployments"},
+        # and the history store for several machines: Redis instead of the SQLite file
+        settings={"history_redis_url": redis_url, "feedback_db": str(tmp / "f.sqlite"), "stage_placement": "deployments"},
         experiments=[EXPERIMENT],
         experiment="home-feed",
         profiles=str(tmp / "profiles.parquet"),
@@ -104,3 +106,26 @@ def test_feedback_is_idempotent_and_unknown_experiments_are_rejected(ab):
     assert any("kind" in r for r in body["rejected"]) and any("no-such-experiment" in r for r in body["rejected"])
     again = client.post("/feedback", json=events[:2]).json()
     assert (again["accepted"], again["duplicate"]) == (0, 2)
+
+
+def test_events_go_to_redis_and_shape_the_next_recommendation(ab, redis_url):
+    from towerline.serving.redis_history import RedisHistoryStore
+
+    from towerline.config import ArmConfig, ExperimentConfig
+    from towerline.serving.experiments import assign_arm
+
+    client = ab[0]
+    experiment = ExperimentConfig("home-feed", tuple(ArmConfig(a["name"], share=a["share"]) for a in EXPERIMENT["arms"]))
+    # a newcomer (unknown to the model) whom the stable hash puts in the personalised arm
+    user = next(u for u in (f"redis-newcomer-{n}" for n in range(100)) if assign_arm(experiment, u) == "control")
+    first = client.post("/recommend", json={"user_id": user, "k": 5}).json()
+    assert first["fallback"] is True
+    events = [{"user_id": user, "item_id": f"i{n:05d}", "event_type": "view", "timestamp": 1_900_000_000 + n,
+               "event_id": f"redis-{n}"} for n in (3, 7, 11)]
+    assert client.post("/events", json=events).json() == {"accepted": 3, "duplicate": 0, "rejected": []}
+    assert client.post("/events", json=events[:1]).json()["duplicate"] == 1
+    stored = RedisHistoryStore(redis_url).recent(user, 10)  # another machine reading the same Redis
+    assert [e.item_id for e in stored] == ["i00003", "i00007", "i00011"]
+    after = client.post("/recommend", json={"user_id": user, "k": 5}).json()
+    assert (after["arm"], after["fallback"]) == ("control", False)
+    assert not {"i00003", "i00007", "i00011"} & {i["item_id"] for i in after["items"]}  # seen items dropped

@@ -1,11 +1,19 @@
-"""serving/history.py: idempotent appends, derived ids, order, and concurrent writers."""
+"""serving/history.py and redis_history.py: idempotent appends, derived ids, order, concurrent writers.
+
+The ``store`` fixture runs each contract test against SQLite and against a real redis-server.
+"""
 
 from __future__ import annotations
 
 import threading
 
+import pytest
+
+from towerline.errors import ConfigError, TowerlineError
 from towerline.features.contracts import Event
-from towerline.serving.history import SQLiteHistoryStore
+from towerline.serving.history import SQLiteHistoryStore, open_history_store
+from towerline.serving.redis_history import RedisHistoryStore, redact
+from towerline.serving.settings import settings_from
 
 
 def ev(item: str, ts: int | None, **kw) -> Event:
@@ -75,3 +83,42 @@ def test_retry_of_an_identified_event_without_timestamp_is_a_duplicate_later(sto
     monkeypatch.setattr(h.time, "time", lambda: 4_000_000_000.0)  # the retry arrives much later
     res = store.append([ev("i1", None, event_id="e1")])
     assert (res.accepted, res.duplicate, res.rejected) == (0, 1, [])
+
+
+def test_events_of_one_second_keep_their_arrival_order(store):
+    store.append([ev("a", 5), ev("b", 5), ev("c", 5)])
+    store.append([ev("d", 5)])
+    assert [e.item_id for e in store.recent("u1", 10)] == ["a", "b", "c", "d"]
+
+
+def test_two_redis_clients_are_two_machines_sharing_one_history(redis_url):
+    a = RedisHistoryStore(redis_url, prefix="t:shared:")
+    b = RedisHistoryStore(redis_url, prefix="t:shared:")
+    a.append([ev("i1", 1, event_id="e1", event_type="cart")])
+    assert b.append([ev("i1", 1, event_id="e1", event_type="cart")]).duplicate == 1
+    assert b.recent("u1", 5) == a.recent("u1", 5) and a.recent("u1", 5)[0].event_type == "cart"
+    a.close(), b.close()
+    assert RedisHistoryStore(redis_url, prefix="t:shared:").count() == 1  # the server keeps it, not the client
+
+
+def test_redis_keeps_the_newest_events_per_user_only(redis_url):
+    store = RedisHistoryStore(redis_url, keep_per_user=3, prefix="t:trim:")
+    store.append([ev(f"i{t}", t) for t in range(10)])
+    assert [e.item_id for e in store.recent("u1", 100)] == ["i7", "i8", "i9"]
+    assert store.append([ev("i9", 9)]).duplicate == 1  # the id outlives the trimmed step
+
+
+def test_unreachable_redis_is_a_clear_error_without_the_password():
+    with pytest.raises(TowerlineError, match=r"cannot reach Redis at redis://127\.0\.0\.1:1/0") as err:
+        RedisHistoryStore("redis://:hunter2@127.0.0.1:1/0", socket_timeout_s=0.5)
+    assert "hunter2" not in str(err.value)
+    assert redact("redis://user:pw@cache:6380/2") == "redis://cache:6380/2"
+
+
+def test_settings_choose_the_store_and_reject_a_bad_url(tmp_path, redis_url):
+    sqlite = open_history_store(settings_from(history_db=str(tmp_path / "h.sqlite")))
+    redis = open_history_store(settings_from(history_redis_url=redis_url))
+    assert isinstance(sqlite, SQLiteHistoryStore) and isinstance(redis, RedisHistoryStore)
+    sqlite.close(), redis.close()
+    with pytest.raises(ConfigError, match="history_redis_url.*redis://"):
+        settings_from(history_redis_url="localhost:6379")
