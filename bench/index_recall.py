@@ -14,6 +14,12 @@ real item embeddings usually do, so recall here is a lower bound for what a trai
     python bench/index_recall.py --n 100000              # a quick look (2-3 minutes on 2 cores)
     python bench/index_recall.py --threads 1 --build-threads 2 --ef-search 64 128 256 384 512
     python bench/index_recall.py --m 32 48 --ef-search 256 512 1024
+    python bench/index_recall.py --storage sq8 --m 48 --ef-construction 200 --threads 1 --build-threads 2 \
+        --ef-search 256 384 512 768 1024
+
+``--storage sq8`` builds the graph over 8-bit scalar codes inside ``IndexRefineFlat`` (the product's
+``index.hnsw_storage: sq8``): a visited node costs a quarter of the memory traffic, and the best
+``k * --refine-k-factor`` candidates are re-scored against the float vectors.
 
 The second line is the recorded 1M run: building HNSW (M=32, efConstruction=128) over 1M vectors
 took about 30 minutes on 2 busy shared cores. Searching uses one thread so that the CPU-time QPS,
@@ -54,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--m", type=int, nargs="+", default=[32], help="HNSW graph degrees to build (default 32)")
     p.add_argument("--ef-construction", type=int, default=128, help="HNSW efConstruction (default 128)")
+    p.add_argument("--storage", nargs="+", choices=["flat", "sq8"], default=["flat"],
+                   help="HNSW vector storage to build: flat floats, or 8-bit codes re-scored exactly (default flat)")
+    p.add_argument("--refine-k-factor", type=int, default=2, help="sq8: candidates re-scored per result (default 2)")
     p.add_argument("--ef-search", type=int, nargs="+", default=[64, 128, 256], help="efSearch values to sweep")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="OpenMP threads for both indexes")
     p.add_argument("--build-threads", type=int, default=None, help="OpenMP threads for building (default: --threads)")
@@ -83,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     build_threads = args.build_threads or args.threads
     exact = build_index(items, IndexConfig(kind="flat"), threads=build_threads)
     rows = []
-    for m in args.m:
-        cfg = IndexConfig(kind="hnsw", hnsw_m=m, hnsw_ef_construction=args.ef_construction)
-        log.info("building HNSW M=%d efConstruction=%d ...", m, args.ef_construction)
+    for storage, m in [(st, m) for st in args.storage for m in args.m]:
+        cfg = IndexConfig(kind="hnsw", hnsw_m=m, hnsw_ef_construction=args.ef_construction, hnsw_storage=storage,
+                          hnsw_refine_k_factor=args.refine_k_factor)
+        log.info("building HNSW %s M=%d efConstruction=%d ...", storage, m, args.ef_construction)
         t0 = time.perf_counter()
         hnsw = build_index(items, cfg, threads=build_threads)
         build_s = time.perf_counter() - t0
@@ -93,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         for ef in args.ef_search:
             set_search_params(hnsw, {"efSearch": ef})
             r = benchmark_index(hnsw, exact, queries, k=args.k, threads=args.threads, repeats=args.repeats)
-            rows.append({"M": m, "efConstruction": args.ef_construction, "efSearch": ef, "build_s": round(build_s, 1),
+            rows.append({"storage": storage, "M": m, "efConstruction": args.ef_construction, "efSearch": ef, "build_s": round(build_s, 1),
                          "recall_at_k": r[f"recall_at_{args.k}"], "qps": r["qps"], "exact_qps": r["exact_qps"],
                          "speedup": r["speedup"], "cpu_qps": r["cpu_qps"], "exact_cpu_qps": r["exact_cpu_qps"],
                          "cpu_speedup": r["cpu_speedup"], "loadavg_1m": os.getloadavg()[0]})
-            log.info("M=%d efSearch=%d: recall@%d %.4f, %.0f QPS (%.1fx exact), CPU-time %.0f QPS (%.1fx exact)",
-                     m, ef, args.k, rows[-1]["recall_at_k"], r["qps"], r["speedup"], r["cpu_qps"], r["cpu_speedup"])
+            log.info("%s M=%d efSearch=%d: recall@%d %.4f, %.0f QPS (%.1fx exact), CPU-time %.0f QPS (%.1fx exact)",
+                     storage, m, ef, args.k, rows[-1]["recall_at_k"], r["qps"], r["speedup"], r["cpu_qps"], r["cpu_speedup"])
         del hnsw
 
     # exact search is timed beside every setting; the table shows the median of those timings
@@ -108,11 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     met_cpu = [r for r in rows if r["recall_at_k"] >= TARGET_RECALL and r["cpu_speedup"] >= TARGET_SPEEDUP]
     print(f"\n{args.n:,} x {args.dim} {'raw' if args.raw else 'normalised'} Gaussian vectors, "
           f"{args.queries} queries in one batch, {args.threads} search thread(s), FAISS {faiss.__version__}")
-    print(f"{'index':<22}{'efSearch':>9}{'recall@' + str(args.k):>11}{'QPS':>9}{'vs exact':>10}{'CPU QPS':>9}{'vs exact':>10}")
-    print(f"{'flat IP (exact)':<22}{'-':>9}{1.0:>11.4f}{exact_qps:>9.0f}{1.0:>9.1f}x{exact_cpu_qps:>9.0f}{1.0:>9.1f}x")
+    print(f"{'index':<30}{'efSearch':>9}{'recall@' + str(args.k):>11}{'QPS':>9}{'vs exact':>10}{'CPU QPS':>9}{'vs exact':>10}")
+    print(f"{'flat IP (exact)':<30}{'-':>9}{1.0:>11.4f}{exact_qps:>9.0f}{1.0:>9.1f}x{exact_cpu_qps:>9.0f}{1.0:>9.1f}x")
     for r in rows:
-        name = f"HNSW M={r['M']} efC={r['efConstruction']}"
-        print(f"{name:<22}{r['efSearch']:>9}{r['recall_at_k']:>11.4f}{r['qps']:>9.0f}{r['speedup']:>9.1f}x"
+        name = f"HNSW{'-SQ8+refine' if r['storage'] == 'sq8' else ''} M={r['M']} efC={r['efConstruction']}"
+        print(f"{name:<30}{r['efSearch']:>9}{r['recall_at_k']:>11.4f}{r['qps']:>9.0f}{r['speedup']:>9.1f}x"
               f"{r['cpu_qps']:>9.0f}{r['cpu_speedup']:>9.1f}x")
     print("QPS: wall clock; CPU QPS: queries per second of process CPU time (robust to a busy machine). "
           "vs exact: against exact search timed in the same setting.")
@@ -123,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "n": args.n, "dim": args.dim, "n_queries": args.queries, "k": args.k,
         "data": "i.i.d. Gaussian, " + ("raw (unnormalised)" if args.raw else "L2-normalised"),
-        "metric": "inner_product", "threads": args.threads, "build_threads": build_threads, "repeats": args.repeats, "seed": args.seed,
+        "metric": "inner_product", "refine_k_factor": args.refine_k_factor, "threads": args.threads, "build_threads": build_threads, "repeats": args.repeats, "seed": args.seed,
         "faiss_version": faiss.__version__, "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(),
                                                        "platform": platform.platform()},
         "exact_qps": exact_qps, "exact_cpu_qps": exact_cpu_qps, "hnsw": rows,

@@ -79,19 +79,28 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
 
 
 def _unwrap(index: faiss.Index) -> faiss.Index:
-    """The index that holds the vectors: IndexIDMap only translates labels."""
+    """The index that finds the candidates: IndexIDMap only translates labels, IndexRefine re-scores."""
     index = faiss.downcast_index(index)
     if isinstance(index, faiss.IndexIDMap):
-        return faiss.downcast_index(index.index)
+        index = faiss.downcast_index(index.index)
+    if isinstance(index, faiss.IndexRefine):
+        index = faiss.downcast_index(index.base_index)
     return index
 
 
-def _describe(index: faiss.Index) -> tuple[str, dict[str, int], dict[str, int]]:
+def _describe(index: faiss.Index) -> tuple[str, dict[str, int], dict[str, Any]]:
     """(kind, search params settable after load, build params for the record) of an index."""
     inner = _unwrap(index)
     if isinstance(inner, faiss.IndexHNSW):
         hnsw = inner.hnsw
-        return "hnsw", {"efSearch": int(hnsw.efSearch)}, {"M": int(hnsw.nb_neighbors(1)), "efConstruction": int(hnsw.efConstruction)}
+        build: dict[str, Any] = {"M": int(hnsw.nb_neighbors(1)), "efConstruction": int(hnsw.efConstruction),
+                                 "storage": "sq8" if isinstance(inner, faiss.IndexHNSWSQ) else "flat"}
+        search = {"efSearch": int(hnsw.efSearch)}
+        outer = faiss.downcast_index(index)
+        outer = faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexIDMap) else outer
+        if isinstance(outer, faiss.IndexRefine):
+            search["k_factor_rf"] = int(outer.k_factor)
+        return "hnsw", search, build
     if isinstance(inner, faiss.IndexIVF):
         pq_m = int(inner.pq.M) if isinstance(inner, faiss.IndexIVFPQ) else 0
         return "ivf", {"nprobe": int(inner.nprobe)}, {"nlist": int(inner.nlist), "pq_m": pq_m}
@@ -116,7 +125,10 @@ def build_index(
 
     - ``flat``: ``IndexFlatIP``, exact.
     - ``hnsw``: ``IndexHNSWFlat(D, cfg.hnsw_m, METRIC_INNER_PRODUCT)`` with ``efConstruction`` and
-      ``efSearch`` from ``cfg``.
+      ``efSearch`` from ``cfg``; with ``cfg.hnsw_storage == "sq8"`` the graph holds 8-bit scalar
+      codes (``IndexHNSWSQ``) inside ``IndexRefineFlat``, which re-scores the graph's best
+      ``k * hnsw_refine_k_factor`` against the float vectors: each visited node costs a quarter
+      of the memory traffic, and the exact re-scoring takes back what the codes lose.
     - ``ivf``: ``IndexIVFFlat`` (``IndexIVFPQ`` when ``cfg.ivf_pq_m > 0``) over an exact inner-product
       quantizer trained on ``vectors``; ``cfg.ivf_nlist == 0`` means ``default_nlist(N)``.
 
@@ -149,9 +161,7 @@ def build_index(
         if cfg.kind == "flat":
             index: faiss.Index = faiss.IndexFlatIP(d)
         elif cfg.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, metric)
-            index.hnsw.efConstruction = cfg.hnsw_ef_construction
-            index.hnsw.efSearch = cfg.hnsw_ef_search
+            index = _new_hnsw(x, cfg, metric)
         elif cfg.kind == "ivf":
             index = _new_ivf(x, cfg, metric)
         else:  # IndexConfig's Literal already rejects this; kept for configs built by hand
@@ -170,6 +180,23 @@ def build_index(
                 log.info("%s index: added %d/%d vectors (%.0f s)", cfg.kind, stop, n, time.perf_counter() - t0)
     log.debug("built %s index: %d vectors of dim %d in %.2f s", cfg.kind, n, d, time.perf_counter() - t0)
     return index
+
+
+def _new_hnsw(x: np.ndarray, cfg: IndexConfig, metric: int) -> faiss.Index:
+    """An empty HNSW index as ``cfg`` says (the SQ8 codes' ranges trained on ``x`` (N, D))."""
+    d = x.shape[1]
+    if cfg.hnsw_storage == "flat":
+        graph = faiss.IndexHNSWFlat(d, cfg.hnsw_m, metric)
+    else:
+        graph = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, cfg.hnsw_m, metric)
+    graph.hnsw.efConstruction = cfg.hnsw_ef_construction
+    graph.hnsw.efSearch = cfg.hnsw_ef_search
+    if cfg.hnsw_storage == "flat":
+        return graph
+    graph.train(x)
+    index = faiss.IndexRefineFlat(graph)  # adds go to both: the codes and the float vectors
+    index.k_factor = cfg.hnsw_refine_k_factor
+    return index  # FAISS's Python wrapper keeps `graph` alive as long as `index`
 
 
 def _new_ivf(x: np.ndarray, cfg: IndexConfig, metric: int) -> faiss.Index:

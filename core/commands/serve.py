@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="index folder (default: <bundle>/index for a bundle directory, else indexes/<name>-v<version>)")
     p.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree (default: index.hnsw_m = 32)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch (default: 128)")
+    p.add_argument("--hnsw-storage", choices=["flat", "sq8"], default=None,
+                   help="HNSW vectors: flat floats, or 8-bit codes re-scored exactly (faster for millions of items; "
+                   "default: flat)")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(items))")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: 16)")
     p.add_argument("--queries", type=int, default=1000, help="sampled users for the recall measurement (default: 1000)")
@@ -131,6 +134,7 @@ def build_model_index(
 def cmd_index(args: argparse.Namespace) -> int:
     _tracking(args.tracking_uri)
     overrides = {name: value for name, value in (("hnsw_m", args.hnsw_m), ("hnsw_ef_search", args.ef_search),
+                                                 ("hnsw_storage", args.hnsw_storage),
                                                  ("ivf_nlist", args.nlist), ("ivf_nprobe", args.nprobe))
                  if value is not None}
     report = build_model_index(args.model, args.kind, args.out, overrides, args.queries, args.threads)

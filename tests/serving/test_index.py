@@ -102,6 +102,22 @@ def test_hnsw_recall_against_exact_is_high(items, queries):
     assert measure_recall(approx, brute_force(items, queries, k=10)[1], k=10) > 0.9
 
 
+def test_hnsw_over_sq8_codes_rescored_exactly_keeps_recall_and_exact_scores(tmp_path, items, queries):
+    cfg = IndexConfig(kind="hnsw", hnsw_m=16, hnsw_ef_construction=100, hnsw_ef_search=128, hnsw_storage="sq8",
+                      hnsw_refine_k_factor=3)
+    index = build_index(items, cfg, ids=np.arange(len(items)) + 7)
+    refine = faiss.downcast_index(faiss.downcast_index(index).index)
+    assert isinstance(refine, faiss.IndexRefineFlat) and isinstance(faiss.downcast_index(refine.base_index), faiss.IndexHNSWSQ)
+    scores, got = search(index, queries, k=10)
+    assert measure_recall(got - 7, brute_force(items, queries, k=10)[1], k=10) > 0.9
+    exact_scores = np.einsum("qd,qkd->qk", queries, items[got - 7])  # re-scored: float dot products, not codes
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-5)
+    save_index(index, tmp_path, {"model_version": "1"})
+    loaded, manifest = load_index(tmp_path)
+    assert manifest["params"] == {"efSearch": 128, "k_factor_rf": 3} and manifest["build"]["storage"] == "sq8"
+    np.testing.assert_array_equal(search(loaded, queries, k=10)[1], got)
+
+
 def test_ivf_recall_against_exact_is_high(items, queries):
     cfg = IndexConfig(kind="ivf", ivf_nprobe=48)  # default nlist = 179 lists for 2000 items
     index = build_index(items, cfg)
@@ -219,7 +235,7 @@ def test_hnsw_with_ids_keeps_ids_and_params_through_save_and_load(tmp_path, item
     save_index(index, tmp_path, {"model_version": "1"})
     loaded, manifest = load_index(tmp_path)
     assert manifest["kind"] == "hnsw" and manifest["params"] == {"efSearch": 200}
-    assert manifest["build"] == {"M": cfg.hnsw_m, "efConstruction": cfg.hnsw_ef_construction}
+    assert manifest["build"] == {"M": cfg.hnsw_m, "efConstruction": cfg.hnsw_ef_construction, "storage": "flat"}
     _, got = search(loaded, queries, k=10)
     np.testing.assert_array_equal(got, search(index, queries, k=10)[1])
     assert got.min() >= 7
