@@ -471,6 +471,9 @@ class Ingress:
         self.ref: ModelRef = (self.state.key, args.index_dir)
         self.reload_lock = asyncio.Lock()
         self.marketing = Marketing(args)
+        # the in-ingress stages batch like the Retriever deployment does
+        self.local_stages.set_max_batch_size(args.settings.retriever_batch_size)
+        self.local_stages.set_batch_wait_timeout_s(args.settings.batch_wait_timeout_s)
         # an arm with its own model is loaded beside the served one; a model that fails to load
         # stops the start-up, since serving that arm with another model would void the experiment
         self.arm_models: dict[str, tuple[rec.ModelState, ModelRef]] = {}

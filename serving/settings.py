@@ -48,7 +48,8 @@ class ServeSettings(BaseModel):
     # the bundle has a trained ranker (ranker/); until then the retrieval score ranks, without the extra hop
     retriever_batch_size: int = Field(32, ge=1, le=1024)  # serve.batch max_batch_size of the retriever
     ranker_batch_size: int = Field(32, ge=1, le=1024)  # serve.batch max_batch_size of the ranker
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=1.0)  # how long a batch waits to fill
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)  # how long a batch waits to fill; 0 = take what
+    # queued while the previous batch ran (under load batches fill by themselves, idle requests don't wait)
     max_body_bytes: int = Field(MIB, ge=1024)  # larger request bodies get 413
     retriever_replicas: int = Field(1, ge=1)
     ranker_replicas: int = Field(1, ge=1)
