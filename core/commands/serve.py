@@ -192,11 +192,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _tracking(args.tracking_uri)
     from towerline.config import load_config, to_dict
+    from towerline.serving.settings import settings_from
 
-    settings = {"host": args.host, "port": args.port, "history_db": args.history_db, "feedback_db": args.feedback_db,
-                "history_redis_url": args.history_redis_url,
-                "retriever_replicas": args.replicas, "ranker_replicas": args.replicas,
-                "max_per_category": args.max_per_category}
+    # validated here so that a bad flag is one line naming it (ConfigError), not a pydantic trace
+    settings = settings_from(host=args.host, port=args.port, history_db=args.history_db, feedback_db=args.feedback_db,
+                             history_redis_url=args.history_redis_url, retriever_replicas=args.replicas,
+                             ranker_replicas=args.replicas, max_per_category=args.max_per_category)
     experiments = to_dict(load_config(args.config))["experiments"] if args.config else []
     app_args = AppArgs(model=args.model, index_dir=args.index_dir, tracking_uri=args.tracking_uri, settings=settings,
                        experiments=experiments, experiment=args.experiment, profiles=args.profiles)

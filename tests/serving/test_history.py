@@ -122,3 +122,11 @@ def test_settings_choose_the_store_and_reject_a_bad_url(tmp_path, redis_url):
     sqlite.close(), redis.close()
     with pytest.raises(ConfigError, match="history_redis_url.*redis://"):
         settings_from(history_redis_url="localhost:6379")
+
+
+def test_serve_command_rejects_a_bad_history_url_in_one_line_before_starting(tmp_path, capsys):
+    from towerline.cli import main
+
+    assert main(["serve", "--model", str(tmp_path), "--history-redis-url", "localhost:6379"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: serve setting 'history_redis_url'") and "Traceback" not in err

@@ -143,16 +143,17 @@ def test_index_of_another_catalogue_is_refused(tiny_state, tmp_path):
         load_model(tiny_state.bundle.path, index_dir=tmp_path / "idx")
 
 
-def test_index_command_writes_an_hnsw_index_that_serving_loads(tiny_state, tmp_path, capsys):
+@pytest.mark.parametrize("storage", ["flat", "sq8"])
+def test_index_command_writes_an_hnsw_index_that_serving_loads(tiny_state, tmp_path, capsys, storage):
     from towerline.cli import main
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_state.bundle.path, bundle)
-    assert main(["index", "--model", str(bundle), "--kind", "hnsw", "--queries", "50"]) == 0
+    assert main(["index", "--model", str(bundle), "--kind", "hnsw", "--hnsw-storage", storage, "--queries", "50"]) == 0
     out = capsys.readouterr().out
     assert "recall@10 vs exact: 1.0000" in out and "queries/s" in out  # 60 items: HNSW finds them all
     state = load_model(bundle)  # picks up <bundle>/index
-    assert state.index_kind == "hnsw"
+    assert state.index_kind == "hnsw" and state.index_manifest["build"]["storage"] == storage
     assert state.index_manifest["model_name"] == tiny_state.bundle.model_name
     assert Recommender(state, ServeSettings(), None).similar(str(tiny_state.bundle.vocabs.items.ids[0]), 3)
 
