@@ -577,8 +577,8 @@ class Ingress:
             stage = self.settings.rank_stage
             if stage == "always" or (stage == "auto" and state.has_ranker):
                 ranked = await self.ranker.rank.remote((ref, prep.history, cands))
-            else:  # no trained ranker: the retrieval score ranks, no hop to pay for an identity
-                (ranked,) = rec.rank(state, [prep.history], [cands])
+            else:  # no trained ranker, or rank_stage "never": the retrieval score ranks, no hop
+                (ranked,) = rec.apply_rank_stage(state, self.settings, [prep.history], [cands])
         result = rec.finish(state, self.settings, prep, ranked, req.k)
         return RecommendResponse(
             items=[ScoredItem(item_id=i, score=s) for i, s in result.items],
@@ -603,7 +603,7 @@ class Ingress:
             state = requests[positions[0]][0]
             histories = [requests[p][1] for p in positions]
             cands = rec.retrieve(state, self.settings, histories)
-            ranked = rec.rank(state, histories, cands) if self.settings.rank_stage != "never" else cands
+            ranked = rec.apply_rank_stage(state, self.settings, histories, cands)
             for p, r in zip(positions, ranked):
                 out[p] = r
         return out

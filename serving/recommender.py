@@ -309,6 +309,17 @@ def rank(
     ]
 
 
+def apply_rank_stage(
+    state: ModelState,
+    settings: ServeSettings,
+    histories: Sequence[UserHistory],
+    candidates: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``rank`` unless ``settings.rank_stage`` is ``"never"``: then the retrieval scores order the
+    candidates even when the bundle carries a ranker (to serve, or measure, retrieval alone)."""
+    return rank(state if settings.rank_stage != "never" else None, histories, candidates)
+
+
 def popular(state: ModelState, settings: ServeSettings, k: int, banned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` most popular allowed items; score = share of training interactions."""
     idx, _, _ = rules.fill_popular(
@@ -384,7 +395,7 @@ class Recommender:
         if prep.fallback:
             return finish(state, self.settings, prep, None, k)
         (cands,) = retrieve(state, self.settings, [prep.history])
-        (ranked,) = rank(state, [prep.history], [cands])
+        (ranked,) = apply_rank_stage(state, self.settings, [prep.history], [cands])
         return finish(state, self.settings, prep, ranked, k)
 
     def similar(self, item_id: str, k: int = 10) -> list[tuple[str, float]]:

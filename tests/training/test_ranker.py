@@ -283,6 +283,29 @@ def test_serving_rank_stage_uses_the_bundles_ranker(ranked_run):
     assert rec.rank(None, histories, candidates)[0][1].tolist() == pytest.approx(candidates[0][1].tolist())
 
 
+def test_rank_stage_never_serves_retrieval_order_even_with_a_ranker(ranked_run, tmp_path):
+    from towerline.serving import recommender as rec
+    from towerline.serving.history import SQLiteHistoryStore
+    from towerline.serving.settings import ServeSettings
+
+    ranked_settings = ServeSettings(n_candidates=20, exclude_seen=False)
+    never = ranked_settings.model_copy(update={"rank_stage": "never"})
+    state = rec.load_model(str(ranked_run.bundle_dir), ranked_settings)
+    b = state.bundle
+    user = str(b.vocabs.users.decode(b.histories.user_idx[np.flatnonzero(b.histories.lengths >= 3)[:1]])[0])
+    store = SQLiteHistoryStore(tmp_path / "h.sqlite")
+    by_ranker = rec.Recommender(state, ranked_settings, store).recommend(user, k=20)
+    by_retrieval = rec.Recommender(state, never, store).recommend(user, k=20)
+    prep = rec.prepare(state, never, user, ())
+    (cands,) = rec.retrieve(state, never, [prep.history])
+    (rank_scores,) = rec.rank(state, [prep.history], [cands])
+    retrieval_scores = dict(zip(b.vocabs.items.decode(cands[0]).tolist(), cands[1].tolist()))
+    ranker_scores = dict(zip(b.vocabs.items.decode(rank_scores[0]).tolist(), rank_scores[1].tolist()))
+    assert [s for _, s in by_retrieval.items] == pytest.approx([retrieval_scores[i] for i, _ in by_retrieval.items])
+    assert [s for _, s in by_ranker.items] == pytest.approx([ranker_scores[i] for i, _ in by_ranker.items])
+    store.close()
+
+
 def test_ranker_learns_from_validation_positions_of_other_users_than_those_that_select_it(ranked_run):
     bundle = load_bundle(ranked_run.bundle_dir)
     split = split_leave_one_out(bundle.histories)
@@ -312,3 +335,26 @@ def test_ranker_carries_training_prefix_profiles_of_the_marketing_layer(ranked_r
     users = torch.tensor([2, 3, 10_000_000])  # the last is outside the table: zeros, not an error
     prof = ranker.profile_of(users)
     assert prof.shape == (3, len(PROFILE_FEATURE_NAMES)) and (prof[2] == 0).all()
+
+
+def test_ranker_keeps_a_frozen_item_table_without_gradients_and_rebuilds_it_when_weights_change(ranked_run):
+    ranker = load_bundle(ranked_run.bundle_dir).ranker.eval()
+    cand = torch.tensor([[2, 3, 4, 5], [6, 7, 8, 9]])
+    hist = torch.tensor([[PAD_IDX, 2, 3], [4, 5, 6]])
+    types = torch.ones_like(hist)
+    ts = torch.arange(3).expand(2, 3).contiguous()
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [2.0, 1.5, 1.0, 0.5]])
+    with torch.enable_grad():  # the per-request path: no table kept
+        fresh = ranker(cand, scores, hist, types, ts).detach()
+    assert ranker._frozen_items is None
+    with torch.no_grad():
+        frozen = ranker(cand, scores, hist, types, ts)
+        assert ranker._frozen_items is not None
+        assert torch.allclose(frozen, fresh, atol=1e-6)
+        state = {k: v.clone() for k, v in ranker.state_dict().items()}
+        state["item_proj.weight"] *= 2.0
+        ranker.load_state_dict(state)  # new weights: the kept table must not be served
+        changed = ranker(cand, scores, hist, types, ts)
+    with torch.enable_grad():
+        expected = ranker(cand, scores, hist, types, ts).detach()
+    assert torch.allclose(changed, expected, atol=1e-6) and not torch.allclose(changed, frozen)
