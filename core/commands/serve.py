@@ -23,6 +23,7 @@ SERVE_EXAMPLE = """example:
   towerline serve --model runs/latest/bundle
   towerline serve --model models:/towerline-retriever@champion --port 8080
   towerline serve --model runs/latest/bundle --check      # start, ask once, print, stop
+  towerline serve --model runs/latest/bundle --ingress haproxy   # Ray Serve's HAProxy ingress: ~3.5x req/s
 
   curl -s localhost:8000/recommend -H 'content-type: application/json' -d '{"user_id": "u000001", "k": 5}'
   Interactive API docs: http://127.0.0.1:8000/docs
@@ -63,6 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the online event history in Redis (redis://host:6379/0) so several machines "
                    "share it; needs pip install 'towerline[redis]' (default: the SQLite file --history-db)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray may use (default: 2)")
+    p.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy",
+                   help="Ray Serve's front door: its Python proxy (default), or HAProxy with direct ingress to the "
+                   "replica (Ray's high-throughput mode: no proxy hop, the body read in the replica; its metrics "
+                   "and stats ports listen on all interfaces)")
     p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever and of the ranker (default: 1)")
     p.add_argument("--max-per-category", type=int, default=None, help="diversity cap per category (default: none)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
@@ -155,6 +160,30 @@ def _sample_user(model: str) -> str:
     return "anonymous"
 
 
+def _front_door() -> str:
+    """The ingress Ray Serve actually runs, as Ray read it at import (``towerline.serving.ingress``)."""
+    from ray.serve._private import constants
+
+    return "HAProxy" if getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False) else "the Serve proxy"
+
+
+def _wait_healthy(base: str, timeout_s: float = 30.0) -> None:
+    """Until ``/healthz`` answers 200: ``serve.run`` returns once the replicas are up, but HAProxy
+    starts routing to a new replica only after its next health check."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            return  # the request that follows reports what is wrong
+        time.sleep(0.2)
+
+
 def serve_locally(
     app_args: Any, host: str, port: int, num_cpus: int | None = None, check_request: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
@@ -170,10 +199,12 @@ def serve_locally(
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(app_args), name="towerline", route_prefix="/")
         base = f"http://{host}:{port}"
-        print(f"serving {app_args.model} at {base}  (API docs: {base}/docs; Ctrl-C stops)", flush=True)
+        print(f"serving {app_args.model} at {base} through {_front_door()}  (API docs: {base}/docs; Ctrl-C stops)",
+              flush=True)
         if check_request is not None:
             import httpx
 
+            _wait_healthy(base)
             resp = httpx.post(f"{base}/recommend", json=check_request, timeout=60)
             print(f"POST /recommend {json.dumps(check_request)} -> HTTP {resp.status_code}")
             return {"status": resp.status_code, "body": resp.json()}
@@ -188,6 +219,9 @@ def serve_locally(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from towerline.serving.ingress import use_ingress
+
+    use_ingress(args.ingress)  # before anything imports ray.serve: Ray reads it at import time
     from towerline.serving.app import AppArgs
 
     _tracking(args.tracking_uri)
