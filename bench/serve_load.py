@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial")
             serve.run(TrivialBody.bind(), name="trivial-body", route_prefix="/trivial-body")
-            app_args = AppArgs(model=args.model, settings={**overrides, "history_db": str(Path(tmp) / "history.sqlite")})
+            app_args = AppArgs(model=args.model, settings={**overrides, "history_db": str(Path(tmp) / "history.sqlite"),
+                                                                "feedback_db": str(Path(tmp) / "feedback.sqlite")})
             serve.run(build_app(app_args), name="towerline", route_prefix="/")
             base = f"http://127.0.0.1:{port}"
             phases = (("trivial", f"{base}/trivial"), ("trivial_body", f"{base}/trivial-body"),
