@@ -54,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from towerline.serving.ingress import INGRESS_KINDS  # imports no Ray: the ingress is chosen before Ray loads
+
 log = logging.getLogger("bench.serve_load")
 
 TARGET_THROUGHPUT_RATIO = 0.7
@@ -71,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve setting for the app and the in-process run, e.g. rank_stage=never (repeatable)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy",
+    p.add_argument("--ingress", choices=INGRESS_KINDS, default="proxy",
                    help="Ray Serve's front door for all three handlers (towerline serve --ingress; default proxy)")
     p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs for Ray (default 2)")
     p.add_argument("--inprocess-calls", type=int, default=2000, help="in-process recommend calls (default 2000)")

