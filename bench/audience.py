@@ -101,8 +101,7 @@ def _train(args: argparse.Namespace) -> tuple[str, dict]:
 def evaluate(bundle, sizes: list[int], max_items: int, seed: int) -> dict:
     """Recall@N of the model's audiences and of the two baselines, on the leave-one-out test step."""
     from towerline.features.splits import split_leave_one_out
-    from towerline.serving.audience import find_audience, log_partition, user_vectors
-
+    from towerline.marketing.audience import find_audience, log_partition, user_vectors
     full = bundle.histories
     split = split_leave_one_out(full, int(bundle.config.get("data", {}).get("min_user_events", 3)))
     test = split.test

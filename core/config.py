@@ -186,7 +186,7 @@ class ProfileConfig:
 class ArmConfig:
     name: str = "control"
     model: str | None = None  # model URI or alias for this arm (e.g. models:/towerline-retriever@challenger); None = the served model
-    rules: str | None = None  # named rule set, e.g. "popular" (no personalisation) or "default"
+    rules: Literal["default", "popular"] = "default"  # default: the personalised pipeline; popular: no personalisation (the non-personalised arm)
     share: float = 0.5  # traffic share, (0, 1]; shares of an experiment sum to 1
 
     def __post_init__(self) -> None:

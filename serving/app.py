@@ -55,10 +55,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from towerline.errors import TowerlineError
 from towerline.features.contracts import Event
-from towerline.features.profiles import UserProfile, load_profiles, profile_of, segment_definitions, segment_summary
 from towerline.serving import recommender as rec
-from towerline.serving.audience import AudienceRequest, AudienceResponse
-from towerline.serving.experiments import Feedback
+from towerline.config import ExperimentConfig, from_dict
+from towerline.marketing.routes import MarketingService, marketing_router
+from towerline.problems import field_path, record_problems
 from towerline.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,15 @@ class AppArgs(BaseModel):
     index_dir: Optional[str] = Field(None, description="FAISS index folder; default: the bundle's index/ or exact search")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI for runs:/ and models:/ (default: $MLFLOW_TRACKING_URI)")
     settings: ServeSettings = ServeSettings()
-    experiments: list[dict[str, Any]] = Field(default_factory=list, description="experiments (the config's experiments: list)")
+    experiments: tuple[ExperimentConfig, ...] = Field((), description="experiments (the config's experiments: list)")
     experiment: Optional[str] = Field(None, description="the experiment /recommend assigns arms for; None = no A/B split")
     profiles: Optional[str] = Field(None, description="profiles Parquet (towerline profile) for /users/{id}/profile and /segments")
+
+    @field_validator("experiments", mode="before")
+    @classmethod
+    def _experiments(cls, v: Any) -> tuple[ExperimentConfig, ...]:
+        """YAML/JSON dicts become the same typed ``ExperimentConfig`` the training config holds."""
+        return tuple(e if isinstance(e, ExperimentConfig) else from_dict(ExperimentConfig, e, "experiments") for e in v or ())
 
     @field_validator("model", "index_dir", "profiles")
     @classmethod
@@ -286,14 +292,6 @@ def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc)
-
-
-def _event_problems(pos: int, e: ValidationError) -> str:
-    return f"event {pos}: " + "; ".join(f"field '{_field(err['loc']) or '(event)'}': {err['msg']}" for err in e.errors())
-
-
 class BodyGuard:
     """ASGI middleware: 413 for bodies over ``max_bytes``, 415 for a non-JSON body on POST.
 
@@ -361,7 +359,7 @@ def _install_error_handlers(app: FastAPI) -> None:
                 reason = (err.get("ctx") or {}).get("error", "")
                 errors.append({"field": "body", "location": "body", "message": f"invalid JSON at character {at}: {reason}"})
             else:
-                errors.append({"field": _field(err["loc"][1:]) or _field(err["loc"]), "location": _field(err["loc"]),
+                errors.append({"field": field_path(err["loc"][1:]) or field_path(err["loc"]), "location": field_path(err["loc"]),
                                "message": err["msg"]})
         detail = "; ".join(f"{e['location']}: {e['message']}" for e in errors)
         return problem(422, "Unprocessable Content", detail, errors=errors, instance=request.url.path)
@@ -378,75 +376,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
         return problem(500, "Internal Server Error", f"{type(exc).__name__}: {exc}", instance=request.url.path)
-
-
-# ----------------------------------------------------------------------------- marketing
-
-
-class Marketing:
-    """Profiles, segments, audiences, A/B arms and feedback: the ingress's marketing endpoints.
-
-    Each method is one call into ``features.profiles``, ``serving.audience`` or
-    ``serving.experiments``, which hold the logic and their own tests; user vectors for audiences
-    are computed on the first ``/audiences`` request per model version and cached.
-    """
-
-    def __init__(self, args: AppArgs) -> None:
-        from towerline.config import ExperimentConfig, from_dict
-        from towerline.serving.experiments import FeedbackStore, find_experiment
-
-        self.experiments = [from_dict(ExperimentConfig, e, "experiments") for e in args.experiments]
-        self.active = find_experiment(self.experiments, args.experiment) if args.experiment else None
-        self.feedback = FeedbackStore(args.settings.feedback_db)
-        self.profiles = load_profiles(args.profiles) if args.profiles else None
-        self._vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def arms_with_models(self) -> list[Any]:
-        return [a for a in (self.active.arms if self.active else ()) if a.model]
-
-    def arm_of(self, user_id: str) -> Any:
-        if self.active is None:
-            return None
-        from towerline.serving.experiments import assign_arm
-
-        name = assign_arm(self.active, user_id)
-        return next(a for a in self.active.arms if a.name == name)
-
-    def profile(self, user_id: str) -> Any:
-        found = profile_of(self.profiles, user_id) if self.profiles is not None else None
-        if found is None:
-            detail = ("no profiles are loaded; start the service with profiles from `towerline profile`"
-                      if self.profiles is None else f"no profile for user {user_id!r} (unknown, or no consent)")
-            raise StarletteHTTPException(404, detail)
-        return found
-
-    def segments(self) -> dict[str, Any]:
-        from towerline.config import ProfileConfig
-
-        if self.profiles is None:
-            return {"definitions": segment_definitions(ProfileConfig()), "sizes": None,
-                    "note": "no profiles are loaded; start the service with profiles from `towerline profile`"}
-        return segment_summary(self.profiles, ProfileConfig())
-
-    def audience(self, bundle: Any, req: Any) -> Any:
-        from towerline.serving.audience import audience_response, log_partition, user_vectors
-
-        if req.item_id is not None and req.item_id not in bundle.vocabs.items:
-            raise StarletteHTTPException(404, f"item {req.item_id!r} is not in the model's catalogue")
-        key = f"{bundle.path}"
-        if key not in self._vectors:
-            ids, vecs = user_vectors(bundle)
-            self._vectors = {key: (ids, vecs, log_partition(bundle, vecs))}  # one model version cached
-        ids, vecs, log_z = self._vectors[key]
-        try:
-            return audience_response(bundle, vecs, ids, req, self.profiles, log_z)
-        except TowerlineError as e:  # e.g. a segment nobody is in, attributes no item carries
-            raise StarletteHTTPException(422, str(e)) from None
-
-    def record(self, events: list[Any]) -> Any:
-        from towerline.serving.experiments import FeedbackResult, record_feedback
-
-        return record_feedback(self.feedback, events, self.experiments) if events else FeedbackResult()
 
 
 # ----------------------------------------------------------------------------- ingress
@@ -470,7 +399,7 @@ class Ingress:
         self.state = rec.load_model(args.model, args.settings, args.index_dir)
         self.ref: ModelRef = (self.state.key, args.index_dir)
         self.reload_lock = asyncio.Lock()
-        self.marketing = Marketing(args)
+        self.marketing = MarketingService(args.experiments, args.experiment, args.settings.feedback_db, args.profiles)
         # the in-ingress stages batch like the Retriever deployment does
         self.local_stages.set_max_batch_size(args.settings.retriever_batch_size)
         self.local_stages.set_batch_wait_timeout_s(args.settings.batch_wait_timeout_s)
@@ -510,7 +439,7 @@ class Ingress:
                 try:
                     valid.append(Event.model_validate(raw))
                 except ValidationError as e:
-                    rejected.append(_event_problems(pos, e))
+                    rejected.append(record_problems(pos, e))
             result = await asyncio.to_thread(self.store.append, valid) if valid else None
             return EventsResponse(
                 accepted=result.accepted if result else 0,
@@ -529,29 +458,7 @@ class Ingress:
                                    model_key=self.state.key, index_kind=self.state.index_kind,
                                    item_count=self.state.n_items - 2)
 
-        @app.get("/users/{user_id}/profile", response_model=UserProfile)
-        async def profile(user_id: str) -> Any:
-            return self.marketing.profile(user_id)
-
-        @app.get("/segments")
-        async def segments() -> Any:
-            return self.marketing.segments()
-
-        @app.post("/audiences", response_model=AudienceResponse)
-        async def audiences(req: AudienceRequest) -> Any:
-            return await asyncio.to_thread(self.marketing.audience, self.state.bundle, req)
-
-        @app.post("/feedback", response_model=EventsResponse)
-        async def feedback(body: list[dict[str, Any]] = Body(..., max_length=100_000)) -> Any:
-            valid: list[Feedback] = []
-            rejected: list[str] = []
-            for pos, raw in enumerate(body):
-                try:
-                    valid.append(Feedback.model_validate(raw))
-                except ValidationError as e:
-                    rejected.append(_event_problems(pos, e))
-            result = await asyncio.to_thread(self.marketing.record, valid)
-            return EventsResponse(accepted=result.accepted, duplicate=result.duplicate, rejected=rejected + result.rejected)
+        app.include_router(marketing_router(self.marketing, lambda: self.state.bundle))
 
         @app.post("/admin/reload")
         async def reload(req: Optional[ReloadRequest] = None) -> Any:

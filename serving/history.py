@@ -33,8 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Protocol, Sequence
 
 from towerline.features.contracts import Event
-from towerline.serving.sqlite import open_sqlite
-
+from towerline.sqlite import open_sqlite
 if TYPE_CHECKING:
     from towerline.serving.settings import ServeSettings
 

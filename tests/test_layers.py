@@ -1,8 +1,10 @@
-"""The direction of imports is part of the design: features <- training <- serving.
+"""The direction of imports is part of the design: features <- training <- marketing <- serving.
 
-``features/`` imports nothing from training or serving; ``serving/`` imports only network
-definitions and data contracts, never training loops or raw-file readers. Parsed with ``ast`` so a
-violation fails here naming the file, line and import, instead of surfacing as a tangle later.
+Each folder may import the layers below it and ``core/`` (config, errors, the bundle format),
+never a layer above: ``features/`` nothing of Towerline's but core, ``training/`` features,
+``marketing/`` features and training, ``serving/`` all of them. ``core/`` outside the CLI imports
+none of the layers (the CLI's commands are the one place that calls into all of them). Parsed with
+``ast``, so a violation fails here naming the file, line and import instead of surfacing as a tangle.
 """
 
 from __future__ import annotations
@@ -14,35 +16,28 @@ import pytest
 
 from support import REPO
 
-# features/ may use nothing above it.
-FEATURES_FORBIDDEN = ("towerline.training", "towerline.serving", "towerline.bundle")
-# serving/ may use network definitions and data contracts, never training loops or raw-file readers.
-SERVING_ALLOWED = (
-    "towerline.serving",
-    "towerline.training.model",
-    "towerline.training.ranker_model",
-    "towerline.bundle",
-    "towerline.config",
-    "towerline.errors",
-    "towerline.features.contracts",
-    "towerline.features.vocab",
-    "towerline.features.sequences",
-    "towerline.features.profiles",
-)
+LAYERS = ("features", "training", "marketing", "serving")  # bottom to top
+CORE_MODULES = ("towerline.bundle", "towerline.config", "towerline.errors", "towerline.problems", "towerline.sqlite")
+# core modules that may reach into the layers: the CLI, which parses flags and calls them
+CLI = ("core/cli.py", "core/commands/")
 
 
-def _under(name: str, prefixes: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
+def layer_of(name: str) -> str | None:
+    """``towerline.training.model`` -> ``training``; core modules and non-Towerline names -> None."""
+    parts = name.split(".")
+    if parts[0] != "towerline" or len(parts) < 2:
+        return None
+    return parts[1] if parts[1] in LAYERS else None
 
 
 def violations(folder: str, name: str) -> bool:
-    if not (name == "towerline" or name.startswith("towerline.")):
+    """True when a module of ``folder`` (a layer, or "core") may not import ``name``."""
+    target = layer_of(name)
+    if target is None:
         return False
-    if folder == "features":
-        return _under(name, FEATURES_FORBIDDEN)
-    # "from towerline.training import model" appears as towerline.training and towerline.training.model
-    parents_of_allowed = {p.rsplit(".", 1)[0] for p in SERVING_ALLOWED} | {"towerline"}
-    return not (_under(name, SERVING_ALLOWED) or name in parents_of_allowed)
+    if folder == "core":
+        return True
+    return LAYERS.index(target) > LAYERS.index(folder)
 
 
 def imports_of(path: Path) -> list[tuple[int, str]]:
@@ -57,11 +52,21 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-@pytest.mark.parametrize("folder", ["features", "serving"])
-def test_folder_imports_only_what_its_layer_allows(folder):
+def _modules(folder: str) -> list[Path]:
+    paths = sorted((REPO / folder).rglob("*.py"))
+    if folder == "core":
+        paths = [p for p in paths if not str(p.relative_to(REPO)).startswith(CLI)]
+    return paths
+
+
+@pytest.mark.parametrize("folder", LAYERS + (
+    pytest.param("core", marks=pytest.mark.xfail(strict=True, reason="core/bundle.py still builds vocabularies and "
+                                                 "networks; its loader moves to training (issue #13)")),
+))
+def test_folder_imports_only_the_layers_below_it(folder):
     bad = [
         f"{path.relative_to(REPO)}:{line} imports {name}"
-        for path in sorted((REPO / folder).rglob("*.py"))
+        for path in _modules(folder)
         for line, name in imports_of(path)
         if violations(folder, name)
     ]
@@ -70,10 +75,13 @@ def test_folder_imports_only_what_its_layer_allows(folder):
 
 def test_the_layer_check_catches_a_forbidden_import(tmp_path):
     f = tmp_path / "x.py"
-    f.write_text("from towerline.training.system import TwoTowerSystem\n")
-    assert (1, "towerline.training.system") in imports_of(f)
-    assert violations("serving", "towerline.training.system")
-    assert violations("serving", "towerline.features.readers")
-    assert violations("features", "towerline.bundle")
-    assert not violations("serving", "towerline.training.model")
+    f.write_text("from towerline.serving.recommender import Recommender\n")
+    assert (1, "towerline.serving.recommender") in imports_of(f)
+    assert violations("marketing", "towerline.serving.recommender")
+    assert violations("training", "towerline.marketing.profiles")
+    assert violations("features", "towerline.training.model")
+    assert violations("core", "towerline.features.vocab")
+    assert not violations("serving", "towerline.marketing.routes")
+    assert not violations("marketing", "towerline.training.model")
+    assert not violations("features", "towerline.config")
     assert not violations("serving", "numpy")

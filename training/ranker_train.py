@@ -35,7 +35,7 @@ from towerline.bundle import MANIFEST, write_manifest
 from towerline.config import TowerlineConfig, flatten, to_dict
 from towerline.errors import ConfigError
 from towerline.features.contracts import Dataset
-from towerline.features.profiles import build_profiles, profile_features
+from towerline.features.user_features import build_profiles, profile_features
 from towerline.features.splits import Split
 from towerline.features.vocab import N_RESERVED, PAD_IDX, Vocabs
 from towerline.training.candidates import CandidateSet, RankerData, build_ranker_data

@@ -74,15 +74,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _experiment(args: argparse.Namespace):
     from towerline.config import load_config
-    from towerline.serving.experiments import find_experiment
-
+    from towerline.marketing.assignment import find_experiment
     return find_experiment(load_config(args.config, args.overrides).experiments, args.name)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from towerline.errors import DataValidationError
-    from towerline.serving.experiments import FeedbackStore, experiment_report, format_report, write_report
-
+    from towerline.marketing.feedback import FeedbackStore
+    from towerline.marketing.experiment_report import experiment_report, format_report, write_report
     experiment = _experiment(args)
     if not args.db.is_file():
         raise DataValidationError(f"{args.db}: feedback store not found; pass --db (the file POST /feedback writes)")
@@ -95,8 +94,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from towerline.errors import ConfigError
-    from towerline.serving.experiments import FeedbackStore, experiment_report, format_report, simulate, write_report
-
+    from towerline.marketing.feedback import FeedbackStore
+    from towerline.marketing.experiment_report import experiment_report, format_report, write_report
+    from towerline.marketing.simulation import simulate
     experiment = _experiment(args)
     if args.users < 1:
         raise ConfigError(f"--users must be >= 1, got {args.users}")

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +29,6 @@ AUDIENCE_EXAMPLE = """example:
   towerline audience --model runs/latest/bundle --attributes category:skincare --size 1000 --segment at-risk \\
       --profiles profiles/profiles.parquet --out winback.csv"""
 
-PROFILE_ARTIFACT_PATH = "profiles"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -74,17 +71,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["csv", "parquet", "s3rec"], default=None, help="format of --data (default: from the suffix)")
 
 
-@dataclass
-class ProfileResult:
-    profiles_path: Path
-    report_path: Path
-    n_users: int
-    n_clusters: int
-    cluster_labels: dict[int, list[str]]
-    run_id: str | None
-
-
 def cmd_profile(args: argparse.Namespace) -> int:
+    from towerline.marketing.jobs import PROFILE_ARTIFACT_PATH, run_profile
+
     result = run_profile(
         model=args.model, out=args.out, data=args.data, format=args.format, config=args.config,
         n_clusters=args.clusters, seed=args.seed, tracking_uri=args.tracking_uri, log_to_mlflow=not args.no_mlflow,
@@ -98,69 +87,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_profile(
-    model: str,
-    out: str | Path,
-    data: str | None = None,
-    format: str | None = None,
-    config: str | Path | None = None,
-    n_clusters: int | None = None,
-    seed: int = 0,
-    tracking_uri: str | None = None,
-    log_to_mlflow: bool = True,
-) -> ProfileResult:
-    """The whole ``towerline profile`` pipeline: data -> profiles + clusters -> Parquet, HTML, MLflow."""
-    import pandas as pd
-
-    from towerline.bundle import load_bundle
-    from towerline.features.profile_report import write_profile_report
-    from towerline.features.profiles import build_profiles, cluster_users, export_profiles, label_clusters
-    from towerline.serving.audience import user_vectors
-
-    _tracking(tracking_uri)
-    bundle = load_bundle(model)
-    cfg = _profile_config(bundle.config, config)
-    dataset = load_model_data(bundle.config, data, format)
-    profiles = build_profiles(dataset, cfg)
-
-    ids, vectors = user_vectors(bundle)
-    k = n_clusters or cfg.n_clusters
-    labels, _ = cluster_users(vectors, k, seed)
-    profiles["cluster"] = pd.Series(labels, index=pd.Index(ids.astype(str))).reindex(profiles["user_id"]).fillna(-1).astype("int64").to_numpy()
-    missing = int((profiles["cluster"] < 0).sum())
-    if missing:
-        log.info("profile: %d users are unknown to the model and have no cluster (-1)", missing)
-    cluster_labels = label_clusters(profiles[profiles["consent"]])
-
-    out = Path(out)
-    export_profiles(profiles, out)
-    report = write_profile_report(profiles, out.parent / "report.html", cluster_labels,
-                                  title=f"Customer profiles: {dataset.name}")
-    run_id = _log_artifacts(bundle, [out, report], cluster_labels) if log_to_mlflow else None
-    return ProfileResult(out, report, int(profiles["consent"].sum()), len(set(labels.tolist())), cluster_labels, run_id)
-
-
-def load_model_data(model_config: dict[str, Any], data: str | None, format: str | None) -> Any:
-    """``--data`` if given, else the data set described by the model's ``config.json``."""
-    from towerline.features.readers import load_dataset
-    from towerline.features.synthetic import generate_dataset
-
-    if data:
-        return load_dataset(data, format)[0]
-    d = model_config.get("data", {})
-    if d.get("format", "synthetic") == "synthetic":
-        log.info("no --data: regenerating the model's synthetic data (%s users, %s items, seed %s)",
-                 d.get("synthetic_users"), d.get("synthetic_items"), d.get("seed"))
-        return generate_dataset(int(d.get("synthetic_users", 3000)), int(d.get("synthetic_items", 800)), int(d.get("seed", 0)))
-    if not d.get("path"):
-        from towerline.errors import ConfigError
-
-        raise ConfigError("the model's config names no data path; pass --data")
-    fmt = d.get("format") if d.get("format") in ("csv", "parquet", "s3rec") else None
-    return load_dataset(d["path"], fmt, name=d.get("name"))[0]
-
-
 def cmd_audience(args: argparse.Namespace) -> int:
+    from towerline.marketing.jobs import run_audience
+
     frame = run_audience(
         model=args.model, out=args.out, item_id=args.item_id, attributes=args.attributes, size=args.size,
         segment=args.segment, profiles_path=args.profiles, data=args.data, format=args.format,
@@ -172,74 +101,3 @@ def cmd_audience(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_audience(
-    model: str,
-    out: str | Path,
-    item_id: str | None = None,
-    attributes: list[str] | None = None,
-    size: int = 100,
-    segment: str | None = None,
-    profiles_path: str | Path | None = None,
-    data: str | None = None,
-    format: str | None = None,
-    scoring: str = "probability",
-    tracking_uri: str | None = None,
-) -> Any:
-    """The ``towerline audience`` pipeline; returns the audience DataFrame it wrote to ``out``."""
-    from towerline.bundle import load_bundle
-    from towerline.features.profiles import build_profiles, load_profiles
-    from towerline.serving.audience import find_audience, user_vectors
-
-    _tracking(tracking_uri)
-    bundle = load_bundle(model)
-    if profiles_path is not None:
-        profiles = load_profiles(profiles_path)
-    else:  # consent must come from somewhere: the data's users table
-        profiles = build_profiles(load_model_data(bundle.config, data, format), _profile_config(bundle.config, None))
-    ids, vectors = user_vectors(bundle)
-    frame = find_audience(bundle, vectors, ids, item_id=item_id, attributes=attributes, size=size,
-                          segment=segment, profiles=profiles, scoring=scoring)  # type: ignore[arg-type]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out, index=False)
-    return frame
-
-
-def _profile_config(model_config: dict[str, Any], config: str | Path | None) -> Any:
-    from towerline.config import ProfileConfig, from_dict, load_config
-
-    if config is not None:
-        return load_config(config).profile
-    return from_dict(ProfileConfig, model_config.get("profile") or {}, "profile")
-
-
-def _tracking(uri: str | None) -> str:
-    from towerline.config import TrackingConfig
-    from towerline.training.tracking import use_tracking
-
-    return use_tracking(TrackingConfig(tracking_uri=uri))
-
-
-def _log_artifacts(bundle: Any, files: list[Path], cluster_labels: dict[int, list[str]]) -> str | None:
-    """Log ``files`` under ``profiles/`` of the model's run, or of a new run if that one is unknown here."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    run_id = bundle.manifest.get("run_id")
-    if run_id:
-        try:
-            client.get_run(run_id)
-        except MlflowException:
-            log.info("model run %s is not in %s; logging the profiles to a new run", run_id, mlflow.get_tracking_uri())
-            run_id = None
-    if run_id is None:
-        experiment = (bundle.config.get("tracking") or {}).get("experiment", "towerline")
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-        run_id = client.create_run(exp_id, tags={"mlflow.runName": "profiles", "model_uri": bundle.uri}).info.run_id
-        client.set_terminated(run_id)
-    for f in files:
-        client.log_artifact(run_id, str(f), PROFILE_ARTIFACT_PATH)
-    client.log_dict(run_id, {str(k): v for k, v in cluster_labels.items()}, f"{PROFILE_ARTIFACT_PATH}/cluster_labels.json")
-    return run_id

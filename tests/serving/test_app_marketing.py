@@ -26,7 +26,8 @@ def ab(served, tmp_path_factory, redis_url):  # noqa: F811
     from ray import serve
 
     from towerline.config import ProfileConfig
-    from towerline.features.profiles import build_profiles, export_profiles
+    from towerline.features.user_features import build_profiles
+    from towerline.marketing.profiles import export_profiles
     from towerline.features.synthetic import generate_dataset
     from towerline.serving.app import AppArgs, build_app
 
@@ -112,8 +113,7 @@ def test_events_go_to_redis_and_shape_the_next_recommendation(ab, redis_url):
     from towerline.serving.redis_history import RedisHistoryStore
 
     from towerline.config import ArmConfig, ExperimentConfig
-    from towerline.serving.experiments import assign_arm
-
+    from towerline.marketing.assignment import assign_arm
     client = ab[0]
     experiment = ExperimentConfig("home-feed", tuple(ArmConfig(a["name"], share=a["share"]) for a in EXPERIMENT["arms"]))
     # a newcomer (unknown to the model) whom the stable hash puts in the personalised arm

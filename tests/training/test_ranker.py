@@ -322,8 +322,7 @@ def test_ranker_learns_from_validation_positions_of_other_users_than_those_that_
 
 
 def test_ranker_carries_training_prefix_profiles_of_the_marketing_layer(ranked_run):
-    from towerline.features.profiles import PROFILE_FEATURE_NAMES
-
+    from towerline.features.user_features import PROFILE_FEATURE_NAMES
     bundle = load_bundle(ranked_run.bundle_dir)
     ranker = bundle.ranker
     assert ranker.n_profile_features == len(PROFILE_FEATURE_NAMES)

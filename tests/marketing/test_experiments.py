@@ -4,23 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from towerline.config import ArmConfig, ExperimentConfig
 from towerline.errors import ConfigError, DataValidationError
-from towerline.serving.experiments import (
-    Feedback,
-    FeedbackStore,
-    assign_arm,
-    assign_arms,
+from towerline.marketing.assignment import assign_arm, assign_arms, find_experiment
+from towerline.marketing.experiment_report import (
     experiment_report,
-    find_experiment,
     format_report,
-    ratio_interval,
-    record_feedback,
-    simulate,
-    wilson_interval,
     write_report,
 )
+from towerline.marketing.feedback import Feedback, FeedbackStore, record_feedback
+from towerline.marketing.simulation import simulate
+from towerline.marketing.statistics import ratio_interval, wilson_interval
 
 TWO = ExperimentConfig("home-feed", (ArmConfig("control", share=0.5), ArmConfig("treatment", share=0.5)))
 THREE = ExperimentConfig("three", (ArmConfig("control", share=0.2), ArmConfig("b", share=0.3), ArmConfig("c", share=0.5)))

@@ -17,8 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from towerline.features.profiles import RFM_GROUP_DESCRIPTIONS, SEGMENTS
-
+from towerline.features.user_features import RFM_GROUP_DESCRIPTIONS, SEGMENTS
 log = logging.getLogger(__name__)
 
 

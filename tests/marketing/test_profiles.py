@@ -7,25 +7,27 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-
+from support import SHARED_DATA  # noqa: E402  (../shared beside the checkout)
 from towerline.config import ProfileConfig
 from towerline.errors import DataValidationError
 from towerline.features.contracts import Dataset
-from towerline.features.profile_report import write_profile_report
-from towerline.features.profiles import (
+from towerline.features.user_features import (
     PROFILE_COLUMNS,
     build_profiles,
-    cluster_users,
+    quintile_scores,
+)
+from towerline.marketing.clusters import cluster_users, label_clusters
+from towerline.marketing.profile_report import write_profile_report
+from towerline.marketing.profiles import (
     export_profiles,
-    label_clusters,
     load_profiles,
     profile_of,
-    quintile_scores,
+    profile_thresholds,
     segment_definitions,
     segment_summary,
 )
+from towerline.marketing.routes import MarketingService
 
-from support import SHARED_DATA  # noqa: E402  (../shared beside the checkout)
 DAY = 86_400
 NOW = 1_750_000_000  # reference time, epoch seconds
 
@@ -169,6 +171,18 @@ def test_report_shows_aggregates_and_names_no_user(tmp_path):
 def test_segment_definitions_state_the_thresholds():
     defs = {d["name"]: d for d in segment_definitions(ProfileConfig(at_risk_days=77))}
     assert "77" in defs["at-risk"]["rule"] and defs["Champions"]["kind"] == "rfm"
+
+
+def test_exported_profiles_carry_their_thresholds_to_segments(tmp_path):
+    """``GET /segments`` must describe the segments as they were cut, not today's defaults."""
+    rows = [ev("yes", "i1", 3, "purchase", 9.0), ev("old", "i1", 60, "purchase", 9.0)]
+    cfg = ProfileConfig(active_days=20, at_risk_days=45)
+    back = load_profiles(export_profiles(build_profiles(dataset(rows), cfg, reference_time=NOW), tmp_path / "p.parquet"))
+    assert profile_thresholds(back) == cfg
+    service = MarketingService([], None, tmp_path / "feedback.sqlite", tmp_path / "p.parquet")
+    summary = service.segments()
+    assert summary["thresholds"]["at_risk_days"] == 45 and summary["segments"] == {"new": 1, "churned": 1}
+    assert any("45" in d["rule"] for d in summary["definitions"] if d["name"] == "at-risk")
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "Beauty.txt").exists(), reason="shared Beauty data set not present")

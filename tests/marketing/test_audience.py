@@ -5,17 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from towerline.errors import DataValidationError
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_run):
     import torch
-
     from towerline.bundle import load_bundle
-    from towerline.serving.audience import log_partition, user_vectors
-
+    from towerline.marketing.audience import log_partition, user_vectors
     torch.set_num_threads(1)
     bundle = load_bundle(tiny_run.bundle_dir)
     ids, vectors = user_vectors(bundle)
@@ -45,8 +42,7 @@ def test_user_vectors_cover_every_user_with_finite_vectors(tiny):
 
 
 def test_audience_excludes_past_buyers_but_keeps_viewers(tiny):
-    from towerline.serving.audience import find_audience
-
+    from towerline.marketing.audience import find_audience
     bundle, ids, vectors, log_z = tiny
     item, buyers, viewers = _buyers_and_viewers(bundle)
     everyone = find_audience(bundle, vectors, ids, item_id=item, size=len(ids), log_z=log_z)
@@ -57,8 +53,7 @@ def test_audience_excludes_past_buyers_but_keeps_viewers(tiny):
 
 
 def test_audience_excludes_users_without_consent_or_outside_the_segment(tiny):
-    from towerline.serving.audience import find_audience
-
+    from towerline.marketing.audience import find_audience
     bundle, ids, vectors, log_z = tiny
     item, _, _ = _buyers_and_viewers(bundle)
     top = find_audience(bundle, vectors, ids, item_id=item, size=5, log_z=log_z)["user_id"].tolist()
@@ -78,8 +73,7 @@ def test_audience_excludes_users_without_consent_or_outside_the_segment(tiny):
 
 
 def test_probability_scores_agree_with_a_numpy_softmax(tiny):
-    from towerline.serving.audience import find_audience, past_users
-
+    from towerline.marketing.audience import find_audience, past_users
     bundle, ids, vectors, log_z = tiny
     item, _, _ = _buyers_and_viewers(bundle)
     got = find_audience(bundle, vectors, ids, item_id=item, size=10, log_z=log_z)
@@ -93,8 +87,7 @@ def test_probability_scores_agree_with_a_numpy_softmax(tiny):
 
 
 def test_a_purchase_after_training_excludes_its_user(tiny):
-    from towerline.serving.audience import find_audience
-
+    from towerline.marketing.audience import find_audience
     bundle, ids, vectors, log_z = tiny
     item, _, _ = _buyers_and_viewers(bundle)
     first = find_audience(bundle, vectors, ids, item_id=item, size=1, log_z=log_z)["user_id"].iloc[0]
@@ -104,8 +97,7 @@ def test_a_purchase_after_training_excludes_its_user(tiny):
 
 
 def test_new_users_from_extra_history_get_vectors(tiny):
-    from towerline.serving.audience import user_vectors
-
+    from towerline.marketing.audience import user_vectors
     bundle, ids, vectors, _ = tiny
     item = str(bundle.vocabs.items.ids[0])
     extra = pd.DataFrame({"user_id": ["brand-new"], "item_id": [item], "timestamp": [1], "event_type": ["view"]})
@@ -115,8 +107,11 @@ def test_new_users_from_extra_history_get_vectors(tiny):
 
 
 def test_attribute_query_and_bad_requests(tiny):
-    from towerline.serving.audience import AudienceRequest, audience_response, find_audience
-
+    from towerline.marketing.audience import (
+        AudienceRequest,
+        audience_response,
+        find_audience,
+    )
     bundle, ids, vectors, log_z = tiny
     token = bundle.items["attributes"].iloc[0][0]
     got = find_audience(bundle, vectors, ids, attributes=[token], size=7, log_z=log_z)

@@ -32,13 +32,11 @@ so Amazon Beauty's 22k users and 200k events profile in about a second.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel
 
 from towerline.config import ProfileConfig
 from towerline.errors import DataValidationError
@@ -200,7 +198,7 @@ def build_profiles(
     profiles = profiles.sort_values("user_id", kind="stable").reset_index(drop=True)
     profiles.attrs.update(
         reference_time=ref, has_clock=clock, frequency_basis=frequency_basis, monetary_basis=monetary_basis,
-        dataset=dataset.name,
+        dataset=dataset.name, profile_config=dataclasses.asdict(cfg),
     )
     log.info("profiles: %d users (%d without consent) from %d events", U, int((~profiles["consent"]).sum()), len(ev))
     return profiles
@@ -242,75 +240,8 @@ def lifecycle_segments(
     ).astype(object)
 
 
-def segment_definitions(cfg: ProfileConfig) -> list[dict[str, Any]]:
-    """The lifecycle segments and RFM groups with their rules in words (``GET /segments``)."""
-    lifecycle = [
-        {"name": "new", "kind": "lifecycle", "rule": f"first event at most {cfg.new_days:g} days ago"},
-        {"name": "loyal", "kind": "lifecycle",
-         "rule": f"last event at most {cfg.active_days:g} days ago and at least {cfg.loyal_min_frequency} "
-                 "orders (interactions when the data has no orders)"},
-        {"name": "active", "kind": "lifecycle", "rule": f"last event at most {cfg.active_days:g} days ago"},
-        {"name": "at-risk", "kind": "lifecycle",
-         "rule": f"last event {cfg.active_days:g} to {cfg.at_risk_days:g} days ago"},
-        {"name": "churned", "kind": "lifecycle", "rule": f"last event more than {cfg.at_risk_days:g} days ago"},
-    ]
-    rfm = [{"name": name, "kind": "rfm", "rule": text} for name, text in RFM_GROUP_DESCRIPTIONS.items()]
-    return lifecycle + rfm
 
 
-def segment_summary(profiles: pd.DataFrame, cfg: ProfileConfig) -> dict[str, Any]:
-    """Sizes of every lifecycle segment, RFM group and cluster plus the definitions (``GET /segments``).
-
-    Only consenting users are counted: the summary is as public as an export.
-    """
-    p = profiles[profiles["consent"].astype(bool)] if "consent" in profiles else profiles
-    out: dict[str, Any] = {
-        "users": int(len(p)),
-        "segments": {k: int(v) for k, v in p["segment"].value_counts().items()},
-        "rfm_groups": {k: int(v) for k, v in p["rfm_group"].value_counts().items()},
-        "definitions": segment_definitions(cfg),
-    }
-    if "cluster" in p:
-        out["clusters"] = {str(k): int(v) for k, v in p["cluster"].value_counts().sort_index().items()}
-    return out
-
-
-class UserProfile(BaseModel):
-    """One user's profile as ``GET /users/{user_id}/profile`` returns it."""
-
-    user_id: str
-    segment: str
-    rfm_group: str
-    r_score: int | None
-    f_score: int
-    m_score: int
-    recency_days: float | None
-    frequency: float
-    monetary: float
-    tags: list[str]
-    cluster: int | None = None
-
-
-def profile_of(profiles: pd.DataFrame, user_id: str) -> UserProfile | None:
-    """The user's profile, or None for an unknown user and for a user without consent."""
-    row = profiles.loc[profiles["user_id"] == user_id]
-    if not len(row) or ("consent" in row and not bool(row["consent"].iloc[0])):
-        return None
-    r = row.iloc[0]
-
-    def num(x: Any) -> float | None:
-        return None if pd.isna(x) else float(x)
-
-    return UserProfile(
-        user_id=str(r["user_id"]), segment=str(r["segment"]), rfm_group=str(r["rfm_group"]),
-        r_score=None if pd.isna(r["r_score"]) else int(r["r_score"]), f_score=int(r["f_score"]),
-        m_score=int(r["m_score"]), recency_days=num(r["recency_days"]), frequency=float(r["frequency"]),
-        monetary=float(r["monetary"]), tags=[str(t) for t in r["tags"]],
-        cluster=int(r["cluster"]) if "cluster" in r and not pd.isna(r["cluster"]) else None,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
 # interest tags
 
 
@@ -377,99 +308,6 @@ def interest_tags(
     names = token_names[k_tok].tolist()
     bounds = np.searchsorted(k_user, np.arange(n_users + 1))
     return [names[bounds[u] : bounds[u + 1]] for u in range(n_users)]
-
-
-# ----------------------------------------------------------------------------------------------
-# clusters
-
-
-def cluster_users(vectors: np.ndarray, n_clusters: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means (FAISS) of user vectors: people grouped by the direction of their taste.
-
-    Vectors are L2-normalised first and centroids kept on the unit sphere, so the clustering uses
-    cosine similarity, the same geometry as the inner-product scores the model is trained for,
-    without letting vector length (how active a user is) dominate the grouping.
-
-    Args:
-        vectors: (U, D) user vectors.
-        n_clusters: wanted number of clusters; reduced to U when there are fewer users.
-        seed: FAISS k-means seed (same seed and input => same labels).
-
-    Returns:
-        labels (U,) int64 in 0..k-1 and centroids (k, D) float32 (unit length).
-    """
-    import faiss
-
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if x.ndim != 2 or not len(x):
-        raise ValueError(f"vectors must be a non-empty (U, D) array, got shape {x.shape}")
-    k = max(1, min(int(n_clusters), len(x)))
-    if k < n_clusters:
-        log.warning("cluster_users: %d clusters asked for %d users; using %d", n_clusters, len(x), k)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    km = faiss.Kmeans(x.shape[1], k, niter=25, seed=int(seed), spherical=True, verbose=False,
-                      max_points_per_centroid=100_000)
-    km.train(x)
-    _, labels = km.index.search(x, 1)
-    return labels[:, 0].astype(np.int64), np.asarray(km.centroids, dtype=np.float32)
-
-
-def label_clusters(profiles: pd.DataFrame, n_labels: int = 3, min_share: float = 0.05) -> dict[int, list[str]]:
-    """For each cluster, the tags most over-represented in it: lift = share in cluster / share overall.
-
-    A tag must be held by at least ``min_share`` of the cluster's users (and two of them) to count,
-    so that one user's rare tag cannot top the list with an enormous lift. Users need ``cluster``
-    (negative = no cluster) and ``tags`` columns.
-    """
-    p = profiles[profiles["cluster"] >= 0][["cluster", "tags"]]
-    if not len(p):
-        return {}
-    sizes = p["cluster"].value_counts()
-    held = p.explode("tags").dropna(subset=["tags"]).reset_index().drop_duplicates(["index", "tags"])  # (user, tag) once
-    if not len(held):
-        return {int(c): [] for c in sizes.index}
-    in_cluster = held.groupby(["cluster", "tags"]).size().rename("n").reset_index()
-    overall = held["tags"].value_counts() / len(p)
-    in_cluster["share"] = in_cluster["n"] / in_cluster["cluster"].map(sizes).to_numpy()
-    in_cluster["lift"] = in_cluster["share"] / in_cluster["tags"].map(overall).to_numpy()
-    ok = (in_cluster["share"] >= min_share) & (in_cluster["n"] >= 2)
-    ranked = in_cluster[ok].sort_values(["cluster", "lift", "n", "tags"], ascending=[True, False, False, True])
-    top = ranked.groupby("cluster").head(n_labels).groupby("cluster")["tags"].agg(list)
-    return {int(c): [str(t) for t in top.get(c, [])] for c in sorted(sizes.index)}
-
-
-# ----------------------------------------------------------------------------------------------
-# export
-
-
-def export_profiles(profiles: pd.DataFrame, path: str | Path) -> Path:
-    """Write consenting users' profiles (``PROFILE_COLUMNS`` only) as Parquet; returns the path.
-
-    Users whose consent is false are left out entirely, and only aggregate columns are written:
-    any other column (an event list someone joined on) is dropped, never exported.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    keep = profiles["consent"].astype(bool).to_numpy() if "consent" in profiles else np.ones(len(profiles), bool)
-    out = profiles.loc[keep, [c for c in PROFILE_COLUMNS if c in profiles.columns]].reset_index(drop=True)
-    dropped = sorted(set(profiles.columns) - set(PROFILE_COLUMNS))
-    if dropped:
-        log.info("export_profiles: columns %s are not profile columns and were not written", dropped)
-    out.attrs = {k: v for k, v in profiles.attrs.items() if isinstance(v, (str, int, float, bool))}
-    out.to_parquet(p, index=False)
-    log.info("profiles: %d users written to %s (%d without consent left out)", len(out), p, int((~keep).sum()))
-    return p
-
-
-def load_profiles(path: str | Path) -> pd.DataFrame:
-    """Read a profiles Parquet written by ``export_profiles``."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataValidationError(f"{p}: profiles file not found; write one with `towerline profile --out {p.name}`")
-    frame = pd.read_parquet(p)
-    if "tags" in frame:
-        frame["tags"] = [list(t) if t is not None else [] for t in frame["tags"]]
-    return frame
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,159 @@
+"""The ``towerline profile`` and ``towerline audience`` jobs as functions (the CLI only parses flags).
+
+``run_profile`` builds RFM scores, lifecycle segments and interest tags from the data, clusters the
+model's user vectors, writes ``profiles.parquet`` (consenting users only, aggregates only) and a
+``report.html`` beside it, and logs both to MLflow as artifacts of the model's training run (the
+bundle manifest's ``run_id``), or of a new run when that run is not in the tracking store.
+
+``run_audience`` ranks users by how likely they are to buy an item next. Consent always applies:
+the consent flags come from a profiles file, else from the given data, else from the data the
+model was trained on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from towerline.bundle import load_bundle
+from towerline.config import ProfileConfig, TrackingConfig, from_dict, load_config
+from towerline.errors import ConfigError
+from towerline.features.readers import load_dataset
+from towerline.features.synthetic import generate_dataset
+from towerline.features.user_features import build_profiles
+from towerline.marketing.audience import find_audience, user_vectors
+from towerline.marketing.clusters import cluster_users, label_clusters
+from towerline.marketing.profile_report import write_profile_report
+from towerline.marketing.profiles import export_profiles, load_profiles
+from towerline.training.tracking import use_tracking
+
+log = logging.getLogger(__name__)
+
+PROFILE_ARTIFACT_PATH = "profiles"
+
+
+@dataclass
+class ProfileResult:
+    profiles_path: Path
+    report_path: Path
+    n_users: int
+    n_clusters: int
+    cluster_labels: dict[int, list[str]]
+    run_id: str | None
+
+
+def run_profile(
+    model: str,
+    out: str | Path,
+    data: str | None = None,
+    format: str | None = None,
+    config: str | Path | None = None,
+    n_clusters: int | None = None,
+    seed: int = 0,
+    tracking_uri: str | None = None,
+    log_to_mlflow: bool = True,
+) -> ProfileResult:
+    """The whole ``towerline profile`` pipeline: data -> profiles + clusters -> Parquet, HTML, MLflow."""
+    _tracking(tracking_uri)
+    bundle = load_bundle(model)
+    cfg = _profile_config(bundle.config, config)
+    dataset = load_model_data(bundle.config, data, format)
+    profiles = build_profiles(dataset, cfg)
+
+    ids, vectors = user_vectors(bundle)
+    k = n_clusters or cfg.n_clusters
+    labels, _ = cluster_users(vectors, k, seed)
+    profiles["cluster"] = pd.Series(labels, index=pd.Index(ids.astype(str))).reindex(profiles["user_id"]).fillna(-1).astype("int64").to_numpy()
+    missing = int((profiles["cluster"] < 0).sum())
+    if missing:
+        log.info("profile: %d users are unknown to the model and have no cluster (-1)", missing)
+    cluster_labels = label_clusters(profiles[profiles["consent"]])
+
+    out = Path(out)
+    export_profiles(profiles, out)
+    report = write_profile_report(profiles, out.parent / "report.html", cluster_labels,
+                                  title=f"Customer profiles: {dataset.name}")
+    run_id = _log_artifacts(bundle, [out, report], cluster_labels) if log_to_mlflow else None
+    return ProfileResult(out, report, int(profiles["consent"].sum()), len(set(labels.tolist())), cluster_labels, run_id)
+
+
+def load_model_data(model_config: dict[str, Any], data: str | None, format: str | None) -> Any:
+    """``--data`` if given, else the data set described by the model's ``config.json``."""
+    if data:
+        return load_dataset(data, format)[0]
+    d = model_config.get("data", {})
+    if d.get("format", "synthetic") == "synthetic":
+        log.info("no --data: regenerating the model's synthetic data (%s users, %s items, seed %s)",
+                 d.get("synthetic_users"), d.get("synthetic_items"), d.get("seed"))
+        return generate_dataset(int(d.get("synthetic_users", 3000)), int(d.get("synthetic_items", 800)), int(d.get("seed", 0)))
+    if not d.get("path"):
+        raise ConfigError("the model's config names no data path; pass --data")
+    fmt = d.get("format") if d.get("format") in ("csv", "parquet", "s3rec") else None
+    return load_dataset(d["path"], fmt, name=d.get("name"))[0]
+
+
+def run_audience(
+    model: str,
+    out: str | Path,
+    item_id: str | None = None,
+    attributes: list[str] | None = None,
+    size: int = 100,
+    segment: str | None = None,
+    profiles_path: str | Path | None = None,
+    data: str | None = None,
+    format: str | None = None,
+    scoring: str = "probability",
+    tracking_uri: str | None = None,
+) -> Any:
+    """The ``towerline audience`` pipeline; returns the audience DataFrame it wrote to ``out``."""
+    _tracking(tracking_uri)
+    bundle = load_bundle(model)
+    if profiles_path is not None:
+        profiles = load_profiles(profiles_path)
+    else:  # consent must come from somewhere: the data's users table
+        profiles = build_profiles(load_model_data(bundle.config, data, format), _profile_config(bundle.config, None))
+    ids, vectors = user_vectors(bundle)
+    frame = find_audience(bundle, vectors, ids, item_id=item_id, attributes=attributes, size=size,
+                          segment=segment, profiles=profiles, scoring=scoring)  # type: ignore[arg-type]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out, index=False)
+    return frame
+
+
+def _profile_config(model_config: dict[str, Any], config: str | Path | None) -> Any:
+    if config is not None:
+        return load_config(config).profile
+    return from_dict(ProfileConfig, model_config.get("profile") or {}, "profile")
+
+
+def _tracking(uri: str | None) -> str:
+    return use_tracking(TrackingConfig(tracking_uri=uri))
+
+
+def _log_artifacts(bundle: Any, files: list[Path], cluster_labels: dict[int, list[str]]) -> str | None:
+    """Log ``files`` under ``profiles/`` of the model's run, or of a new run if that one is unknown here."""
+    client = mlflow.MlflowClient()
+    run_id = bundle.manifest.get("run_id")
+    if run_id:
+        try:
+            client.get_run(run_id)
+        except MlflowException:
+            log.info("model run %s is not in %s; logging the profiles to a new run", run_id, mlflow.get_tracking_uri())
+            run_id = None
+    if run_id is None:
+        experiment = (bundle.config.get("tracking") or {}).get("experiment", "towerline")
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        run_id = client.create_run(exp_id, tags={"mlflow.runName": "profiles", "model_uri": bundle.uri}).info.run_id
+        client.set_terminated(run_id)
+    for f in files:
+        client.log_artifact(run_id, str(f), PROFILE_ARTIFACT_PATH)
+    client.log_dict(run_id, {str(k): v for k, v in cluster_labels.items()}, f"{PROFILE_ARTIFACT_PATH}/cluster_labels.json")
+    return run_id

@@ -1,0 +1,78 @@
+"""Intervals for A/B metrics: Wilson for proportions, the delta method for ratios, normal means, Poisson bootstrap."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+
+log = logging.getLogger(__name__)
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+# intervals
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson, JASA 1927)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
+def ratio_interval(numer: np.ndarray, denom: np.ndarray, z: float = Z95) -> tuple[float, float, float]:
+    """(ratio of sums, lo, hi): delta-method interval of ``sum(numer)/sum(denom)`` over units.
+
+    Var(R) ~ (s_x^2 - 2 R s_xy + R^2 s_y^2) / (n mean_y^2) for per-unit x = numer, y = denom
+    (Deng, Knoblich & Lu, KDD 2018).
+    """
+    x, y = np.asarray(numer, np.float64), np.asarray(denom, np.float64)
+    n = len(x)
+    if n == 0 or y.sum() == 0:
+        return (float("nan"), float("nan"), float("nan"))
+    r = x.sum() / y.sum()
+    if n < 2:
+        return (float(r), float("nan"), float("nan"))
+    cov = np.cov(np.vstack([x, y]), ddof=1)
+    var = (cov[0, 0] - 2 * r * cov[0, 1] + r * r * cov[1, 1]) / (n * y.mean() ** 2)
+    half = z * np.sqrt(max(var, 0.0))
+    return (float(r), float(r - half), float(r + half))
+
+
+def mean_interval(values: np.ndarray, z: float = Z95) -> tuple[float, float, float]:
+    """(mean, lo, hi) by the normal approximation, mean +- z s / sqrt(n)."""
+    v = np.asarray(values, np.float64)
+    if len(v) == 0:
+        return (float("nan"), float("nan"), float("nan"))
+    m = float(v.mean())
+    if len(v) < 2:
+        return (m, float("nan"), float("nan"))
+    half = z * float(v.std(ddof=1)) / np.sqrt(len(v))
+    return (m, m - half, m + half)
+
+
+def bootstrap_metrics(frame: pd.DataFrame, n_boot: int, rng: np.random.Generator, chunk: int = 100) -> np.ndarray:
+    """(n_boot, 3) replicates of (ctr, conversion, revenue per user) under a Poisson bootstrap."""
+    x = np.column_stack([
+        frame["impressions"].to_numpy(np.float64), frame["clicks"].to_numpy(np.float64),
+        (frame["purchases"].to_numpy() > 0).astype(np.float64), frame["revenue"].to_numpy(np.float64),
+        np.ones(len(frame)),
+    ])  # (n, 5)
+    out = np.empty((n_boot, 3))
+    for lo in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - lo)
+        w = rng.poisson(1.0, size=(b, len(frame))).astype(np.float64)  # (b, n)
+        s = w @ x  # (b, 5) weighted sums
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[lo : lo + b] = np.column_stack([s[:, 1] / s[:, 0], s[:, 2] / s[:, 4], s[:, 3] / s[:, 4]])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
