@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from typing import Literal, get_args
 
@@ -40,6 +41,24 @@ INGRESS_KINDS: tuple[str, ...] = get_args(Ingress)
 # On one machine nothing load-balances across hosts, so a stopping replica need not wait Serve's
 # default 30 s for HAProxy to notice it draining (that wait made every shutdown 30 s longer).
 DRAIN_S = 2.0
+
+
+def free_ports(host: str = "127.0.0.1", n: int = 1) -> list[int]:
+    """``n`` distinct ports nothing listens on at ``host`` right now, chosen by the kernel.
+
+    All ``n`` sockets stay bound until every port is picked, so the ports differ from each other
+    (closing each before the next bind may hand the same port back). They are free, not reserved:
+    a program that binds them first wins, which is why callers bind them at once.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sockets = [socket.socket(family, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def ray_serve_env(ingress: Ingress) -> dict[str, str]:

@@ -165,17 +165,35 @@ def _sample_user(model: str) -> str:
 _FRONT_DOORS = {"haproxy": "HAProxy", "proxy": "the Serve proxy"}
 
 
+def _http(method: str, url: str, body: dict[str, Any] | None = None, timeout_s: float = 60.0) -> tuple[int, Any]:
+    """``(status, parsed JSON body)`` of one request, with the standard library only: ``serve --check``
+    and the quickstart must work from a plain ``pip install -e .``, without the test extra's httpx.
+    An HTTP error status is returned, not raised; a connection failure raises ``OSError``."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:  # 4xx/5xx still carry a JSON body worth printing
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
 def _wait_healthy(base: str, timeout_s: float = 30.0) -> None:
     """Until ``/healthz`` answers 200: ``serve.run`` returns once the replicas are up, but HAProxy
     starts routing to a new replica only after its next health check."""
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+            if _http("GET", f"{base}/healthz", timeout_s=5)[0] == 200:
                 return
-        except httpx.HTTPError:
+        except OSError:  # refused, reset or timed out: not up yet
             pass
         if time.monotonic() > deadline:
             return  # the request that follows reports what is wrong
@@ -201,12 +219,10 @@ def serve_locally(
         door = _FRONT_DOORS[active_ingress() or "proxy"]
         print(f"serving {app_args.model} at {base} through {door}  (API docs: {base}/docs; Ctrl-C stops)", flush=True)
         if check_request is not None:
-            import httpx
-
             _wait_healthy(base)
-            resp = httpx.post(f"{base}/recommend", json=check_request, timeout=60)
-            print(f"POST /recommend {json.dumps(check_request)} -> HTTP {resp.status_code}")
-            return {"status": resp.status_code, "body": resp.json()}
+            status, body = _http("POST", f"{base}/recommend", check_request)
+            print(f"POST /recommend {json.dumps(check_request)} -> HTTP {status}")
+            return {"status": status, "body": body}
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
