@@ -139,7 +139,10 @@ def build_model_index(
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from towerline.bundle import check_model
+
     _tracking(args.tracking_uri)
+    check_model(args.model)  # a wrong --model is one line now, not a traceback after loading torch
     overrides = {name: value for name, value in (("hnsw_m", args.hnsw_m), ("hnsw_ef_search", args.ef_search),
                                                  ("hnsw_storage", args.hnsw_storage),
                                                  ("ivf_nlist", args.nlist), ("ivf_nprobe", args.nprobe))
@@ -234,13 +237,14 @@ def serve_locally(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from towerline.bundle import check_model
     from towerline.serving.ingress import use_ingress
 
-    use_ingress(args.ingress)  # before anything imports ray.serve: Ray reads it at import time
-    from towerline.serving.app import AppArgs
-
     _tracking(args.tracking_uri)
+    check_model(args.model)  # first, before Ray: a wrong --model is one line, not a replica's traceback
+    use_ingress(args.ingress)  # before anything imports ray.serve: Ray reads it at import time
     from towerline.config import load_config, to_dict
+    from towerline.serving.app import AppArgs
     from towerline.serving.settings import settings_from
 
     # validated here so that a bad flag is one line naming it (ConfigError), not a pydantic trace
