@@ -69,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ingress", choices=INGRESS_KINDS, default="proxy",
                    help="Ray Serve's front door: its Python proxy (default), or HAProxy with direct ingress to the "
                    "replica (Ray's high-throughput mode: no proxy hop, the body read in the replica; its metrics "
-                   "and stats ports listen on all interfaces)")
+                   "and stats pages listen on --host, on free ports unless RAY_SERVE_HAPROXY_METRICS_PORT / "
+                   "RAY_SERVE_HAPROXY_STATS_PORT are set)")
     p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever and of the ranker (default: 1)")
     p.add_argument("--max-per-category", type=int, default=None, help="diversity cap per category (default: none)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
@@ -212,7 +213,7 @@ def serve_locally(
     from ray import serve
 
     from towerline.serving.app import build_app
-    from towerline.serving.ingress import active_ingress
+    from towerline.serving.ingress import active_ingress, haproxy_addresses
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=check_request is None)
     try:
@@ -221,6 +222,8 @@ def serve_locally(
         base = f"http://{host}:{port}"
         door = _FRONT_DOORS[active_ingress() or "proxy"]
         print(f"serving {app_args.model} at {base} through {door}  (API docs: {base}/docs; Ctrl-C stops)", flush=True)
+        if extra := haproxy_addresses(host):
+            print(f"HAProxy stats {extra['stats']}, metrics {extra['metrics']}", flush=True)
         if check_request is not None:
             _wait_healthy(base)
             status, body = _http("POST", f"{base}/recommend", check_request)
@@ -242,7 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     _tracking(args.tracking_uri)
     check_model(args.model)  # first, before Ray: a wrong --model is one line, not a replica's traceback
-    use_ingress(args.ingress)  # before anything imports ray.serve: Ray reads it at import time
+    use_ingress(args.ingress, args.host)  # before anything imports ray.serve: Ray reads it at import time
     from towerline.config import load_config, to_dict
     from towerline.serving.app import AppArgs
     from towerline.serving.settings import settings_from
