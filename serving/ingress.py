@@ -59,6 +59,7 @@ STATS_PORT_ENV = "RAY_SERVE_HAPROXY_STATS_PORT"
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
 _HOST = re.compile(r"[A-Za-z0-9.:_-]+")  # IPv4, IPv6 or a host name
+_WRAPPERS: dict[str, Path] = {}  # host -> the wrapper written for it by this process
 
 # HAProxy with its port-only binds (Ray's stats and metrics frontends) moved to one host. Ray starts
 # HAProxy as ``<binary> -db -f <config> [-dR] [-sf <pids> -x <socket>]`` and writes that config anew
@@ -151,6 +152,8 @@ def haproxy_bound_to(host: str) -> Path | None:
     """A wrapper around the HAProxy binary Ray would run that binds the stats and metrics frontends
     to ``host`` (written to a private temp folder removed at exit); None when no binary is found,
     in which case Ray reports the missing binary itself."""
+    if host in _WRAPPERS:  # a second use_ingress in this process: the binary is wrapped already
+        return _WRAPPERS[host]
     real = os.environ.get(BINARY_ENV) or _bundled_haproxy()
     if not real:
         return None
@@ -160,6 +163,7 @@ def haproxy_bound_to(host: str) -> Path | None:
     script.write_text(_BIND_WRAPPER.format(real=shlex.quote(real), host=shlex.quote(host)))
     script.chmod(0o700)
     log.debug("HAProxy stats and metrics frontends bound to %s through %s", host, script)
+    _WRAPPERS[host] = script
     return script
 
 

@@ -178,8 +178,9 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None, timeout_s: 
 
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # our own server: never via $http_proxy
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        with direct.open(req, timeout=timeout_s) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as e:  # 4xx/5xx still carry a JSON body worth printing
         status, raw = e.code, e.read()

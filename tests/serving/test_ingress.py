@@ -21,6 +21,7 @@ import pytest
 
 from support import free_port
 from towerline.errors import ConfigError
+from towerline.serving import ingress
 from towerline.serving.ingress import ray_serve_env, use_ingress
 
 
@@ -61,6 +62,7 @@ def test_haproxy_gets_two_distinct_free_ports_on_the_serve_host():
 
 def test_ports_the_user_set_win_and_the_wrapper_binds_rays_frontends_to_the_host(monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "ray.serve._private.constants", raising=False)  # as before Ray's import
+    monkeypatch.setattr(ingress, "_WRAPPERS", {})  # no wrapper from an earlier call in this process
     for key in ray_serve_env("haproxy"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "19101")
