@@ -227,11 +227,10 @@ def score_table(profiles: pd.DataFrame | None, scores: pd.DataFrame | None) -> p
     for f in frames:
         if "user_id" not in f:
             raise DataValidationError("scores: a score table needs a user_id column")
-    out = frames[0].drop_duplicates("user_id").assign(user_id=lambda f: f["user_id"].astype(str))
-    if len(frames) == 2:
-        s = frames[1].drop_duplicates("user_id", keep="last").assign(user_id=lambda f: f["user_id"].astype(str))
-        out = out.drop(columns=[c for c in s.columns if c != "user_id" and c in out]).merge(s, on="user_id", how="outer")
-    return out
+    keyed = [f.assign(user_id=f["user_id"].astype(str)).drop_duplicates("user_id", keep="last").set_index("user_id")
+             for f in frames]
+    out = keyed[-1] if len(keyed) == 1 else keyed[1].combine_first(keyed[0])  # a score where given, else the profile's
+    return out.rename_axis("user_id").reset_index()
 
 
 # ----------------------------------------------------------------------------------------------
