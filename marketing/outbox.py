@@ -88,13 +88,18 @@ def empty_messages() -> pd.DataFrame:
 
 
 def message_record(row: dict[str, Any]) -> dict[str, Any]:
-    """One message as the JSON body a broker carries (NaN offer values become null)."""
-    out = {k: row[k] for k in MESSAGE_COLUMNS}
-    out["items"] = [str(i) for i in out["items"]]
-    v = out["offer_value"]
-    out["offer_value"] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    """One message as the JSON body a broker carries: NaN becomes null (strict JSON, which most
+    consumers need), numbers plain Python."""
+    out = {k: (None if _missing(row[k]) else row[k]) for k in MESSAGE_COLUMNS if k != "items"}
+    out["items"] = [str(i) for i in row["items"]]
+    out["offer_value"] = None if out["offer_value"] is None else float(out["offer_value"])
     out["send_at"], out["created_at"] = int(out["send_at"]), int(out["created_at"])
-    return out
+    return {k: out[k] for k in MESSAGE_COLUMNS}
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +186,7 @@ class _LedgeredOutbox:
         new = drop_published(messages, self.history())
         if not len(new):
             return new
-        records = [message_record(r) for r in new.to_dict("records")]
+        records = [message_record(r) for r in new.to_dict("records")]  # (fails before publishing, not midway)
         done: list[str] = []  # ids the broker confirmed, in order: recorded even when a later one fails
         try:
             self._send(records, done)
@@ -223,7 +228,7 @@ class RabbitMQOutbox(_LedgeredOutbox):
                     message_id=rec["message_id"], content_type="application/json", delivery_mode=2,
                     timestamp=rec["created_at"], type="campaign_message", headers={"campaign": rec["campaign"]},
                 )
-                channel.basic_publish("", self.queue, json.dumps(rec).encode(), props, mandatory=True)
+                channel.basic_publish("", self.queue, json.dumps(rec, allow_nan=False).encode(), props, mandatory=True)
                 done.append(rec["message_id"])
         finally:
             conn.close()
@@ -242,12 +247,10 @@ class NatsOutbox(_LedgeredOutbox):
         asyncio.run(self._send_async(records, done))
 
     async def _send_async(self, records: list[dict[str, Any]], done: list[str]) -> None:
-        import nats
         from nats.js.errors import NotFoundError
 
         try:
-            nc = await nats.connect(self.nats_url, connect_timeout=CONNECT_TIMEOUT_S, max_reconnect_attempts=0,
-                                    allow_reconnect=False)
+            nc = await connect_nats(self.nats_url)
         except Exception as e:  # nats-py raises several unrelated types for "no server"
             raise ConfigError(f"--outbox {redact(self.url)}: cannot connect to NATS ({type(e).__name__}: {e})") from None
         try:
@@ -259,13 +262,30 @@ class NatsOutbox(_LedgeredOutbox):
                 await js.add_stream(name=self.stream, subjects=[f"{self.subject}.>"])
                 log.info("NATS: created stream %s over %s.>", self.stream, self.subject)
             for rec in records:
-                ack = await js.publish(f"{self.subject}.{rec['campaign']}", json.dumps(rec).encode(),
+                ack = await js.publish(f"{self.subject}.{rec['campaign']}", json.dumps(rec, allow_nan=False).encode(),
                                        stream=self.stream, headers={"Nats-Msg-Id": rec["message_id"]})
                 if ack.duplicate:
                     log.info("NATS: %s was already in stream %s (de-duplicated by Nats-Msg-Id)", rec["message_id"], self.stream)
                 done.append(rec["message_id"])
         finally:
             await nc.close()
+
+
+async def connect_nats(url: str) -> Any:
+    """A NATS connection that fails within ``CONNECT_TIMEOUT_S`` instead of retrying for ever.
+
+    (nats-py reads ``max_reconnect_attempts=0`` as "no limit", and logs a traceback per attempt.)
+    """
+    import nats
+
+    async def on_error(e: Exception) -> None:
+        log.debug("NATS %s: %s", redact(url), e)
+
+    return await asyncio.wait_for(
+        nats.connect(url, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=False, max_reconnect_attempts=1,
+                     error_cb=on_error),
+        2 * CONNECT_TIMEOUT_S,
+    )
 
 
 async def check_jetstream(js: Any, url: str) -> None:
