@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "frequency caps and quiet hours, attach content and offers, and publish the new "
                            "messages to --outbox.", epilog=RUN_EXAMPLE, formatter_class=fmt)
     _common(r)
-    r.add_argument("--model", required=True, help="bundle directory, runs:/<run_id>/bundle or models:/<name>@<alias>")
+    r.add_argument("--model", default=None, help="bundle directory, runs:/<run_id>/bundle or models:/<name>@<alias> "
+                   "(needed for recommendations, similar items and item-launch audiences)")
     r.add_argument("--outbox", required=True, help="folder for Parquet files, amqp://... (RabbitMQ) or nats://... (JetStream)")
     r.set_defaults(func=cmd_run)
 
@@ -90,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     campaign, as_of, inputs = _prepare(args)
     outbox = open_outbox(args.outbox, args.ledger)
-    recommend = serving_recommend(args.model) if campaign.content.kind == "recommendations" else None
+    recommend = serving_recommend(args.model) if args.model and campaign.content.kind == "recommendations" else None
     result = run_campaign(campaign, inputs.data, as_of, outbox, recommend=recommend, bundle=inputs.bundle,
                           profiles=inputs.profiles, scores=inputs.scores)
     counts = ", ".join(f"{k} {v:,}" for k, v in sorted(result.counts.items())) or "nothing triggered"

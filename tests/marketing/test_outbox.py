@@ -79,6 +79,8 @@ def test_outbox_targets_are_folders_or_broker_urls(tmp_path):
 
 
 def test_an_unreachable_broker_is_one_clear_error(tmp_path):
+    pytest.importorskip("pika")
+    pytest.importorskip("nats")
     with pytest.raises(ConfigError, match="cannot connect to RabbitMQ"):
         open_outbox("amqp://guest:guest@127.0.0.1:1/%2F", tmp_path / "l").publish(messages(1))
     with pytest.raises(ConfigError, match="cannot connect to NATS"):
@@ -93,9 +95,9 @@ def test_an_unreachable_broker_is_one_clear_error(tmp_path):
 @pytest.fixture
 def rabbit_queue():
     """A queue name of this test's own on the local RabbitMQ, deleted afterwards."""
+    pika = pytest.importorskip("pika", reason="pika is not installed: pip install -e '.[test]'")
     if not listening(5672):
         pytest.skip("no RabbitMQ on 127.0.0.1:5672")
-    import pika
 
     name = f"towerline-test-{uuid.uuid4().hex[:10]}"
     yield name
@@ -166,6 +168,7 @@ async def _js(coro_fn):
 @pytest.fixture
 def nats_stream():
     """(stream, subject prefix) of this test's own on the local NATS, deleted afterwards."""
+    pytest.importorskip("nats", reason="nats-py is not installed: pip install -e '.[test]'")
     if not listening(4222):
         pytest.skip("no NATS server on 127.0.0.1:4222")
     from nats.js.errors import ServiceUnavailableError
@@ -234,3 +237,71 @@ def test_nats_outbox_publishes_each_message_once_with_nats_msg_id(nats_stream, t
     subj, headers, body = got[0]
     assert subj == f"{subject}.welcome" and body["message_id"] == headers["Nats-Msg-Id"]
     assert body["items"] == ["i0", "i1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# through the CLI
+
+
+VIEWED = """name: viewed-cli
+trigger: {kind: view_without_purchase, days: 1}
+content: {kind: viewed_item, k: 1}
+offer: {kind: fixed, unit: percent, value: 10}
+channels: [push, email]
+holdout: 0.0
+eligibility:
+  quiet_hours: {start: null}
+"""
+
+
+@pytest.fixture
+def viewed_shop(tmp_path):
+    """A data folder where 30 users viewed an item on 2025-03-03 and did not buy it; 5 refused
+    consent and 5 refused push (they get email); plus the campaign file."""
+    users = [f"u{i:02d}" for i in range(30)]
+    t = int(pd.Timestamp("2025-03-03T10:00Z").timestamp())
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    pd.DataFrame({"user_id": users, "item_id": [f"i{i % 7}" for i in range(30)], "timestamp": t,
+                  "event_type": "view"}).to_parquet(folder / "events.parquet")
+    pd.DataFrame({"user_id": users, "consent": [i >= 5 for i in range(30)],
+                  "consent_push": [not 5 <= i < 10 for i in range(30)]}).to_parquet(folder / "users.parquet")
+    campaign = tmp_path / "viewed-cli.yaml"
+    campaign.write_text(VIEWED)
+    return folder, campaign
+
+
+def cli_run(shop, campaign, outbox: str, ledger) -> list[str]:
+    return ["campaign", "run", str(campaign), "--data", str(shop), "--as-of", "2025-03-04T09:00",
+            "--outbox", outbox, "--ledger", str(ledger)]
+
+
+def test_cli_run_publishes_to_rabbitmq_once(viewed_shop, rabbit_queue, tmp_path, capsys):
+    from towerline.cli import main
+
+    shop, campaign = viewed_shop
+    url = f"{RABBIT_URL}?queue={rabbit_queue}"
+    assert main(cli_run(shop, campaign, url, tmp_path / "ledger")) == 0
+    first = capsys.readouterr()
+    assert "published 25 new messages" in first.out
+    assert "guest:guest" not in first.out + first.err  # the password is never printed or logged
+    assert main(cli_run(shop, campaign, url, tmp_path / "ledger")) == 0
+    assert "published 0 new messages" in capsys.readouterr().out
+    got = consume_rabbit(rabbit_queue, expect=25)
+    assert len(got) == 25 and len({p.message_id for p, _ in got}) == 25
+    channels = {b["user_id"]: b["channel"] for _, b in got}
+    assert all(channels[f"u{i:02d}"] == "email" for i in range(5, 10)) and channels["u10"] == "push"
+
+
+def test_cli_run_publishes_to_nats_jetstream_once(viewed_shop, nats_stream, tmp_path, capsys):
+    from towerline.cli import main
+
+    shop, campaign = viewed_shop
+    stream, subject = nats_stream
+    url = f"{NATS_URL}?stream={stream}&subject={subject}"
+    assert main(cli_run(shop, campaign, url, tmp_path / "ledger")) == 0
+    assert main(cli_run(shop, campaign, url, tmp_path / "ledger")) == 0
+    assert "published 0 new messages" in capsys.readouterr().out
+    got = consume_nats(stream, subject)
+    assert len(got) == 25 and {b["items"][0] for _, _, b in got} <= {f"i{i}" for i in range(7)}
+    assert all(b["offer"] == "10%" for _, _, b in got)
