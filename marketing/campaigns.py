@@ -124,6 +124,10 @@ def triggered(
     t, tz = campaign.trigger, campaign.timezone
     today = int(local_days(np.array([as_of]), tz)[0])
     ev = data.events
+    needs = {"purchase": PURCHASE, "view_without_purchase": VIEW}.get(t.kind)
+    if needs and not (ev["event_type"].astype(str) == needs).any():
+        log.warning("campaign %s: the data set has no '%s' events, so its %s trigger never fires "
+                    "(event types: %s)", campaign.name, needs, t.kind, ", ".join(map(str, pd.unique(ev["event_type"]))[:8]))
     ev = ev.loc[ev["timestamp"].to_numpy(dtype=np.int64) <= as_of]
     if t.kind == "signup":
         out = _signups(data, ev, as_of)
@@ -538,6 +542,7 @@ def plan_campaign(
     ``with_content=False`` (the preview) skips the content step, which is the one that needs the
     model; an item-launch trigger still needs ``bundle`` for its audience.
     """
+    check_model_inputs(campaign, recommend, bundle, with_content)
     table = score_table(profiles, scores)
     audience = (lambda item, size: launch_audience(bundle, data.users, item, size)) if bundle is not None else None
     rows = triggered(campaign, data, as_of, table, audience)
@@ -552,6 +557,20 @@ def plan_campaign(
     log.info("campaign %s at %s: %d triggered, %s", campaign.name, pd.Timestamp(as_of, unit="s", tz="UTC").isoformat(),
              len(rows), dict(plan["status"].value_counts()) if len(plan) else {})
     return plan
+
+
+def check_model_inputs(campaign: CampaignConfig, recommend: Recommend | None, bundle: Any, with_content: bool = True) -> None:
+    """Fail before any work when the campaign needs the model and none was given (not only on the
+    day its trigger first fires)."""
+    where = f"campaign '{campaign.name}'"
+    if campaign.trigger.kind == "item_launch" and bundle is None:
+        raise ConfigError(f"{where}: an item_launch trigger needs the model for its audience; pass --model")
+    if not with_content:
+        return
+    if campaign.content.kind == "recommendations" and recommend is None:
+        raise ConfigError(f"{where}: content 'recommendations' needs the model; pass --model")
+    if campaign.content.kind == "similar_to_purchased" and bundle is None:
+        raise ConfigError(f"{where}: content 'similar_to_purchased' needs the model's item vectors; pass --model")
 
 
 def launch_audience(bundle: Any, users: pd.DataFrame, item_id: str, size: int) -> list[str]:

@@ -185,6 +185,17 @@ def test_consent_per_channel_picks_the_first_allowed_channel_and_false_consent_g
     assert both["message_id"].is_unique  # one id per channel under channel_policy: all
 
 
+def test_a_message_on_every_channel_counts_once_against_the_caps(tmp_path):
+    data = shop([("a", "i1", at(0, 9), "purchase"), ("a", "i1", at(1, 9), "purchase")])
+    c = campaign(trigger={"kind": "purchase", "days": 0}, channels=["email", "push"], channel_policy="all",
+                 eligibility={"frequency_cap": {"per_user": 0, "per_campaign": 1, "per_campaign_days": 7}})
+    outbox = ParquetOutbox(tmp_path / "outbox")
+    first = run_campaign(c, data, at(0, 12), outbox, recommend=recommend)
+    assert sorted(first.messages["channel"]) == ["email", "push"]  # one contact on two channels
+    second = run_campaign(c, data, at(1, 12), outbox, recommend=recommend)
+    assert second.messages.empty and second.counts == {"capped": 2}
+
+
 def test_holdout_users_get_nothing_and_stay_held_out():
     users = [f"u{i:04d}" for i in range(2000)]
     data = shop([(u, "i1", at(0, 9), "purchase") for u in users])
@@ -468,3 +479,12 @@ def test_cli_bad_name_or_time_is_one_error_line(tmp_path, capsys):
     rc = main(["campaign", "preview", "welcome", "--data", str(tmp_path), "--as-of", "soon",
                "--campaigns", str(REPO / "configs" / "campaigns")])
     assert rc == 2 and "--as-of" in capsys.readouterr().err
+
+
+def test_a_campaign_that_needs_the_model_fails_without_one_even_on_a_quiet_day():
+    data = shop([("a", "i1", at(0, 9), "view")])  # nothing triggers
+    for content in ("recommendations", "similar_to_purchased"):
+        c = campaign(trigger={"kind": "purchase", "days": 0}, content={"kind": content})
+        with pytest.raises(ConfigError, match="pass --model"):
+            plan_campaign(c, data, at(0, 12), empty_messages())
+        assert plan_campaign(c, data, at(0, 12), empty_messages(), with_content=False).empty  # preview needs none
