@@ -127,7 +127,7 @@ def triggered(
     needs = {"purchase": PURCHASE, "view_without_purchase": VIEW}.get(t.kind)
     if needs and not (ev["event_type"].astype(str) == needs).any():
         log.warning("campaign %s: the data set has no '%s' events, so its %s trigger never fires "
-                    "(event types: %s)", campaign.name, needs, t.kind, ", ".join(map(str, pd.unique(ev["event_type"]))[:8]))
+                    "(event types: %s)", campaign.name, needs, t.kind, ", ".join(map(str, pd.unique(ev["event_type"])[:8])))
     ev = ev.loc[ev["timestamp"].to_numpy(dtype=np.int64) <= as_of]
     if t.kind == "signup":
         out = _signups(data, ev, as_of)
