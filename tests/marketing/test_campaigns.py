@@ -488,3 +488,17 @@ def test_a_campaign_that_needs_the_model_fails_without_one_even_on_a_quiet_day()
         with pytest.raises(ConfigError, match="pass --model"):
             plan_campaign(c, data, at(0, 12), empty_messages())
         assert plan_campaign(c, data, at(0, 12), empty_messages(), with_content=False).empty  # preview needs none
+
+
+def test_campaign_commands_have_help_with_examples(capsys):
+    from towerline.cli import main
+
+    for argv in (["campaign", "--help"], ["campaign", "run", "--help"], ["campaign", "preview", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert "example" in out and "towerline campaign" in out
+    with pytest.raises(SystemExit) as e:
+        main(["campaign", "run", "welcome", "--bogus"])
+    assert e.value.code == 2
