@@ -573,6 +573,20 @@ def check_model_inputs(campaign: CampaignConfig, recommend: Recommend | None, bu
         raise ConfigError(f"{where}: content 'similar_to_purchased' needs the model's item vectors; pass --model")
 
 
+def events_after_training(bundle: Any, data: Dataset, as_of: int) -> pd.DataFrame:
+    """The log's events newer than the model's training data and not after ``as_of``: what the
+    serving path must see as recent history for its recommendations to reflect the run's time."""
+    ev = data.events
+    ts = ev["timestamp"].to_numpy(np.int64)
+    hist = getattr(bundle, "histories", None)
+    cutoff = int(hist.timestamp.max()) if hist is not None and len(hist.timestamp) else None
+    keep = ts <= as_of if cutoff is None else (ts > cutoff) & (ts <= as_of)
+    if cutoff is None:
+        log.info("the model carries no training histories; all %d events up to the run time count as recent", int(keep.sum()))
+    cols = [c for c in ("user_id", "item_id", "event_type", "timestamp") if c in ev]
+    return ev.loc[keep, cols].reset_index(drop=True)
+
+
 def launch_audience(bundle: Any, users: pd.DataFrame, item_id: str, size: int) -> list[str]:
     """The ``size`` users most likely to buy ``item_id`` (``find_audience``), consenting users only."""
     from towerline.marketing.audience import find_audience, user_vectors

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 RUN_EXAMPLE = """examples:
   towerline campaign run welcome --data data/synthetic --model runs/latest/bundle \\
@@ -86,12 +89,14 @@ def _prepare(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from towerline.marketing.campaigns import run_campaign
+    from towerline.marketing.campaigns import events_after_training, run_campaign
     from towerline.marketing.outbox import open_outbox, redact
 
     campaign, as_of, inputs = _prepare(args)
     outbox = open_outbox(args.outbox, args.ledger)
-    recommend = serving_recommend(args.model) if args.model and campaign.content.kind == "recommendations" else None
+    recommend = None
+    if args.model and campaign.content.kind == "recommendations":
+        recommend = serving_recommend(args.model, events_after_training(inputs.bundle, inputs.data, as_of))
     result = run_campaign(campaign, inputs.data, as_of, outbox, recommend=recommend, bundle=inputs.bundle,
                           profiles=inputs.profiles, scores=inputs.scores)
     counts = ", ".join(f"{k} {v:,}" for k, v in sorted(result.counts.items())) or "nothing triggered"
@@ -119,16 +124,16 @@ def cmd_preview(args: argparse.Namespace) -> int:
     return 0
 
 
-def serving_recommend(model: str):
+def serving_recommend(model: str, recent_events: "pd.DataFrame | None" = None):
     """``(user_ids, k) -> item lists`` through the serving path (rules, consent, popular fallback).
 
-    No online history: a campaign run reads the bundle's histories, as a request without recent
-    events would.
+    ``recent_events`` (``user_id, item_id, event_type, timestamp``: the log's events newer than the
+    model's training data) reach the user tower as the online history store's events would.
     """
     from towerline.serving.recommender import Recommender, load_model
     from towerline.serving.settings import ServeSettings
 
-    rec = Recommender(load_model(model), ServeSettings(), _NoOnlineEvents())
+    rec = Recommender(load_model(model), ServeSettings(), _EventLog(recent_events))
 
     def recommend(user_ids: Sequence[str], k: int) -> list[list[str]]:
         return [[item for item, _ in rec.recommend(str(u), k).items] for u in user_ids]
@@ -136,14 +141,24 @@ def serving_recommend(model: str):
     return recommend
 
 
-class _NoOnlineEvents:
-    """A history store with no events since training (the ``HistoryStore`` protocol, read side)."""
+class _EventLog:
+    """The read side of the ``HistoryStore`` protocol over a frame of events (oldest first)."""
+
+    def __init__(self, events: "pd.DataFrame | None") -> None:
+        from towerline.serving.history import HistoryEvent
+
+        self.by_user: dict[str, list] = {}
+        if events is not None and len(events):
+            e = events.sort_values("timestamp", kind="stable")
+            for user, g in e.groupby(e["user_id"].astype(str), sort=False):
+                self.by_user[user] = [HistoryEvent(str(i), str(t), int(ts)) for i, t, ts in
+                                      zip(g["item_id"], g["event_type"], g["timestamp"])]
 
     def recent(self, user_id: str, n: int) -> list:
-        return []
+        return self.by_user.get(user_id, [])[-n:]
 
     def count(self) -> int:
-        return 0
+        return sum(map(len, self.by_user.values()))
 
     def close(self) -> None:
         pass

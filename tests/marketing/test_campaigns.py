@@ -468,6 +468,20 @@ def test_cli_campaign_run_on_the_synthetic_shop_writes_an_outbox(tiny_run, tmp_p
     assert len(new) >= 1 and (new["items"].map(len) == 4).all()
     assert (new["offer"] == "10%").all()
 
+    # win-back reads hand-made scores: churn probability for the trigger, LTV for the offer tier
+    users = pd.read_parquet(data / "users.parquet")["user_id"].astype(str)
+    rng = np.random.default_rng(0)
+    scores = pd.DataFrame({"user_id": users, "churn_probability": rng.random(len(users)),
+                           "predicted_ltv": rng.choice([50.0, 200.0, 800.0], len(users))})
+    scores.to_parquet(tmp_path / "scores.parquet")
+    win_back = ["campaign", "run", "win-back", *common, "--model", str(tiny_run.bundle_dir), "--outbox", str(outbox),
+                "--scores", str(tmp_path / "scores.parquet")]
+    assert main(win_back) == 0
+    got = pd.read_parquet(outbox).query("campaign == 'win-back'").merge(scores, on="user_id")
+    assert len(got) >= 1 and (got["churn_probability"] > 0.6).all()
+    tier = got["predicted_ltv"].map({50.0: "5%", 200.0: "10%", 800.0: "15%"})
+    assert (got["offer"] == tier).all() and set(got["channel"]) <= {"email", "sms"}
+
 
 def test_cli_bad_name_or_time_is_one_error_line(tmp_path, capsys):
     from towerline.cli import main
@@ -502,3 +516,24 @@ def test_campaign_commands_have_help_with_examples(capsys):
     with pytest.raises(SystemExit) as e:
         main(["campaign", "run", "welcome", "--bogus"])
     assert e.value.code == 2
+
+
+def test_the_cli_recommender_sees_events_newer_than_the_model(tiny_run):
+    from towerline.bundle import load_bundle
+    from towerline.commands.campaign import serving_recommend
+    from towerline.marketing.campaigns import events_after_training
+
+    bundle = load_bundle(tiny_run.bundle_dir)
+    last = int(bundle.histories.timestamp.max())
+    items = [str(i) for i in bundle.vocabs.items.ids[10:14]]
+    data = shop([("u000001", items[0], last - 10, "view")]
+                + [("visitor", i, last + 60 * (j + 1), "view") for j, i in enumerate(items)])
+    recent = events_after_training(bundle, data, last + 3600)
+    assert recent["user_id"].tolist() == ["visitor"] * 4  # the older event is already in the model
+    assert events_after_training(bundle, data, last + 90)["user_id"].tolist() == ["visitor"]  # not after as_of
+
+    cold = serving_recommend(str(tiny_run.bundle_dir))(["visitor"], 5)[0]
+    warm = serving_recommend(str(tiny_run.bundle_dir), recent)(["visitor"], 5)[0]
+    assert len(cold) == len(warm) == 5
+    assert cold != warm  # popular fallback without the events, personalised with them
+    assert not set(items) & set(warm)  # seen items are dropped by the serving rules
