@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, time as dtime, timedelta
 from typing import Any, Callable, Sequence
@@ -125,7 +126,7 @@ def triggered(
     today = int(local_days(np.array([as_of]), tz)[0])
     ev = data.events
     needs = {"purchase": PURCHASE, "view_without_purchase": VIEW}.get(t.kind)
-    if needs and not (ev["event_type"].astype(str) == needs).any():
+    if needs and "event_type" in ev and not (ev["event_type"].astype(str) == needs).any():
         log.warning("campaign %s: the data set has no '%s' events, so its %s trigger never fires "
                     "(event types: %s)", campaign.name, needs, t.kind, ", ".join(map(str, pd.unique(ev["event_type"])[:8])))
     ev = ev.loc[ev["timestamp"].to_numpy(dtype=np.int64) <= as_of]
@@ -224,15 +225,18 @@ def _score_column(scores: pd.DataFrame | None, column: str, campaign: CampaignCo
 
 
 def score_table(profiles: pd.DataFrame | None, scores: pd.DataFrame | None) -> pd.DataFrame | None:
-    """Profiles' columns with a ``--scores`` table joined over them by ``user_id`` (scores win)."""
+    """Numeric per-user columns of the profiles with a ``--scores`` table over them (a user's score
+    from ``--scores`` wins over the profile's; a user it lacks keeps the profile's)."""
     frames = [f for f in (profiles, scores) if f is not None]
     if not frames:
         return None
     for f in frames:
         if "user_id" not in f:
             raise DataValidationError("scores: a score table needs a user_id column")
+    numeric = [f[["user_id"] + [c for c in f.columns if c != "user_id" and pd.api.types.is_numeric_dtype(f[c])
+                                and not pd.api.types.is_bool_dtype(f[c])]] for f in frames]
     keyed = [f.assign(user_id=f["user_id"].astype(str)).drop_duplicates("user_id", keep="last").set_index("user_id")
-             for f in frames]
+             for f in numeric]
     out = keyed[-1] if len(keyed) == 1 else keyed[1].combine_first(keyed[0])  # a score where given, else the profile's
     return out.rename_axis("user_id").reset_index()
 
@@ -665,7 +669,9 @@ def messages_for_events(
     frame = frame.loc[frame["event_type"].astype(str) == SIGNUP]
     if not len(frame):
         return as_messages(frame)
-    frame = frame.assign(timestamp=pd.to_numeric(frame["timestamp"]).astype(np.int64))
+    clock = int(time.time()) if now is None else int(now)
+    ts = pd.to_numeric(frame["timestamp"], errors="coerce").fillna(clock)  # no timestamp: the server's clock, as /events
+    frame = frame.assign(timestamp=ts.astype(np.int64))
     at = int(frame["timestamp"].max()) if now is None else int(now)
     data = Dataset(name="events", events=frame, items=pd.DataFrame({"item_id": []}),
                    users=users.drop(columns=["signup_ts"], errors="ignore"))

@@ -364,6 +364,9 @@ def test_messages_for_signup_events_fire_now_with_the_batch_runs_ids(tmp_path):
     again = messages_for_events([welcome], events, users, outbox.history(), recommend=recommend)
     assert again.empty
     assert messages_for_events([welcome], events[2:], users, empty_messages(), recommend=recommend).empty
+    no_clock = [Event(user_id="new", item_id="-", event_type="signup")]  # the server's clock decides the day
+    msgs = messages_for_events([welcome], no_clock, users, empty_messages(), now=at(5, 10), recommend=recommend)
+    assert msgs["trigger_moment"].tolist() == ["2025-03-08"]
 
 
 # ----------------------------------------------------------------------------------------------
