@@ -559,7 +559,7 @@ def plan_campaign(
     plan["campaign"] = campaign.name
     plan["trigger"] = campaign.trigger.kind
     log.info("campaign %s at %s: %d triggered, %s", campaign.name, pd.Timestamp(as_of, unit="s", tz="UTC").isoformat(),
-             len(rows), dict(plan["status"].value_counts()) if len(plan) else {})
+             len(rows), {str(k): int(v) for k, v in plan["status"].value_counts().items()})
     return plan
 
 

@@ -76,12 +76,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _prepare(args: argparse.Namespace):
     from towerline.marketing.campaign_config import find_campaign
     from towerline.marketing.campaigns import load_inputs, parse_time
-    from towerline.training.tracking import use_tracking
-    from towerline.config import TrackingConfig
 
     campaign = find_campaign(args.name, args.campaigns)
     as_of = parse_time(args.as_of)
-    if args.model and args.model.startswith(("runs:/", "models:/")):
+    if args.model and args.model.startswith(("runs:/", "models:/")):  # MLflow only when the URI needs it (slow import)
+        from towerline.config import TrackingConfig
+        from towerline.training.tracking import use_tracking
+
         use_tracking(TrackingConfig(tracking_uri=args.tracking_uri))
     inputs = load_inputs(args.data, as_of, format=args.format, model=args.model,
                          profiles_path=args.profiles, scores_path=args.scores)
