@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     register_all(sub)
+    if "campaign" not in sub.choices:  # until commands/campaign.py (run, preview) lands and calls register_report
+        from towerline.commands.campaign_report import register_standalone
+        register_standalone(sub)
     return parser
 
 

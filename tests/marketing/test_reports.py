@@ -1,0 +1,138 @@
+"""Report pages: campaign figures against hand-made outboxes, every page parsed as strict HTML5."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from towerline.cli import main
+from towerline.marketing.campaign_report import (
+    CampaignReportSettings,
+    campaign_report,
+    link_engagement,
+    offer_share,
+    read_campaign_events,
+    read_outbox,
+    write_campaign_report,
+)
+
+DAY = 86_400
+T0 = 1_767_225_600  # 2026-01-01 UTC
+
+
+def assert_valid_html5(path: Path) -> None:
+    """Parse with html5lib in strict mode: any parse error (unclosed tag, stray end tag, bad nesting) fails."""
+    html5lib = pytest.importorskip("html5lib")
+    parser = html5lib.HTMLParser(strict=True)
+    parser.parse(path.read_text())
+    assert not parser.errors, parser.errors
+
+
+def _write_outbox(folder: Path, n_treated: int = 200, n_hold: int = 100) -> Path:
+    rows = []
+    for i in range(n_treated + n_hold):
+        hold = i >= n_treated
+        rows.append({"message_id": f"m{i}", "campaign": "spring", "user_id": f"u{i}", "channel": "email",
+                     "items": ["i1", "i2"], "offer": "10%", "reason": "audience", "sent_at": T0, "holdout": hold})
+    # a second channel for the first 40 recipients, a day later
+    for i in range(40):
+        rows.append({"message_id": f"p{i}", "campaign": "spring", "user_id": f"u{i}", "channel": "push",
+                     "items": ["i1"], "offer": None, "reason": "audience", "sent_at": T0 + DAY, "holdout": False})
+    rows.append({"message_id": "x0", "campaign": "other", "user_id": "z0", "channel": "sms", "items": [],
+                 "offer": None, "reason": "trigger", "sent_at": T0, "holdout": False})
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows)
+    pq.write_table(pa.Table.from_pandas(frame.iloc[:150], preserve_index=False), folder / "part-0.parquet")
+    pq.write_table(pa.Table.from_pandas(frame.iloc[150:], preserve_index=False), folder / "part-1.parquet")
+    return folder
+
+
+def _events(n_treated: int = 200, n_hold: int = 100) -> pd.DataFrame:
+    ev = []
+    for i in range(50):  # 50 of 200 recipients buy within the week, 20 each
+        ev.append((f"u{i}", "i1", T0 + 2 * DAY, "purchase", 20.0, None, "web", None))
+    for i in range(n_treated, n_treated + 10):  # 10 of 100 holdout users buy, 20 each
+        ev.append((f"u{i}", "i1", T0 + 2 * DAY, "purchase", 20.0, None, "web", None))
+    for i in range(60, 70):  # purchases after the window do not count
+        ev.append((f"u{i}", "i1", T0 + 20 * DAY, "purchase", 99.0, None, "web", None))
+    for i in range(80):  # opens linked by channel
+        ev.append((f"u{i}", "-", T0 + 3600, "open", np.nan, None, "email", None))
+    for i in range(30):  # clicks linked by message id
+        ev.append((f"u{i}", "-", T0 + 7200, "click", np.nan, None, "email", f"m{i}"))
+    ev.append(("u150", "-", T0 - DAY, "open", np.nan, None, "email", None))  # before any message: unlinked
+    return pd.DataFrame(ev, columns=["user_id", "item_id", "timestamp", "event_type", "value", "event_id", "channel",
+                                     "message_id"])
+
+
+def test_campaign_figures_match_the_hand_made_outbox(tmp_path):
+    outbox = read_outbox(_write_outbox(tmp_path / "outbox"))
+    events = _events()
+    report = campaign_report(outbox, events, "spring", CampaignReportSettings(costs={"email": 0.002, "push": 0.001}))
+    c = report["campaigns"]["spring"]
+    email = next(ch for ch in c["channels"] if ch["channel"] == "email")
+    assert (email["sends"], email["opens"], email["clicks"], email["conversions"]) == (200, 80, 30, 50)
+    assert email["revenue"] == pytest.approx(1000.0)
+    inc = c["incremental"]
+    assert inc["recipient_rate"]["value"] == pytest.approx(0.25) and inc["holdout_rate"]["value"] == pytest.approx(0.10)
+    assert inc["conversions"]["value"] == pytest.approx(30.0)  # (0.25 - 0.10) x 200
+    lo, hi = inc["conversions"]["ci"]
+    assert lo < 30 < hi and inc["conversions"]["excludes_zero"]
+    assert inc["revenue"]["value"] == pytest.approx(600.0)  # (5 - 2) x 200
+    # cost: 200 e-mails x 0.002 + 40 pushes x 0.001 + 10% offer on the 50 e-mail converters' 1000
+    eco = c["economics"]
+    assert eco["cost"] == pytest.approx(0.4 + 0.04 + 100.0)
+    assert eco["roi"]["value"] == pytest.approx((600 - eco["cost"]) / eco["cost"])
+    assert eco["cac"] == pytest.approx(eco["cost"] / 30) and eco["ltv"] == pytest.approx(20.0)
+    for model, credit in c["attribution"].items():
+        assert sum(v["conversions"] for v in credit.values()) == pytest.approx(50), model
+    # push reached 40 users who all converted after e-mail then push: last touch credits push for them
+    assert c["attribution"]["last_touch"]["push"]["conversions"] == pytest.approx(40)
+
+
+def test_engagement_links_by_message_id_first_then_by_channel_and_time(tmp_path):
+    outbox = read_outbox(_write_outbox(tmp_path / "outbox"))
+    eng = link_engagement(outbox, _events(), 7 * DAY)
+    assert set(eng.loc[eng["kind"] == "click", "message_id"]) == {f"m{i}" for i in range(30)}
+    assert len(eng[eng["kind"] == "open"]) == 80  # the open before any message is not linked
+
+
+def test_offer_share():
+    assert offer_share("10%") == pytest.approx(0.1) and offer_share("15% off") == pytest.approx(0.15)
+    assert offer_share("pct:5") == pytest.approx(0.05)
+    assert offer_share("free shipping") == 0.0 and offer_share(None) == 0.0
+
+
+def test_unknown_campaign_names_the_known_ones(tmp_path):
+    from towerline.errors import DataValidationError
+
+    outbox = read_outbox(_write_outbox(tmp_path / "outbox"))
+    with pytest.raises(DataValidationError, match="other, spring"):
+        campaign_report(outbox, _events(), "summer")
+
+
+def test_campaign_report_command_writes_valid_html_and_json(tmp_path):
+    outbox = _write_outbox(tmp_path / "outbox")
+    data = tmp_path / "data"
+    data.mkdir()
+    _events().to_csv(data / "events.csv", index=False)
+    assert "message_id" in read_campaign_events(data)
+    out = tmp_path / "reports"
+    assert main(["campaign", "report", "all", "--outbox", str(outbox), "--data", str(data), "--out", str(out),
+                 "--cost", "email=0.002"]) == 0
+    report = json.loads((out / "campaign-all.json").read_text())
+    assert set(report["campaigns"]) == {"spring", "other"}
+    page = (out / "campaign-all.html").read_text()
+    assert "Last touch" in page and "Markov" in page and "ROI" in page and "<img alt=" in page
+    assert_valid_html5(out / "campaign-all.html")
+
+
+def test_campaign_without_holdout_says_so(tmp_path):
+    outbox = read_outbox(_write_outbox(tmp_path / "outbox"))
+    report = campaign_report(outbox, _events(), "other")
+    html_path, _ = write_campaign_report(report, tmp_path)
+    assert "cannot be measured" in html_path.read_text()
