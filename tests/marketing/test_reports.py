@@ -25,14 +25,6 @@ DAY = 86_400
 T0 = 1_767_225_600  # 2026-01-01 UTC
 
 
-def assert_valid_html5(path: Path) -> None:
-    """Parse with html5lib in strict mode: any parse error (unclosed tag, stray end tag, bad nesting) fails."""
-    html5lib = pytest.importorskip("html5lib")
-    parser = html5lib.HTMLParser(strict=True)
-    parser.parse(path.read_text())
-    assert not parser.errors, parser.errors
-
-
 def _write_outbox(folder: Path, n_treated: int = 200, n_hold: int = 100) -> Path:
     rows = []
     for i in range(n_treated + n_hold):
@@ -115,7 +107,7 @@ def test_unknown_campaign_names_the_known_ones(tmp_path):
         campaign_report(outbox, _events(), "summer")
 
 
-def test_campaign_report_command_writes_valid_html_and_json(tmp_path):
+def test_campaign_report_command_writes_valid_html_and_json(tmp_path, assert_valid_html5):
     outbox = _write_outbox(tmp_path / "outbox")
     data = tmp_path / "data"
     data.mkdir()
