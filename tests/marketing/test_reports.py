@@ -128,3 +128,60 @@ def test_campaign_without_holdout_says_so(tmp_path):
     report = campaign_report(outbox, _events(), "other")
     html_path, _ = write_campaign_report(report, tmp_path)
     assert "cannot be measured" in html_path.read_text()
+
+
+# the profile report
+
+
+def _synthetic_profiles(n_users: int = 400):
+    from towerline.config import ProfileConfig
+    from towerline.features.synthetic import generate_dataset
+    from towerline.features.user_features import build_profiles
+
+    ds = generate_dataset(n_users, 80, seed=3)
+    p = build_profiles(ds, ProfileConfig(at_risk_days=77))
+    p["cluster"] = np.arange(len(p)) % 3
+    return p
+
+
+def test_pretty_tag_reads_as_words():
+    from towerline.marketing.profile_report import pretty_tag
+
+    assert pretty_tag("price_band:1") == "Price band 1"
+    assert pretty_tag("category:skincare") == "Category: skincare"
+    assert pretty_tag("brand:b3") == "Brand: b3" and pretty_tag("plain") == "plain"
+
+
+def test_profile_report_explains_thresholds_and_shows_revenue_per_segment(tmp_path, assert_valid_html5):
+    from towerline.marketing.clusters import label_clusters
+    from towerline.marketing.profile_report import write_profile_report
+
+    p = _synthetic_profiles()
+    page = write_profile_report(p, tmp_path / "report.html", label_clusters(p)).read_text()
+    assert "77 days" in page  # the recorded at-risk threshold, not the default 90
+    assert "share of revenue" in page and "no order values" not in page
+    assert "Category: " in page or "Brand: " in page
+    assert "category:" not in page.split("<h2>Most common interests</h2>")[0].split("Clusters of user embeddings")[-1]
+    assert page.count("data:image/png;base64,") >= 5  # segments, groups, histograms, heatmap, clusters, tags
+    assert_valid_html5(tmp_path / "report.html")
+
+
+def test_profile_report_without_money_says_so(tmp_path, assert_valid_html5):
+    from towerline.config import ProfileConfig
+    from towerline.features.contracts import Dataset
+    from towerline.features.user_features import build_profiles
+    from towerline.marketing.profile_report import write_profile_report
+
+    rng = np.random.default_rng(0)
+    n = 600
+    events = pd.DataFrame({"user_id": [f"u{i % 60}" for i in range(n)], "item_id": [f"i{k}" for k in rng.integers(0, 30, n)],
+                           "timestamp": np.arange(n) // 60, "event_type": "interaction", "value": np.nan,
+                           "event_id": None, "channel": None})  # S3Rec-like: positions, no money
+    items = pd.DataFrame({"item_id": [f"i{k}" for k in range(30)], "attributes": [[f"price_band:{k % 4}"] for k in range(30)],
+                          "price": np.nan, "in_stock": True, "title": None})
+    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(60)], "consent": True})
+    p = build_profiles(Dataset("positions", events, items, users), ProfileConfig())
+    page = write_profile_report(p, tmp_path / "r.html").read_text()
+    assert "no order values in this data" in page and "median monetary" not in page and "0.00" not in page
+    assert "Price band " in page
+    assert_valid_html5(tmp_path / "r.html")
