@@ -353,17 +353,18 @@ def _campaign_section(name: str, c: dict[str, Any], cur: str) -> str:
     inc, eco = c["incremental"], c["economics"]
     out = [f"<h2>{H.esc(name)}</h2>", f"<p class=\"verdict\">{H.esc(campaign_verdict(c, cur))}</p>"]
     rows = [[ch["channel"], f"{ch['sends']:,}", f"{ch['opens']:,}", H.pct(ch["opens"] / ch["sends"]) if ch["sends"] else "-",
-             f"{ch['clicks']:,}", f"{ch['conversions']:,}", H.money(ch["revenue"], cur), H.money(ch["cost"], cur)]
+             f"{ch['clicks']:,}", f"{ch['conversions']:,}", H.money(ch["revenue"], cur),
+             H.money(ch["message_cost"], cur), H.money(ch["offer_cost"], cur), H.money(ch["cost"], cur)]
             for ch in c["channels"]]
     out += ["<h3>Per channel</h3>",
-            H.table(["channel", "sends", "opens", "open rate", "clicks", "converted recipients", "their revenue", "cost"],
-                    rows, numeric=range(1, 8))]
+            H.table(["channel", "sends", "opens", "open rate", "clicks", "converted recipients", "their revenue",
+                     "message cost", "offer cost", "cost"], rows, numeric=range(1, 10))]
 
     def fmt(m: dict[str, Any], f) -> str:
         lo, hi = m["ci"]
         return "-" if m["value"] is None else f"{f(m['value'])} (95% CI {f(lo) if lo is not None else '-'} to {f(hi) if hi is not None else '-'})"
 
-    out += ["<h3>Against the holdout</h3>", H.table(["", "value"], [
+    out += ["<h3>Against the holdout</h3>", H.table(None, [
         ["recipients / holdout users", f"{inc['recipients']:,} / {inc['holdout_users']:,}"],
         ["conversion rate, recipients", fmt(inc["recipient_rate"], H.pct)],
         ["conversion rate, holdout", fmt(inc["holdout_rate"], H.pct)],
@@ -374,7 +375,7 @@ def _campaign_section(name: str, c: dict[str, Any], cur: str) -> str:
         ["LTV (revenue per converting recipient)", H.money(eco["ltv"], cur)],
         ["CAC (cost per incremental conversion)", H.money(eco["cac"], cur)],
         ["LTV / CAC", "-" if eco["ltv_cac"] is None else f"{eco['ltv_cac']:.2f}"],
-    ], numeric=[1])]
+    ])]
     att = c["attribution"]
     chans = sorted({ch for m in MODELS for ch in att[m]})
     if chans:
@@ -419,6 +420,6 @@ def _attribution_plot(att: dict[str, dict[str, dict[str, float]]], chans: list[s
     ax.invert_yaxis()
     ax.set_xlabel("conversions credited")
     ax.set_title("Conversions credited to each channel")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
     ax.margins(x=0.15)
     return H.png(fig)

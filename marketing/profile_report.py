@@ -111,8 +111,8 @@ def write_profile_report(
         sections += ["<h2>Most common interests</h2>",
                      "<p>Users with the attribute among their top interests (recency-weighted: this month's "
                      "interests outrank last year's).</p>",
-                     H.img(_bar(top_tags.rename(pretty_tag), "Users with the interest in their top interests",
-                                horizontal=True), "most common interest tags with counts and shares"),
+                     H.img(_bar(top_tags.rename(pretty_tag), "Users with the interest in their top interests (share of all users)",
+                                horizontal=True, total=len(p)), "most common interest tags with counts and shares"),
                      H.table(["interest", "users", "share of users"],
                              [[pretty_tag(t), f"{int(n):,}", H.pct(n / len(p))] for t, n in top_tags.items()],
                              numeric=[1, 2])]
@@ -144,7 +144,7 @@ def _facts(p: pd.DataFrame, attrs: dict[str, Any], has_money: bool) -> str:
                   f"{float(p.loc[buyers, 'monetary'].median()):,.2f}" if buyers.any() else "nobody ordered"]]
     else:
         rows.append(["revenue", "no order values in this data"])
-    return H.table(["", ""], rows)
+    return H.table(None, rows)
 
 
 def _rules(profiles: pd.DataFrame) -> str:
@@ -186,11 +186,11 @@ def _ordered_counts(col: pd.Series, order: tuple[str, ...]) -> pd.Series:
     return counts.reindex(first + sorted(set(counts.index) - set(first)))
 
 
-def _bar(counts: pd.Series, title: str, horizontal: bool = False) -> bytes:
-    """Bars labelled with count and share of the bars' total."""
+def _bar(counts: pd.Series, title: str, horizontal: bool = False, total: float | None = None) -> bytes:
+    """Bars labelled with count and share of ``total`` (default: the bars' sum)."""
     import matplotlib.pyplot as plt
 
-    total = float(counts.sum()) or 1.0
+    total = float(total if total is not None else counts.sum()) or 1.0
     labels = [f"{int(v):,} ({v / total:.1%})" for v in counts.to_numpy()]
     names = [str(k) for k in counts.index]
     if horizontal:
@@ -255,7 +255,9 @@ def _missing_scores_note(p: pd.DataFrame, has_r: bool) -> str:
         missing = [s for s in range(1, 6) if s not in counts.index]
         if missing and len(counts):
             biggest = int(counts.idxmax())
-            notes.append(f"{words[col]} score {', '.join(map(str, missing))} does not occur: "
+            listed = " and ".join([", ".join(map(str, missing[:-1])), str(missing[-1])] if len(missing) > 1 else [str(missing[0])])
+            verb = "scores" if len(missing) > 1 else "score"
+            notes.append(f"{words[col]} {verb} {listed} {'do' if len(missing) > 1 else 'does'} not occur: "
                          f"{counts.max() / len(p):.0%} of users share one value and all score {biggest}")
     return '<p class="muted">' + H.esc("; ".join(notes)) + ".</p>" if notes else ""
 
@@ -269,11 +271,13 @@ def _heatmap(p: pd.DataFrame) -> bytes:
     grid = np.zeros((5, 5), dtype=np.int64)
     np.add.at(grid, (r[ok].astype(int) - 1, fm[ok].astype(int) - 1), 1)
     fig, ax = plt.subplots(figsize=(8.5, 5.2))
-    im = ax.imshow(grid, origin="lower", cmap="Blues")
+    from matplotlib.colors import PowerNorm
+
+    im = ax.imshow(grid, origin="lower", cmap="Blues", norm=PowerNorm(0.5, vmin=0, vmax=max(int(grid.max()), 1)))
     vmax = grid.max() or 1
     for i in range(5):
         for j in range(5):
-            colour = "white" if grid[i, j] > 0.6 * vmax else "black"
+            colour = "white" if np.sqrt(grid[i, j] / vmax) > 0.6 else "black"  # dark cell under the 0.5-power scale
             text = f"{grid[i, j]:,}\n{RFM_GRID[i][j]}" if grid[i, j] else RFM_GRID[i][j]
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color=colour if grid[i, j] else "#999")
     ax.set_xticks(range(5), [str(i) for i in range(1, 6)])

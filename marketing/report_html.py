@@ -17,7 +17,7 @@ CSS = (
     "color:#222;line-height:1.45}"
     "table{border-collapse:collapse;margin:.8em 0 1.4em}"
     "td,th{border:1px solid #ccc;padding:.3em .7em;text-align:left;vertical-align:top}"
-    "th{background:#f3f5f8}td.num{text-align:right;font-variant-numeric:tabular-nums}"
+    "th{background:#f3f5f8}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}"
     "img{max-width:100%;display:block;margin:.5em 0 1.2em}"
     ".verdict{font-size:1.15em;padding:.6em .9em;background:#eef6ee;border-left:4px solid #3a7d44}"
     ".warn{padding:.6em .9em;background:#fff3e0;border-left:4px solid #e08a00}"
@@ -39,9 +39,15 @@ def page(title: str, body: str) -> str:
     )
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
-    """An HTML table; cells are escaped, columns whose index is in ``numeric`` right-aligned."""
+def table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
+    """An HTML table; cells are escaped, columns whose index is in ``numeric`` right-aligned.
+
+    ``header=None`` gives a key-value table without a header row.
+    """
     num = set(numeric)
+    if header is None:
+        body = "".join(f"<tr><th>{esc(r[0])}</th>" + "".join(f"<td>{esc(c)}</td>" for c in r[1:]) + "</tr>" for r in rows)
+        return f"<table><tbody>{body}</tbody></table>"
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join(
         "<tr>" + "".join(f"<td class=\"num\">{esc(c)}</td>" if j in num else f"<td>{esc(c)}</td>"
