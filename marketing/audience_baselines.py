@@ -50,9 +50,15 @@ def recency_matrix(offsets: np.ndarray, item_idx: np.ndarray, n_items: int, rece
     return sp.csr_matrix((w, (rows[keep], np.asarray(item_idx)[keep])), shape=(U, n_items))
 
 
-def attribute_matrix(item_attributes: Sequence[Sequence[str]], prefixes: Sequence[str] | None = None
-                     ) -> tuple[sp.csr_matrix, list[str]]:
-    """(I, T) binary item x token matrix and the token names; ``prefixes`` keeps only e.g. ``category:``/``brand:``."""
+def attribute_matrix(item_attributes: Sequence[Sequence[str]], prefixes: Sequence[str] | None = None,
+                     idf: bool = False) -> tuple[sp.csr_matrix, list[str]]:
+    """(I, T) item x token matrix and the token names; ``prefixes`` keeps only e.g. ``category:``/``brand:``.
+
+    Entries are 1, or with ``idf`` the token's inverse document frequency ``log(I / items with it)``:
+    in catalogues whose tokens are unnamed (the S3Rec files' ``attr:17``) the top-level category
+    that half the items share would otherwise outweigh the brand; idf is how a marketer's "same
+    brand or sub-category" is told from "same shop".
+    """
     vocab: dict[str, int] = {}
     rows, cols = [], []
     for i, attrs in enumerate(item_attributes):
@@ -64,6 +70,9 @@ def attribute_matrix(item_attributes: Sequence[Sequence[str]], prefixes: Sequenc
             cols.append(vocab.setdefault(tok, len(vocab)))
     m = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(item_attributes), len(vocab)))
     m.data[:] = 1.0  # an item listing a token twice still carries it once
+    if idf and m.shape[1]:
+        df = np.asarray((m > 0).sum(axis=0)).ravel()
+        m = (m @ sp.diags(np.log(m.shape[0] / np.maximum(df, 1)))).tocsr()
     return m, list(vocab)
 
 

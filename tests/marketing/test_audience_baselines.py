@@ -41,6 +41,8 @@ def test_affinity_ranks_users_by_recent_interest_in_the_category_or_brand():
     assert tokens == ["category:lips", "brand:a", "brand:b", "category:hair", "brand:c"]
     s = affinity_scores(W, A, item=0)  # lipstick: lips or brand a
     assert s[1] > s[0] > 0 and s[2] == 0  # u1 bought lips twice just now; u0 only brand a (shampoo); u2 neither
+    weighted, _ = attribute_matrix(ATTRS, idf=True)
+    assert weighted[0, 0] == pytest.approx(np.log(5 / 2))  # 2 of 5 items are lips
     hair_only, _ = attribute_matrix(ATTRS, prefixes=["category:"])
     assert affinity_scores(W, hair_only, item=0)[0] == 0  # brand a no longer counts
 
