@@ -113,15 +113,14 @@ def read_campaign_events(path: str | Path) -> pd.DataFrame:
 
 
 def _epoch_seconds(s: pd.Series, where: str) -> pd.Series:
-    if pd.api.types.is_datetime64_any_dtype(s):
-        ts = s.dt.tz_localize("UTC") if s.dt.tz is None else s
-        return (ts.astype("int64") // 10**9).astype(np.int64) if ts.dtype.unit == "ns" else ts.map(lambda t: int(t.timestamp()))
+    """Epoch seconds from ints, datetimes (naive = UTC) or ISO-8601 strings."""
     if pd.api.types.is_numeric_dtype(s):
         return s.astype(np.int64)
     try:
-        return (pd.to_datetime(s, utc=True).astype("int64") // 10**9).astype(np.int64)
+        ts = pd.to_datetime(s, utc=True)
     except (ValueError, TypeError):
         raise DataValidationError(f"{where}: neither epoch seconds nor ISO-8601") from None
+    return ((ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).astype(np.int64)
 
 
 # engagement

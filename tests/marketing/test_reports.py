@@ -86,6 +86,15 @@ def test_campaign_figures_match_the_hand_made_outbox(tmp_path):
     assert c["attribution"]["last_touch"]["push"]["conversions"] == pytest.approx(40)
 
 
+def test_outbox_sent_at_may_be_a_timestamp(tmp_path):
+    folder = tmp_path / "ts"
+    folder.mkdir()
+    frame = pd.DataFrame({"message_id": ["m1"], "campaign": ["c"], "user_id": ["u1"], "channel": ["email"],
+                          "sent_at": [pd.Timestamp(T0, unit="s")], "holdout": [False]})
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), folder / "part-0.parquet")
+    assert read_outbox(folder)["sent_at"].tolist() == [T0]
+
+
 def test_engagement_links_by_message_id_first_then_by_channel_and_time(tmp_path):
     outbox = read_outbox(_write_outbox(tmp_path / "outbox"))
     eng = link_engagement(outbox, _events(), 7 * DAY)
