@@ -320,6 +320,31 @@ def _ci(value: float | None, lo: float | None, hi: float | None) -> dict[str, An
     return out
 
 
+def outcomes_by_segment(outbox: pd.DataFrame, events: pd.DataFrame, campaign: str, profiles: pd.DataFrame,
+                        settings: CampaignReportSettings = CampaignReportSettings()) -> pd.DataFrame:
+    """One row per consenting user of ``campaign``: ``user_id, segment, holdout, converted, revenue``.
+
+    The input of a differentially private release of campaign results by segment
+    (``privacy.release_results_by_segment``); users without consent, or without a profile, are
+    left out, as from every export.
+    """
+    msgs = outbox if campaign == "all" else outbox[outbox["campaign"] == campaign]
+    if not len(msgs):
+        raise DataValidationError(f"campaign '{campaign}' is not in the outbox")
+    purchases = events[events["event_type"] == "purchase"]
+    purchases = pd.DataFrame({"user_id": purchases["user_id"].astype(str).to_numpy(),
+                              "timestamp": purchases["timestamp"].to_numpy(np.int64),
+                              "value": purchases["value"].fillna(0.0).to_numpy(np.float64)})
+    out = user_outcomes(msgs, purchases, settings.window_days * DAY)
+    p = profiles[profiles["consent"].astype(bool)] if "consent" in profiles else profiles
+    seg = p.set_index(p["user_id"].astype(str))["segment"].astype(str)
+    out["segment"] = out["user_id"].map(seg)
+    missing = int(out["segment"].isna().sum())
+    if missing:
+        log.info("results by segment: %d users without a (consenting) profile left out", missing)
+    return out[out["segment"].notna()][["user_id", "segment", "holdout", "converted", "revenue"]].reset_index(drop=True)
+
+
 # output
 
 

@@ -184,6 +184,7 @@ def release_segment_sizes(
 def release_results_by_segment(
     outcomes: pd.DataFrame, epsilon: float, ledger: PrivacyLedger, revenue_cap: float,
     by: Sequence[str] = ("segment", "holdout"), name: str = "campaign results by segment",
+    categories: dict[str, Sequence[Any]] | None = None,
 ) -> pd.DataFrame:
     """Noisy users, conversions and revenue per cell of ``by`` (e.g. segment x holdout).
 
@@ -191,6 +192,8 @@ def release_results_by_segment(
         outcomes: one row per user: the ``by`` columns, ``converted`` (bool), ``revenue`` (float).
         revenue_cap: each user's revenue is clipped to ``[0, revenue_cap]`` before summing; the cap is
             the sum's sensitivity, so a high cap means more noise, a low one biases big spenders down.
+        categories: the public values of each ``by`` column; every combination is released, empty
+            ones included, so which cells are empty is not leaked (default: the observed cells).
     Returns:
         ``by..., users, conversions, revenue, conversion_rate``: epsilon split evenly over the three
         tables (users, conversions, revenue); the rate is computed from the noisy counts
@@ -203,6 +206,13 @@ def release_results_by_segment(
     cols = list(by)
     grouped = outcomes.assign(_clipped=outcomes["revenue"].clip(0, revenue_cap), _conv=outcomes["converted"].astype(int))
     agg = grouped.groupby(cols).agg(users=("_conv", "size"), conversions=("_conv", "sum"), revenue=("_clipped", "sum"))
+    if categories:
+        grid = (pd.MultiIndex.from_product([list(categories[c]) for c in cols], names=cols) if len(cols) > 1
+                else pd.Index(list(categories[cols[0]]), name=cols[0]))
+        outside = agg.index.difference(grid)
+        if len(outside):
+            raise ConfigError(f"{name}: cells {list(outside)[:5]} are not among the released categories")
+        agg = agg.reindex(grid, fill_value=0)
     tables = ["users", "conversions", "revenue"]
     ledger.charge(name, epsilon, [f"{t} per {' x '.join(cols)}" for t in tables])
     each = epsilon / len(tables)

@@ -37,6 +37,15 @@ def register_report(campaign_sub: argparse._SubParsersAction) -> None:
     r.add_argument("--currency", default="EUR", help="currency code of the event values (default: EUR)")
     r.add_argument("--cost", action="append", default=[], metavar="CHANNEL=AMOUNT",
                    help="cost of one message on a channel (repeatable; defaults: email 0.002, push 0.0005, sms 0.05)")
+    dp = r.add_argument_group("differentially private results by segment (needs the 'campaigns' extra)")
+    dp.add_argument("--private-by-segment", type=Path, default=None, metavar="PROFILES",
+                    help="also release users, conversions and revenue per segment x holdout with differential "
+                    "privacy, segments from this profiles.parquet")
+    dp.add_argument("--epsilon", type=float, default=1.0, help="epsilon of that release (default: 1.0)")
+    dp.add_argument("--ledger", type=Path, default=Path("privacy_ledger.json"),
+                    help="privacy ledger JSON (default: privacy_ledger.json)")
+    dp.add_argument("--budget", type=float, default=None, help="total epsilon budget when creating the ledger")
+    dp.add_argument("--revenue-cap", type=float, default=500.0, help="per-user revenue clip (default: 500)")
     r.set_defaults(func=cmd_report)
 
 
@@ -74,4 +83,27 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"{name}: {campaign_verdict(c, settings.currency)}")
     html_path, json_path = write_campaign_report(report, args.out)
     print(f"written: {html_path}  {json_path}")
+    if args.private_by_segment is not None:
+        print(f"written: {release_private(args, settings)}")
     return 0
+
+
+def release_private(args: argparse.Namespace, settings) -> Path:
+    """The DP release of results by segment x holdout, charged to the ledger, as CSV beside the report."""
+    import re
+
+    from towerline.features.user_features import SEGMENTS, UNKNOWN
+    from towerline.marketing.campaign_report import outcomes_by_segment, read_campaign_events, read_outbox
+    from towerline.marketing.privacy import PrivacyLedger, release_results_by_segment
+    from towerline.marketing.profiles import load_profiles
+
+    outcomes = outcomes_by_segment(read_outbox(args.outbox), read_campaign_events(args.data), args.name,
+                                   load_profiles(args.private_by_segment), settings)
+    ledger = PrivacyLedger(args.ledger, args.budget)
+    table = release_results_by_segment(outcomes, args.epsilon, ledger, args.revenue_cap,
+                                       name=f"campaign {args.name} results by segment",
+                                       categories={"segment": [*SEGMENTS, UNKNOWN], "holdout": [False, True]})
+    path = Path(args.out) / f"campaign-{re.sub(r'[^A-Za-z0-9_.-]+', '_', args.name)}-by-segment-dp.csv"
+    table.to_csv(path, index=False)
+    print(f"privacy: epsilon {args.epsilon:g} spent, {ledger.spent:g} of {ledger.budget:g} in {ledger.path}")
+    return path

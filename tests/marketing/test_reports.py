@@ -211,3 +211,26 @@ def test_campaign_page_renders_in_headless_chromium(tmp_path):
                    check=True, capture_output=True, timeout=120)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
+
+
+def test_campaign_results_by_segment_are_released_privately_and_charged(tmp_path):
+    from towerline.marketing.profiles import export_profiles
+
+    pytest.importorskip("opendp")
+    outbox = _write_outbox(tmp_path / "outbox")
+    data = tmp_path / "data"
+    data.mkdir()
+    _events().to_csv(data / "events.csv", index=False)
+    users = [f"u{i}" for i in range(300)]
+    profiles = pd.DataFrame({"user_id": users, "segment": ["new", "loyal", "churned"] * 100,
+                             "consent": [i != 5 for i in range(300)]})
+    export_profiles(profiles, tmp_path / "profiles.parquet")
+    args = ["campaign", "report", "spring", "--outbox", str(outbox), "--data", str(data), "--out", str(tmp_path / "r"),
+            "--private-by-segment", str(tmp_path / "profiles.parquet"), "--ledger", str(tmp_path / "ledger.json")]
+    assert main(args + ["--epsilon", "0.6", "--budget", "1.0"]) == 0
+    table = pd.read_csv(tmp_path / "r" / "campaign-spring-by-segment-dp.csv")
+    assert len(table) == 12  # 6 segments x {recipient, holdout}, empty cells included
+    assert set(table.columns) == {"segment", "holdout", "users", "conversions", "revenue", "conversion_rate"}
+    assert not table.astype(str).apply(lambda c: c.str.fullmatch(r"u\d+")).any().any()
+    assert json.loads((tmp_path / "ledger.json").read_text())["spent"] == pytest.approx(0.6)
+    assert main(args + ["--epsilon", "0.6"]) == 2  # past the 1.0 budget: refused
