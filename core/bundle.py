@@ -182,6 +182,24 @@ def resolve_bundle_uri(uri: str, cache_dir: str | Path | None = None) -> tuple[P
     return Path(local), info
 
 
+def check_model(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Resolve ``uri`` and verify its manifest and checksums, without loading the network; returns
+    the local bundle directory.
+
+    Commands that start Ray or other long work (``serve``, ``index``, ``evaluate``) call this first,
+    so a wrong ``--model`` ends at once in one ``BundleError`` line instead of a traceback from a
+    replica twenty seconds later. The message is one line even when MLflow's is several.
+    """
+    try:
+        path, _info = resolve_bundle_uri(str(uri), cache_dir)
+        if not (path / MANIFEST).is_file() and (path / "bundle" / MANIFEST).is_file():
+            raise BundleError(f"{path} is not a Towerline bundle ({MANIFEST} is missing); did you mean {path / 'bundle'}?")
+        verify_bundle(path)
+    except BundleError as e:
+        raise BundleError(" ".join(str(e).split())) from None
+    return path
+
+
 def load_bundle(uri: str | Path, cache_dir: str | Path | None = None) -> Bundle:
     """Load and verify a bundle; the network is rebuilt from JSON + safetensors, never unpickled."""
     from safetensors.torch import load_file

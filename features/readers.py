@@ -41,6 +41,7 @@ from towerline.features.contracts import (
 from towerline.features.validate import (
     MAX_LISTED,
     ValidationReport,
+    s3rec_id_problems,
     validate_dataset,
     validate_events,
     validate_items,
@@ -232,7 +233,8 @@ def read_s3rec(txt_path: str | Path, attributes_path: str | Path | None = None, 
     The catalogue is every item in the attributes JSON or in the sequences, with attribute ids as
     tokens ``attr:<id>``, no price and in stock. ``attributes_path`` defaults to
     ``<Name>_item2attributes.json`` beside the text file; when it is absent, items get no attributes.
-    Raises ``DataValidationError`` for a missing or empty file, or a user with two lines.
+    Raises ``DataValidationError`` for a missing or empty file, a token that is not an integer id
+    (naming its line), or a user with two lines.
     """
     dataset, report = _parse_s3rec(Path(txt_path), attributes_path, name)
     report.raise_if_invalid()
@@ -259,6 +261,9 @@ def _parse_s3rec(
     tokens = np.array(list(itertools.chain.from_iterable(split)), dtype=object)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     user_ids = tokens[starts]
+    is_user = np.zeros(len(tokens), dtype=bool)
+    is_user[starts] = True
+    report.problems.extend(s3rec_id_problems(tokens, np.repeat(line_no, lengths), is_user, txt.name))
 
     dup_users = pd.Series(user_ids).duplicated().to_numpy()
     if dup_users.any():
@@ -284,8 +289,7 @@ def _parse_s3rec(
         return None, report
 
     n_items_per_line = lengths - 1
-    is_item = np.ones(len(tokens), dtype=bool)
-    is_item[starts] = False
+    is_item = ~is_user
     n_events = int(is_item.sum())
     position = np.flatnonzero(is_item) - np.repeat(starts + 1, n_items_per_line)  # (E,) 0, 1, 2, ... per line
     item_col = pd.Categorical(tokens[is_item].astype(str))
@@ -354,6 +358,11 @@ def _read_item_attributes(
     bad = [k for k, v in raw.items() if not isinstance(v, list)]
     for k in bad[:MAX_LISTED]:
         report.problems.append(f"{path.name} item {k!r}, field 'attributes': {raw[k]!r} is not a list of attribute ids")
+    not_ids = [k for k in raw if not (k.isascii() and k.isdecimal())]  # keys are the .txt file's item ids
+    for k in not_ids[:MAX_LISTED]:
+        report.problems.append(f"{path.name} item {k!r}, field 'item_id': not an integer id; S3Rec items are numbered 1..N")
+    if len(not_ids) > MAX_LISTED:
+        report.problems.append(f"{path.name}: ... and {len(not_ids) - MAX_LISTED:,} more items like these")
     return {str(k): v for k, v in raw.items()}
 
 

@@ -357,6 +357,26 @@ def _strictly_increasing(ids: pd.Series) -> bool:
     return bool(pc.all(pc.greater(arr.slice(1), arr.slice(0, n - 1))).as_py())
 
 
+def s3rec_id_problems(tokens: np.ndarray, line_no: np.ndarray, is_user: np.ndarray, source: str) -> list[str]:
+    """One problem per S3Rec token that is not an integer id (the first ``MAX_LISTED``), then a count.
+
+    S3Rec files (and the preprocessing that makes them) number users and items 1..N, so a token such
+    as ``abc`` is a damaged line, not a new item: read as text it would quietly join the catalogue.
+    ``tokens`` (T,) are the file's whitespace-separated strings, ``line_no`` (T,) the 1-based line of
+    each and ``is_user`` (T,) True for the first token of a line (the user id).
+    """
+    bad = ~pc.ascii_is_decimal(pa.array(tokens, type=pa.string())).to_numpy(zero_copy_only=False)
+    where = np.flatnonzero(bad)
+    lines = [
+        f"{source} line {int(line_no[t])}, field '{'user_id' if is_user[t] else 'item_id'}': {_show(tokens[t])} is "
+        "not an integer id; S3Rec lines are whole numbers, 'user item item ...'"
+        for t in where[:MAX_LISTED]
+    ]
+    if len(where) > MAX_LISTED:
+        lines.append(f"{source}: ... and {len(where) - MAX_LISTED:,} more tokens like these")
+    return lines
+
+
 def validate_events(raw: pd.DataFrame, source: str = "events") -> tuple[pd.DataFrame | None, ValidationReport]:
     """Check an events table and return it in canonical columns (or None when a problem is fatal).
 

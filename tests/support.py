@@ -72,12 +72,11 @@ def redis_server_binary() -> str:
 
 
 def free_port() -> int:
-    """A port nothing on 127.0.0.1 listens on right now."""
-    import socket
+    """A port nothing on 127.0.0.1 listens on right now: every test server binds 127.0.0.1, on a port
+    from here (the product's own picker, so tests and ``towerline serve`` choose ports one way)."""
+    from towerline.serving.ingress import free_ports
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports("127.0.0.1")[0]
 
 
 def start_redis(workdir: Path):

@@ -50,6 +50,17 @@ def test_validate_broken_file_exits_2_with_one_error_line_per_problem(tmp_path, 
     assert "3 events" in captured.out
 
 
+def test_validate_s3rec_file_with_a_token_that_is_not_an_integer_exits_2_naming_it(tmp_path, capsys):
+    bad = tmp_path / "Broken.txt"
+    bad.write_text("1 5 6\n17 362 205 abc\n")
+    assert main(["data", "validate", str(bad), "--format", "s3rec", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: Broken.txt line 2, field 'item_id': 'abc' is not an integer id; S3Rec lines are whole "
+                      "numbers, 'user item item ...'"]
+    assert "Traceback" not in captured.err
+
+
 def test_validate_missing_path_exits_2(tmp_path, capsys):
     assert main(["data", "validate", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert "missing file or folder" in capsys.readouterr().err

@@ -5,6 +5,11 @@
 (JSON vocabularies and a ``.npz`` of plain integer arrays, loaded with ``allow_pickle=False``).
 ``setup`` reads those files and splits them in every process, as Lightning's DataModule guide asks.
 
+The cache is keyed on what made it (``cache_key``: the data settings, ``model.max_attributes`` and
+the size and mtime of the source files), stored in ``prepared.json`` beside the arrays. A run whose
+key differs rebuilds the cache and logs what changed, so two runs into one ``--out`` never share
+data by accident.
+
 Training examples are windows, not prefixes: a sequence of length L becomes ceil((L-1)/T) windows of
 T steps, each position predicting the next item, so one pass covers every position of every
 sequence (SASRec-style) instead of one sample per prefix.
@@ -12,10 +17,13 @@ sequence (SASRec-style) instead of one sample per prefix.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -31,6 +39,11 @@ from towerline.features.vocab import PAD_IDX, Vocabs, build_vocabs, item_attribu
 
 log = logging.getLogger(__name__)
 
+PREPARED = "prepared.json"  # the cache's marker: written last, holds the cache key
+# Data settings that ``setup`` reads to split the cached sequences; they shape no cached file.
+_SPLIT_ONLY_FIELDS = ("min_user_events", "split", "time_split_quantiles")
+
+
 def load_data(cfg: DataConfig) -> Dataset:
     """The configured data set: synthetic (the embedded default), S3Rec, CSV or Parquet files."""
     if cfg.format == "synthetic":
@@ -41,6 +54,55 @@ def load_data(cfg: DataConfig) -> Dataset:
 
     dataset, _report = load_dataset(cfg.path, format=cfg.format, name=cfg.name)
     return dataset
+
+
+def _source_files(path: str | None) -> list[dict[str, Any]]:
+    """Name, size and mtime of the files a path-based data set is read from: an edited file at the
+    same path is other data. A file brings its siblings of the same stem (S3Rec's
+    ``<Name>_item2attributes.json``); a folder, every file in it."""
+    if not path:
+        return []
+    p = Path(path).resolve()
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file())
+    else:
+        siblings = p.parent.iterdir() if p.parent.is_dir() else ()
+        files = sorted(f for f in siblings if f.is_file() and f.name.startswith(p.stem))
+    return [{"file": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns} for f in files]
+
+
+def cache_key(cfg: TowerlineConfig) -> dict[str, Any]:
+    """Everything that shapes the files ``prepare_data`` writes, with its sha256 under ``"sha256"``.
+
+    The data settings (less the split ones, which ``setup`` applies to the cached sequences),
+    ``model.max_attributes`` (the width of the item-attribute matrix) and the source files' sizes and
+    mtimes. A data path is made absolute: a relative one means other data from another directory.
+    """
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _SPLIT_ONLY_FIELDS}
+    if data.get("path"):
+        data["path"] = str(Path(data["path"]).resolve())
+    key: dict[str, Any] = {
+        "data": data,
+        "max_attributes": cfg.model.max_attributes,
+        "sources": _source_files(cfg.data.path),
+    }
+    key = json.loads(json.dumps(key, default=str))  # as prepared.json will hold it (tuples as lists)
+    key["sha256"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return key
+
+
+def _key_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"data.format: 'synthetic' -> 's3rec'"`` for each setting that differs (sources summarised)."""
+    changes = []
+    for name in sorted(set(old.get("data", {})) | set(new["data"])):
+        a, b = old.get("data", {}).get(name), new["data"].get(name)
+        if a != b:
+            changes.append(f"data.{name}: {a!r} -> {b!r}")
+    if old.get("max_attributes") != new["max_attributes"]:
+        changes.append(f"model.max_attributes: {old.get('max_attributes')!r} -> {new['max_attributes']!r}")
+    if not changes and old.get("sources") != new["sources"]:
+        changes.append("the source files changed (size or modification time)")
+    return changes or ["prepared by a Towerline version that did not record its cache key"]
 
 
 def make_split(seqs: Sequences, cfg: DataConfig) -> Split:
@@ -129,15 +191,38 @@ class SequenceDataModule(L.LightningDataModule):
         self.item_attributes: np.ndarray | None = None
         self.item_counts: np.ndarray | None = None
         self.dataset_items: pd.DataFrame | None = None
+        self._prepared = False  # Lightning calls prepare_data again inside fit(): check the cache once
 
     @property
     def vocab_dir(self) -> Path:
         return self.work_dir / "vocab"
 
+    def cache_changes(self, key: dict[str, Any] | None = None) -> list[str] | None:
+        """None when ``work_dir`` holds no prepared data; else what differs between the config that
+        prepared it and this one (``key``, default ``cache_key(self.cfg)``); empty: the cache is this
+        config's."""
+        marker = self.work_dir / PREPARED
+        if not marker.exists():
+            return None
+        try:
+            old = json.loads(marker.read_text()).get("cache_key") or {}
+        except (ValueError, AttributeError):
+            old = {}
+        new = key or cache_key(self.cfg)
+        return [] if old.get("sha256") == new["sha256"] else _key_changes(old, new)
+
     def prepare_data(self) -> None:
-        marker = self.work_dir / "prepared.json"
-        if marker.exists():
+        if self._prepared:
             return
+        key = cache_key(self.cfg)  # before reading: a source edited meanwhile is rebuilt next time
+        changes = self.cache_changes(key)
+        if changes == []:
+            log.info("data: reusing the cache in %s (same data config)", self.work_dir)
+            self._prepared = True
+            return
+        if changes:
+            log.warning("data: %s was prepared from other data (%s); rebuilding it", self.work_dir, "; ".join(changes))
+            (self.work_dir / PREPARED).unlink()  # first: a rebuild that fails half-way leaves no valid-looking cache
         self.work_dir.mkdir(parents=True, exist_ok=True)
         dataset = load_data(self.cfg.data)
         vocabs = build_vocabs(dataset)
@@ -150,7 +235,13 @@ class SequenceDataModule(L.LightningDataModule):
         dataset.items.to_parquet(self.work_dir / "items.parquet")
         # consent only: serving must not personalise for users who said no, and needs nothing else
         dataset.users[["user_id", "consent"]].astype({"user_id": str, "consent": bool}).to_parquet(self.work_dir / "users.parquet")
-        marker.write_text(json.dumps({"dataset": dataset.name, "events": len(dataset.events)}))
+        counts = {"events": len(dataset.events), "users": len(dataset.users), "items": len(dataset.items)}
+        (self.work_dir / PREPARED).write_text(
+            json.dumps({"dataset": dataset.name, **counts, "cache_key": key}, indent=2)
+        )
+        log.info("data: prepared %s in %s (%s events, %s users, %s items)", dataset.name, self.work_dir,
+                 *(f"{n:,}" for n in counts.values()))
+        self._prepared = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.split is not None:

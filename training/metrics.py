@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-
 from towerline.features.vocab import N_RESERVED, PAD_IDX
 
 log = logging.getLogger(__name__)
@@ -152,12 +151,33 @@ class RankingAccumulator:
 
     Catalogue coverage@K (the share of real items that reach at least one user's top-K list) shows
     whether a model recommends the same few popular items to everyone, which HR and NDCG cannot.
+    Two more beyond-accuracy figures of the same top-K lists, when their inputs are given:
+
+    * ``novelty_<K>`` (needs ``item_popularity``): mean self-information ``-log2 p(i)`` of the
+      recommended items, ``p(i)`` the item's share of training interactions (add-one smoothed);
+      higher = less obvious recommendations (Zhou et al., "Solving the apparent diversity-accuracy
+      dilemma of recommender systems", PNAS 2010).
+    * ``diversity_<K>`` (needs ``item_category``): intra-list diversity as the share of distinct
+      categories among a user's K items, averaged over users (1.0: every item from another
+      category); items without a category form one group of their own.
     """
 
     ks: tuple[int, ...] = (5, 10, 20)
     coverage_k: int = 10
+    item_popularity: torch.Tensor | None = None  # (V,) training interactions per item, reserved rows included
+    item_category: torch.Tensor | None = None  # (V,) long category index per item (PAD: none)
     _ranks: list[torch.Tensor] = field(default_factory=list, repr=False)
     _seen: torch.Tensor | None = field(default=None, repr=False)
+    _novelty: list[torch.Tensor] = field(default_factory=list, repr=False)  # per user, mean self-information
+    _diversity: list[torch.Tensor] = field(default_factory=list, repr=False)  # per user, distinct-category share
+
+    def __post_init__(self) -> None:
+        self._self_info: torch.Tensor | None = None
+        if self.item_popularity is not None:
+            pop = self.item_popularity.detach().to("cpu", torch.float64).reshape(-1)
+            real = pop[N_RESERVED:]
+            share = (pop + 1.0) / (float(real.sum()) + len(real))  # (V,) add-one smoothed
+            self._self_info = -torch.log2(share)
 
     def update(self, ranks: torch.Tensor, topk_items: torch.Tensor | None = None) -> None:
         """Add a batch: ranks (B,) from ``target_ranks``; topk_items (B, >= coverage_k) from
@@ -168,9 +188,17 @@ class RankingAccumulator:
                 raise ValueError(
                     f"topk_items must have shape (B, >= {self.coverage_k}), got {tuple(topk_items.shape)}"
                 )
-            batch = topk_items[:, : self.coverage_k].detach().reshape(-1).to("cpu", torch.long)
+            lists = topk_items[:, : self.coverage_k].detach().to("cpu", torch.long)  # (B, K)
+            batch = lists.reshape(-1)
             both = batch if self._seen is None else torch.cat([self._seen, batch])
             self._seen = torch.unique(both)
+            if self._self_info is not None:
+                self._novelty.append(self._self_info[lists].mean(dim=1))  # (B,)
+            if self.item_category is not None:
+                cats = self.item_category.to("cpu", torch.long)[lists]  # (B, K)
+                ordered = cats.sort(dim=1).values
+                distinct = 1 + (ordered[:, 1:] != ordered[:, :-1]).sum(dim=1)  # (B,)
+                self._diversity.append(distinct.to(torch.float64) / lists.shape[1])
 
     def compute(self, n_items: int) -> dict[str, float]:
         """Metrics over every user seen so far, plus ``coverage_<K>`` when top-K lists were given.
@@ -187,11 +215,17 @@ class RankingAccumulator:
                 raise ValueError(f"n_items={n_items} leaves no real item (the first {N_RESERVED} are reserved)")
             distinct = int((self._seen >= N_RESERVED).sum())
             out[f"coverage_{self.coverage_k}"] = distinct / n_real
+        if self._novelty:
+            out[f"novelty_{self.coverage_k}"] = float(torch.cat(self._novelty).mean())
+        if self._diversity:
+            out[f"diversity_{self.coverage_k}"] = float(torch.cat(self._diversity).mean())
         return out
 
     def reset(self) -> None:
         self._ranks.clear()
         self._seen = None
+        self._novelty.clear()
+        self._diversity.clear()
 
     @property
     def n_users(self) -> int:

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from towerline.config import TowerlineConfig, save_config, to_dict
+from towerline.errors import ConfigError
 from towerline.training.data import SequenceDataModule
 from towerline.training.export import export_bundle
 from towerline.training.system import TwoTowerSystem
@@ -44,8 +45,8 @@ class LearningCurve(Callback):
         # runs after the epoch's validation, so both the train loss and valid metrics are known
         m = trainer.callback_metrics
         point = {"epoch": float(trainer.current_epoch), "elapsed_s": time.perf_counter() - self.start}
-        for key in (MONITOR, "valid/hr_10", "train/loss"):
-            if key in m:
+        for key in sorted(m):  # every validation metric: the best epoch's are logged as best/valid_*
+            if key.startswith("valid/") or key == "train/loss":
                 point[key] = float(m[key])
         self.points.append(point)
         pl_module.log("time/elapsed_s", point["elapsed_s"])
@@ -78,6 +79,28 @@ class LearningCurve(Callback):
         return path
 
 
+def run_name(cfg: TowerlineConfig, now: dt.datetime | None = None) -> str:
+    """``beauty-twotower-20261201-101233``: data set, model and start time, readable in the MLflow UI.
+
+    Set explicitly because MLflow's generated names (``capable-auk-759``) come from Python's global
+    random state, which ``seed_everything`` has just fixed: every run would get the same name.
+    """
+    model = "twotower+ranker" if cfg.ranker.enabled else "twotower"
+    return f"{cfg.data.name}-{model}-{(now or dt.datetime.now()):%Y%m%d-%H%M%S}"
+
+
+def best_epoch_metrics(curve: list[dict[str, float]]) -> dict[str, float]:
+    """``best/epoch`` and the validation metrics of the epoch with the highest ``valid/ndcg_10``
+    (the first such epoch, as ``ModelCheckpoint`` keeps it), as ``best/valid_<metric>``."""
+    scored = [p for p in curve if MONITOR in p]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda p: p[MONITOR])  # max() keeps the first of equal scores
+    out = {"best/epoch": best["epoch"]}
+    out.update({f"best/valid_{k.removeprefix('valid/')}": v for k, v in best.items() if k.startswith("valid/")})
+    return out
+
+
 @dataclass
 class TrainResult:
     run_id: str
@@ -97,6 +120,12 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
     save_config(cfg, out / "config.yaml")
 
     dm = SequenceDataModule(cfg, out / "data")
+    changes = dm.cache_changes() if resume else None
+    if changes:
+        raise ConfigError(
+            f"--resume: {out / 'data'} was prepared from other data ({'; '.join(changes)}); the checkpoint "
+            f"in {out} belongs to that data. Resume with the original config, or train into a new --out"
+        )
     dm.prepare_data()
     dm.setup()
     stats = dm.stats
@@ -115,6 +144,7 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
         experiment_name=cfg.tracking.experiment,
         tracking_uri=uri,
         run_id=resume_run,
+        run_name=None if resume_run else run_name(cfg),
         tags={"dataset": cfg.data.name, "code_version": code_version(), "split": cfg.data.split},
         log_model=False,
     )
@@ -150,6 +180,9 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
         metrics["valid/best_ndcg_10"] = float(best.best_model_score)
     metrics["train/epochs"] = float(trainer.current_epoch)
     metrics["train/seconds"] = curve.points[-1]["elapsed_s"] if curve.points else 0.0
+    metrics.update(best_epoch_metrics(curve.points))
+    # the run's summary, beside the per-epoch curves and the test metrics Lightning logged already
+    logger.log_metrics({k: v for k, v in metrics.items() if k.startswith("best/") or k in ("train/epochs", "train/seconds")})
 
     plot = curve.plot(out / "training_curve.png")
     (out / "curve.json").write_text(json.dumps(curve.points, indent=2))

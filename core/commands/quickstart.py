@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--items", type=int, default=800, help="synthetic items (default: 800)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs at most (default: 8)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default: 0)")
-    p.add_argument("--port", type=int, default=8000, help="port for the one served request (default: 8000)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port on 127.0.0.1 for the one served request (default: a free one)")
     p.add_argument("--no-serve", action="store_true", help="stop after training and indexing")
     p.set_defaults(func=cmd_quickstart)
 
@@ -71,9 +72,14 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if args.no_serve:
         return 0
     user_id = str(dataset.events["user_id"].iloc[0])
-    print(f"[5/5] Ray Serve on 127.0.0.1:{args.port} with {model_uri}: one POST /recommend for {user_id}")
+    from towerline.serving.ingress import free_ports
+
+    # the server lives for one request: any free port does, and a fixed default (8000) is often taken
+    port = args.port if args.port is not None else free_ports("127.0.0.1")[0]
+    print(f"[5/5] Ray Serve on 127.0.0.1:{port} with {model_uri}: one POST /recommend for {user_id}")
     app_args = AppArgs(model=model_uri, index_dir=str(report["out"]), tracking_uri=uri,
-                       settings={"host": "127.0.0.1", "port": args.port, "history_db": str(out / "history.db")})
-    answer = serve_locally(app_args, "127.0.0.1", args.port, num_cpus=2, check_request={"user_id": user_id, "k": 5})
+                       settings={"host": "127.0.0.1", "port": port,  # every file of the run stays under --out
+                                 "history_db": str(out / "history.sqlite"), "feedback_db": str(out / "feedback.sqlite")})
+    answer = serve_locally(app_args, "127.0.0.1", port, num_cpus=2, check_request={"user_id": user_id, "k": 5})
     print(json.dumps(answer["body"] if answer else None, indent=2))
     return 0 if answer and answer["status"] == 200 else 1

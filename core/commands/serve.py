@@ -69,7 +69,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ingress", choices=INGRESS_KINDS, default="proxy",
                    help="Ray Serve's front door: its Python proxy (default), or HAProxy with direct ingress to the "
                    "replica (Ray's high-throughput mode: no proxy hop, the body read in the replica; its metrics "
-                   "and stats ports listen on all interfaces)")
+                   "and stats pages listen on --host, on free ports unless RAY_SERVE_HAPROXY_METRICS_PORT / "
+                   "RAY_SERVE_HAPROXY_STATS_PORT are set)")
     p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever and of the ranker (default: 1)")
     p.add_argument("--max-per-category", type=int, default=None, help="diversity cap per category (default: none)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
@@ -139,7 +140,10 @@ def build_model_index(
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from towerline.bundle import check_model
+
     _tracking(args.tracking_uri)
+    check_model(args.model)  # a wrong --model is one line now, not a traceback after loading torch
     overrides = {name: value for name, value in (("hnsw_m", args.hnsw_m), ("hnsw_ef_search", args.ef_search),
                                                  ("hnsw_storage", args.hnsw_storage),
                                                  ("ivf_nlist", args.nlist), ("ivf_nprobe", args.nprobe))
@@ -165,17 +169,36 @@ def _sample_user(model: str) -> str:
 _FRONT_DOORS = {"haproxy": "HAProxy", "proxy": "the Serve proxy"}
 
 
+def _http(method: str, url: str, body: dict[str, Any] | None = None, timeout_s: float = 60.0) -> tuple[int, Any]:
+    """``(status, parsed JSON body)`` of one request, with the standard library only: ``serve --check``
+    and the quickstart must work from a plain ``pip install -e .``, without the test extra's httpx.
+    An HTTP error status is returned, not raised; a connection failure raises ``OSError``."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # our own server: never via $http_proxy
+    try:
+        with direct.open(req, timeout=timeout_s) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:  # 4xx/5xx still carry a JSON body worth printing
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
 def _wait_healthy(base: str, timeout_s: float = 30.0) -> None:
     """Until ``/healthz`` answers 200: ``serve.run`` returns once the replicas are up, but HAProxy
     starts routing to a new replica only after its next health check."""
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if httpx.get(f"{base}/healthz", timeout=5).status_code == 200:
+            if _http("GET", f"{base}/healthz", timeout_s=5)[0] == 200:
                 return
-        except httpx.HTTPError:
+        except OSError:  # refused, reset or timed out: not up yet
             pass
         if time.monotonic() > deadline:
             return  # the request that follows reports what is wrong
@@ -191,7 +214,7 @@ def serve_locally(
     from ray import serve
 
     from towerline.serving.app import build_app
-    from towerline.serving.ingress import active_ingress
+    from towerline.serving.ingress import active_ingress, haproxy_addresses
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=check_request is None)
     try:
@@ -200,13 +223,13 @@ def serve_locally(
         base = f"http://{host}:{port}"
         door = _FRONT_DOORS[active_ingress() or "proxy"]
         print(f"serving {app_args.model} at {base} through {door}  (API docs: {base}/docs; Ctrl-C stops)", flush=True)
+        if extra := haproxy_addresses(host):
+            print(f"HAProxy stats {extra['stats']}, metrics {extra['metrics']}", flush=True)
         if check_request is not None:
-            import httpx
-
             _wait_healthy(base)
-            resp = httpx.post(f"{base}/recommend", json=check_request, timeout=60)
-            print(f"POST /recommend {json.dumps(check_request)} -> HTTP {resp.status_code}")
-            return {"status": resp.status_code, "body": resp.json()}
+            status, body = _http("POST", f"{base}/recommend", check_request)
+            print(f"POST /recommend {json.dumps(check_request)} -> HTTP {status}")
+            return {"status": status, "body": body}
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -218,13 +241,14 @@ def serve_locally(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from towerline.bundle import check_model
     from towerline.serving.ingress import use_ingress
 
-    use_ingress(args.ingress)  # before anything imports ray.serve: Ray reads it at import time
-    from towerline.serving.app import AppArgs
-
     _tracking(args.tracking_uri)
+    check_model(args.model)  # first, before Ray: a wrong --model is one line, not a replica's traceback
+    use_ingress(args.ingress, args.host)  # before anything imports ray.serve: Ray reads it at import time
     from towerline.config import load_config, to_dict
+    from towerline.serving.app import AppArgs
     from towerline.serving.settings import settings_from
 
     # validated here so that a bad flag is one line naming it (ConfigError), not a pydantic trace

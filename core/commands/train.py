@@ -91,9 +91,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from towerline.training.evaluate import evaluate_bundle
+    from towerline.bundle import check_model
 
     _tracking(args.tracking_uri)
+    check_model(args.model)  # first: a wrong --model is one line, before torch loads or data is read
+    from towerline.training.evaluate import evaluate_bundle
+
     overrides = list(args.overrides)
     if args.data:
         overrides.append(f"data.path={args.data}")

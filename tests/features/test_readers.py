@@ -14,7 +14,7 @@ import pytest
 
 from towerline.errors import DataValidationError
 from towerline.features.contracts import EVENT_COLUMNS, ITEM_COLUMNS, Dataset
-from towerline.features.readers import load_dataset, read_events, read_items, read_s3rec, read_users
+from towerline.features.readers import check_dataset, load_dataset, read_events, read_items, read_s3rec, read_users
 from towerline.features.writers import write_dataset
 
 from support import SHARED_DATA  # noqa: E402  (../shared beside the checkout)
@@ -87,6 +87,27 @@ def test_s3rec_user_on_two_lines_is_refused_naming_both_lines(tmp_path):
     with pytest.raises(DataValidationError) as e:
         read_s3rec(txt)
     assert "Dup.txt line 3, field 'user_id': user '1' already has line 1" in str(e.value)
+
+
+def test_s3rec_token_that_is_not_an_integer_is_refused_naming_file_line_and_token(tmp_path):
+    txt = tmp_path / "Bad.txt"
+    txt.write_text("17 362 205\nu9 4 5\n18 362 205 abc\n19 1.5 7\n")
+    with pytest.raises(DataValidationError) as e:
+        read_s3rec(txt)
+    assert e.value.problems == [
+        "Bad.txt line 2, field 'user_id': 'u9' is not an integer id; S3Rec lines are whole numbers, 'user item item ...'",
+        "Bad.txt line 3, field 'item_id': 'abc' is not an integer id; S3Rec lines are whole numbers, 'user item item ...'",
+        "Bad.txt line 4, field 'item_id': '1.5' is not an integer id; S3Rec lines are whole numbers, 'user item item ...'",
+    ]
+
+
+def test_s3rec_attributes_json_with_an_item_that_is_not_an_integer_is_refused(tmp_path):
+    txt = tmp_path / "Toy.txt"
+    txt.write_text("1 10 11\n")
+    (tmp_path / "Toy_item2attributes.json").write_text(json.dumps({"10": [1], "abc": [2]}))
+    dataset, report = check_dataset(txt)
+    assert dataset is None
+    assert report.problems == ["Toy_item2attributes.json item 'abc', field 'item_id': not an integer id; S3Rec items are numbered 1..N"]
 
 
 def _tiny_dataset() -> Dataset:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 
 import mlflow
@@ -14,7 +16,8 @@ from support import REPO, tiny_overrides
 from towerline.bundle import load_bundle
 from towerline.cli import main
 from towerline.config import load_config
-from towerline.errors import BundleError
+from towerline.errors import BundleError, ConfigError
+from towerline.training.data import SequenceDataModule
 from towerline.training.tracking import promote
 from towerline.training.train import train
 
@@ -125,3 +128,68 @@ def test_train_command_prints_run_id_and_test_metrics(mlflow_store, tmp_path, ca
 def test_train_command_names_an_unknown_config_key(capsys):
     assert main(["train", "--set", "model.dimm=8"]) == 2
     assert "unknown config key 'model.dimm'; did you mean 'dim'?" in capsys.readouterr().err
+
+
+def test_run_has_a_readable_name_and_its_summary_in_mlflow(tiny_run):
+    run = mlflow.MlflowClient(tiny_run.tracking_uri).get_run(tiny_run.run_id)
+    assert re.fullmatch(r"synthetic-twotower-\d{8}-\d{6}", run.info.run_name), run.info.run_name
+    m = run.data.metrics
+    assert m["train/epochs"] == 2 and m["train/seconds"] > 0
+    assert m["best/epoch"] in (0, 1)
+    # the best epoch's validation metrics are the ones its epoch logged, and its NDCG is the checkpoint's
+    history = mlflow.MlflowClient(tiny_run.tracking_uri).get_metric_history(tiny_run.run_id, "valid/hr_10")
+    assert m["best/valid_hr_10"] == pytest.approx(history[int(m["best/epoch"])].value)
+    assert m["best/valid_ndcg_10"] == pytest.approx(tiny_run.metrics["valid/best_ndcg_10"])
+    assert {"best/valid_mrr", "best/valid_coverage_10"} <= set(m)
+
+
+def _synthetic(users: int, items: int, seed: int, mlflow_store: str) -> list[str]:
+    return tiny_overrides(mlflow_store) + [
+        f"data.synthetic_users={users}", f"data.synthetic_items={items}", f"data.seed={seed}",
+        "trainer.max_epochs=1", "tracking.register=false",
+    ]
+
+
+def test_a_second_run_into_the_same_out_trains_on_its_own_data(mlflow_store, tmp_path, caplog):
+    out = tmp_path / "shared-out"
+    config = REPO / "configs" / "synthetic.yaml"
+    first = train(load_config(config, _synthetic(300, 60, 0, mlflow_store)), out, progress=False)
+    with caplog.at_level(logging.INFO, logger="towerline.training.data"):
+        second = train(load_config(config, _synthetic(200, 40, 1, mlflow_store)), out, progress=False)
+    rebuilt = [r for r in caplog.records if r.levelno == logging.WARNING and "rebuilding" in r.getMessage()]
+    assert len(rebuilt) == 1 and "data.synthetic_items: 60 -> 40" in rebuilt[0].getMessage()
+
+    # what the second config's data looks like when prepared on its own, in a folder of its own
+    fresh = SequenceDataModule(load_config(config, _synthetic(200, 40, 1, mlflow_store)), tmp_path / "fresh")
+    fresh.prepare_data()
+    fresh.setup()
+    client = mlflow.MlflowClient(mlflow_store)
+    params = [client.get_run(r.run_id).data.params for r in (first, second)]
+    assert params[0]["n_items"] != params[1]["n_items"] == str(fresh.stats.n_items)
+    bundle = load_bundle(second.bundle_dir)
+    assert len(bundle.items) == 40 and len(bundle.vocabs.users) == fresh.stats.n_users
+    names = [client.get_run(r.run_id).info.run_name for r in (first, second)]
+    assert names[0] != names[1]
+
+
+def test_the_same_config_reuses_the_data_cache_and_another_rebuilds_it(tmp_path, caplog):
+    config = REPO / "configs" / "synthetic.yaml"
+    a = load_config(config, ["data.synthetic_users=200", "data.synthetic_items=30"])
+    SequenceDataModule(a, tmp_path).prepare_data()
+    with caplog.at_level(logging.INFO, logger="towerline.training.data"):
+        again = SequenceDataModule(load_config(config, ["data.synthetic_users=200", "data.synthetic_items=30"]), tmp_path)
+        again.prepare_data()
+        assert any("reusing the cache" in r.getMessage() for r in caplog.records)
+        other = SequenceDataModule(load_config(config, ["data.synthetic_users=200", "data.synthetic_items=30",
+                                                        "model.max_attributes=3"]), tmp_path)
+        other.prepare_data()
+    assert any("model.max_attributes: 8 -> 3" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    other.setup()
+    assert other.item_attributes.shape[1] == 3
+
+
+def test_resume_refuses_a_cache_prepared_from_other_data(mlflow_store, tmp_path):
+    config = REPO / "configs" / "synthetic.yaml"
+    SequenceDataModule(load_config(config, _synthetic(300, 60, 0, mlflow_store)), tmp_path / "r" / "data").prepare_data()
+    with pytest.raises(ConfigError, match=r"--resume: .* was prepared from other data \(data.seed: 0 -> 1"):
+        train(load_config(config, _synthetic(300, 60, 1, mlflow_store)), tmp_path / "r", resume=True, progress=False)
