@@ -13,6 +13,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from towerline.commands.campaign_report import register_report
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -40,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a campaign (trigger, eligibility, content, offer, channels, holdout) "
                        "over the event log at a time and publish its messages once each.",
                        epilog=RUN_EXAMPLE, formatter_class=fmt)
-    actions = p.add_subparsers(dest="campaign_command", metavar="<run|preview>", required=True)
+    actions = p.add_subparsers(dest="campaign_command", metavar="<run|preview|report>", required=True)
 
     r = actions.add_parser("run", help="write the campaign's new messages to an outbox",
                            description="Evaluate the trigger at --as-of, apply consent, segments, holdout, "
@@ -59,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--model", default=None, help="bundle (needed only for an item_launch trigger's audience)")
     v.add_argument("--outbox", default=None, help="the outbox whose history de-duplication and caps read (default: none)")
     v.set_defaults(func=cmd_preview)
+
+    register_report(actions)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -132,7 +136,6 @@ def serving_recommend(model: str, recent_events: "pd.DataFrame | None" = None):
     model's training data) reach the user tower as the online history store's events would.
     """
     import torch
-
     from towerline.serving.recommender import Recommender, load_model
     from towerline.serving.settings import ServeSettings
 
