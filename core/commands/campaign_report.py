@@ -1,8 +1,7 @@
 """``towerline campaign report``: what a campaign's messages brought in, against its holdout.
 
 ``register_report(campaign_subparsers)`` adds the ``report`` subcommand to the ``campaign`` parser
-that ``towerline.commands.campaign`` (``campaign run | preview``) builds. Until that module exists,
-
+that ``towerline.commands.campaign`` (``campaign run | preview``) builds.
 """
 
 from __future__ import annotations
