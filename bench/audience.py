@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
 
     t0 = time.perf_counter()
     model, train_info = args.model, None
@@ -103,7 +103,7 @@ def evaluate(bundle, sizes: list[int], max_items: int, seed: int) -> dict:
     from towerline.features.splits import split_leave_one_out
     from towerline.marketing.audience import find_audience, log_partition, user_vectors
     full = bundle.histories
-    split = split_leave_one_out(full, int(bundle.config.get("data", {}).get("min_user_events", 3)))
+    split = split_leave_one_out(full, bundle.config.data.min_user_events)
     test = split.test
     # every user keeps their history up to (not including) their hidden test step
     lengths = full.lengths.copy()
@@ -165,7 +165,7 @@ def evaluate(bundle, sizes: list[int], max_items: int, seed: int) -> dict:
         row["audience_over_random_macro"] = _ratio(row["audience"]["macro"], row["random"]["macro"])
         out["sizes"][str(n)] = row
     out.update(
-        dataset=bundle.config.get("data", {}).get("name"),
+        dataset=bundle.config.data.name,
         users=int(len(ids)),
         test_users=int(len(test)),
         items_with_test_buyers=int(len(by_item)),

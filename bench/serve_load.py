@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.config import apply_overrides
     from towerline.errors import TowerlineError
     from towerline.serving.app import AppArgs, build_app

@@ -54,7 +54,7 @@ def client(served):
 
 
 def a_known_user(tiny_run) -> str:
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
 
     b = load_bundle(tiny_run.bundle_dir)
     row = int(np.flatnonzero(b.histories.lengths >= 3)[0])
@@ -177,7 +177,7 @@ def test_health_version_and_docs(client, served):
 
 
 def test_corrupt_index_is_refused_and_old_model_keeps_serving(client, served, tmp_path):
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.config import IndexConfig
     from towerline.serving.index import build_index, save_index
 
