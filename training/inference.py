@@ -5,10 +5,11 @@ Offline evaluation (``evaluate.py``), the ranker's candidate lists (``candidates
 (``serving/recommender.py``) all call these functions, so an offline metric describes exactly what
 the endpoint serves. Three decisions make that hold bit for bit:
 
-- **Fixed-width windows.** The user tower always reads exactly ``max_len`` columns and the ranker
-  exactly ``history_len`` (left-padded, newest step last), as in training. Padding only to the
-  longest history of a batch gives the same numbers in exact arithmetic but not in floating point,
-  and then a user's answer would depend on who else shares the batch.
+- **Windows fixed per history.** The user tower reads a window whose width depends on the history
+  alone (8, 16, 32, ... up to ``max_len`` columns, the narrowest that holds it: ``row_widths``) and
+  the ranker exactly ``history_len`` columns (left-padded, newest step last). Padding to the longest
+  history of a batch, as before, gives the same numbers in exact arithmetic but not in floating
+  point, and then a user's answer depended on who else shared the batch.
 - **One user per score row.** Item scores are one matrix-vector product per user
   (``item_scores``): a batched matrix product takes a different BLAS kernel for 1 row than for 32,
   whose last bits differ; one call per row reads nothing but that row. It costs the same per row
@@ -123,17 +124,47 @@ def fit_width(x: torch.Tensor, width: int, fill: int = PAD_IDX) -> torch.Tensor:
 # ----------------------------------------------------------------------------- retrieval
 
 
+MIN_WIDTH = 8  # narrowest user-tower window; widths double from here up to max_len
+
+
+def window_widths(max_len: int) -> tuple[int, ...]:
+    """The user tower's window widths: 8, 16, 32, ... capped at ``max_len`` (max_len 50: 8, 16, 32, 50)."""
+    out, w = [], MIN_WIDTH
+    while w < max_len:
+        out.append(w)
+        w *= 2
+    return (*out, max_len)
+
+
+def row_widths(items: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) the window width of each row: the narrowest of ``window_widths`` that holds its own steps.
+
+    A function of the row alone, so a history gets the same window (and the same bits) whatever else
+    shares its batch; short histories skip most of the attention cost of padding to ``max_len``.
+    """
+    lengths = (items != PAD_IDX).sum(dim=1)  # (B,)
+    widths = torch.tensor(window_widths(max_len), device=items.device)  # (W,)
+    return widths[torch.searchsorted(widths, lengths.clamp(max=max_len))]  # (B,)
+
+
 @torch.no_grad()
 def user_vectors(net: TwoTowerNet, items: torch.Tensor, types: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
-    """(B, T) left-padded histories -> (B, D) user vectors over exactly ``max_len`` columns.
+    """(B, T) left-padded histories -> (B, D) user vectors, each over its own ``row_widths`` window.
 
     ``item_table`` (V, D) is the item tower's eval-mode output (``net.item_vectors()`` or the
     bundle's ``item_embeddings``, the same numbers): the history's vectors are looked up in it.
+    Rows of one width share a forward pass; the user tower's outputs do not depend on the number of
+    rows in it (``tests/training/test_inference.py`` checks this bit for bit).
     """
-    width = net.cfg.max_len
-    items, types = fit_width(items.long(), width), fit_width(types.long(), width)  # (B, max_len)
+    max_len = net.cfg.max_len
+    items, types = fit_width(items.long(), max_len), fit_width(types.long(), max_len)  # (B, max_len)
     types = types.masked_fill(items == PAD_IDX, PAD_IDX)
-    return net.user_vector(items, types, item_table=item_table)  # (B, D)
+    widths = row_widths(items, max_len)  # (B,)
+    out = item_table.new_zeros((items.shape[0], item_table.shape[1]))  # (B, D)
+    for w in torch.unique(widths).tolist():
+        rows = torch.nonzero(widths == w).squeeze(1)
+        out[rows] = net.user_vector(items[rows, max_len - w :], types[rows, max_len - w :], item_table=item_table)
+    return out
 
 
 @torch.no_grad()

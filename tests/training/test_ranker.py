@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from support import REPO, tiny_overrides, train_tiny
+from support import RANKER_OVERRIDES, REPO, tiny_overrides
 from towerline.bundle import verify_bundle, write_manifest
 from towerline.training.bundle import load_bundle
 from towerline.cli import main
@@ -32,18 +32,6 @@ from towerline.training.inference import rank_candidates
 from towerline.training.ranker_model import Ranker, item_categories
 from towerline.training.ranker_system import listwise_loss, pipeline_ranks
 from towerline.training.ranker_train import build_ranker_for, paired_bootstrap_lift, pipeline_report, score_candidates
-
-RANKER_OVERRIDES = [
-    "ranker.enabled=true",
-    "ranker.n_candidates=20",
-    "ranker.hidden=16",
-    "ranker.history_len=12",
-    "ranker.max_epochs=2",
-    "ranker.batch_size=64",
-    "ranker.lr=0.005",
-    "ranker.bootstrap_samples=200",
-]
-
 
 def hand_made_sequences() -> Sequences:
     """Three users over items 2..11. Items 10 and 11 appear only as user 0's valid/test steps."""
@@ -161,12 +149,6 @@ def test_paired_bootstrap_interval_brackets_the_lift_and_excludes_one_only_for_a
 
 
 # ----------------------------------------------------------------------------- training and serving
-
-
-@pytest.fixture(scope="module")
-def ranked_run(tmp_path_factory):
-    """A tiny retriever trained by ``towerline train`` with the ranker enabled (one real MLflow store)."""
-    return train_tiny(tmp_path_factory.mktemp("ranked_run"), RANKER_OVERRIDES)
 
 
 def test_untrained_ranker_keeps_the_retrieval_order_and_training_steps_lower_the_loss(ranked_run):
