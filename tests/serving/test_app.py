@@ -240,16 +240,3 @@ def test_serve_yaml_is_a_valid_config_whose_args_build_the_app():
     deployed = {d.name for d in app_cfg.deployments}
     assert deployed == {"Ingress", "Retriever", "Ranker"}
     assert app is not None
-
-
-def test_ranker_deployment_scores_candidates_through_its_handle(served):
-    from ray import serve
-
-    from towerline.serving.recommender import UserHistory
-
-    ranker = serve.get_deployment_handle("Ranker", app_name="towerline")
-    cands = (np.array([5, 3, 9]), np.array([0.9, 0.5, 0.1], dtype=np.float32))
-    hist = UserHistory(np.array([2, 4]), np.array([2, 3]))
-    key = httpx.get(f"{served[0]}/version", timeout=30).json()["model_key"]
-    idx, scores = ranker.rank.remote(((key, None), hist, cands)).result(timeout_s=60)  # no ranker: identity
-    assert idx.tolist() == [5, 3, 9] and scores.tolist() == pytest.approx([0.9, 0.5, 0.1])
