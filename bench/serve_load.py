@@ -165,7 +165,7 @@ def in_process(model: str, users: list[str], calls: int, k: int, settings: Any) 
             latencies.append(time.perf_counter() - t0)
         store.close()
         return {"calls": calls, "items": rec.state.n_items, "index": rec.state.index_kind,
-                "ranker": rec.state.has_ranker and settings.rank_stage != "never", **percentiles(latencies)}
+                "ranker": rec.state.ranker is not None, **percentiles(latencies)}
 
 
 def main(argv: list[str] | None = None) -> int:
