@@ -34,7 +34,6 @@ k out of range 422, bodies over ``max_body_bytes`` 413, a non-JSON content type 
 # endpoint annotations at runtime, and Ray ships the ingress class to its replica by value
 # (cloudpickle), where string annotations such as "RecommendRequest" can no longer be resolved.
 import asyncio
-import dataclasses
 import logging
 import os
 from collections import OrderedDict

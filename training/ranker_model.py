@@ -36,7 +36,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,11 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from towerline.config import RankerConfig
+from towerline.features.sequences import Sequences
 from towerline.features.vocab import N_RESERVED, PAD_IDX, Vocab
 from towerline.training.model import config_from_meta
-
-if TYPE_CHECKING:
-    from towerline.features.sequences import Sequences
 
 log = logging.getLogger(__name__)
 
