@@ -1,6 +1,6 @@
 """Served vs offline: the Beauty model with its ranker over HTTP against ``training.inference``.
 
-For ``--users`` test users (leave-one-out), the bundle is copied with each user's history cut just
+For ``--users`` test users who gave consent (leave-one-out), the bundle is copied with each user's history cut just
 before their test item, served on 127.0.0.1 by one Serve instance with the business rules set to
 the evaluation's (history masked; no category cap, stock or block filter), and every user is asked
 for a top-10 over HTTP, ``--clients`` requests in flight so the ingress really batches. The same
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 log = logging.getLogger("bench.parity")
 
@@ -68,7 +69,11 @@ def cut_bundle(src: Path, dst: Path, n_users: int) -> tuple[np.ndarray, np.ndarr
     full.truncate(cut).save(dst / "histories.npz")
     old = json.loads((dst / MANIFEST).read_text())
     write_manifest(dst, {k: v for k, v in old.items() if k not in ("format", "towerline_version", "created_at", "files")})
-    take = np.arange(min(n_users, len(test.rows)))
+    # users who refused consent are served popular items (fallback), not the model: they are left out
+    refused = set(pd.read_parquet(src / "users.parquet").query("consent == False")["user_id"].astype(str)) \
+        if (src / "users.parquet").is_file() else set()
+    ids = bundle.vocabs.users.decode(full.user_idx[np.asarray(test.rows)]).astype(str)
+    take = np.flatnonzero([u not in refused for u in ids])[:n_users]
     return np.asarray(test.rows)[take], np.asarray(test.targets)[take]
 
 
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
         source = load_bundle(Path(args.model).resolve())
         split = split_leave_one_out(source.histories, source.config.data.min_user_events)
-        keep = np.arange(len(rows))
+        keep = np.searchsorted(np.asarray(split.test.rows), rows)  # the same users, in the same order
         sub = EvalTargets(**{f: np.asarray(getattr(split.test, f))[keep] for f in ("rows", "history_end", "targets")})
         protocol = evaluate_pipeline(source, split.full, sub, "test", 512)["test/pipeline_ndcg_10"]
         result: dict[str, Any] = {

@@ -126,4 +126,5 @@ def offline_top_k(state: rec.ModelState, histories: Sequence[rec.UserHistory], k
 def evaluation_settings(**overrides: Any) -> ServeSettings:
     """Serving settings whose rules are the evaluation protocol's: history masked, nothing else
     (no category cap, no stock or block filter)."""
-    return ServeSettings(exclude_seen=True, max_per_category=None, blocked_items=(), drop_out_of_stock=False, **overrides)
+    values: dict[str, Any] = {"exclude_seen": True, "max_per_category": None, "blocked_items": (), "drop_out_of_stock": False}
+    return ServeSettings(**{**values, **overrides})
