@@ -1,6 +1,6 @@
 """The recommendation pipeline: prepare -> retrieve -> rank -> rules, written once in ``Recommender``.
 
-``Recommender.recommend_async`` is the only place that sequence exists. Where the model stages run is
+``Recommender.answer`` (behind ``recommend_async`` and ``recommend``) is the only place that sequence exists. Where the model stages run is
 its ``stages`` object (``Stages``: async ``retrieve``/``rank``): ``LocalStages`` calls ``retrieve``
 and ``rank`` below in this process (tests, notebooks, the in-process benchmark, offline evaluation
 through the serving rules); ``serving/stages.py`` batches them inside the Serve ingress or sends
