@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
 
     t0 = time.perf_counter()
     model, train_info = args.model, None
@@ -113,7 +113,7 @@ def evaluate(bundle, sizes: list[int], max_items: int, seed: int, heuristics: di
     from towerline.marketing import audience_baselines as ab
     from towerline.marketing.audience import find_audience, log_partition, user_vectors
     full = bundle.histories
-    split = split_leave_one_out(full, int(bundle.config.get("data", {}).get("min_user_events", 3)))
+    split = split_leave_one_out(full, bundle.config.data.min_user_events)
     test = split.test
     # every user keeps their history up to (not including) their hidden test step
     lengths = full.lengths.copy()
@@ -198,7 +198,7 @@ def evaluate(bundle, sizes: list[int], max_items: int, seed: int, heuristics: di
         row["audience_over_best_heuristic_micro"] = _ratio(row["audience"]["micro"], max(row["affinity"]["micro"], row["covisit"]["micro"]))
         out["sizes"][str(n)] = row
     out.update(
-        dataset=bundle.config.get("data", {}).get("name"),
+        dataset=bundle.config.data.name,
         users=int(len(ids)),
         test_users=int(len(test)),
         items_with_test_buyers=int(len(by_item)),

@@ -41,12 +41,12 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
-from towerline.config import ProfileConfig
+from towerline.config import ProfileConfig, TowerlineConfig
 from towerline.errors import ConfigError, DataValidationError
 from towerline.features.contracts import Dataset
 from towerline.marketing.assignment import assignment_unit
 from towerline.marketing.campaign_config import CampaignConfig, OfferConfig, QuietHoursConfig
-from towerline.marketing.outbox import MESSAGE_COLUMNS, Outbox, as_messages
+from towerline.marketing.outbox import Outbox, as_messages
 
 log = logging.getLogger(__name__)
 
@@ -704,12 +704,9 @@ def preview_counts(plan: pd.DataFrame) -> dict[str, dict[str, int]]:
     }
 
 
-def default_profile_config(model_config: dict[str, Any] | None) -> ProfileConfig:
-    """The thresholds the model was trained with (its ``config.json``), else the defaults."""
-    from towerline.config import from_dict
-
-    section = (model_config or {}).get("profile") or {}
-    return from_dict(ProfileConfig, section, "profile")
+def default_profile_config(model_config: TowerlineConfig | None) -> ProfileConfig:
+    """The thresholds the model was trained with (its typed config), else the defaults."""
+    return model_config.profile if model_config is not None else ProfileConfig()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -744,7 +741,7 @@ def load_inputs(
     dataset = load_dataset(data, format)[0]
     bundle = None
     if model:
-        from towerline.bundle import load_bundle
+        from towerline.training.bundle import load_bundle
 
         bundle = load_bundle(model)
     if profiles_path:

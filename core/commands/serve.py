@@ -108,7 +108,7 @@ def build_model_index(
     import numpy as np
     import torch
 
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.config import IndexConfig
     from towerline.serving.index import benchmark_index, build_index, save_index
     from towerline.serving.recommender import training_histories, user_vectors
@@ -158,7 +158,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _sample_user(model: str) -> str:
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
 
     b = load_bundle(model)
     if b.histories is not None and len(b.histories):

@@ -8,7 +8,6 @@ from the serving path (which marketing may not import); the CLI test covers the 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -409,7 +408,7 @@ def test_as_of_accepts_iso_and_epoch_and_rejects_the_rest():
 
 
 def test_similar_to_purchased_gives_the_purchased_items_neighbours(tiny_run):
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.marketing.campaigns import similar_items
 
     bundle = load_bundle(tiny_run.bundle_dir)
@@ -429,7 +428,7 @@ def test_similar_to_purchased_gives_the_purchased_items_neighbours(tiny_run):
 
 
 def test_item_launch_messages_the_items_audience_on_launch_day(tiny_run):
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
 
     bundle = load_bundle(tiny_run.bundle_dir)
     item = str(bundle.vocabs.items.ids[5])
@@ -522,7 +521,7 @@ def test_campaign_commands_have_help_with_examples(capsys):
 
 
 def test_the_cli_recommender_sees_events_newer_than_the_model(tiny_run):
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.commands.campaign import serving_recommend
     from towerline.marketing.campaigns import events_after_training
 
