@@ -105,6 +105,12 @@ def train_churn(
     at = int(dataset.events["timestamp"].max()) if at is None else int(at)
     vectors = bundle_user_vectors(bundle) if bundle is not None else None
     h = int(cfg.horizon_days * DAY)
+    first = int(dataset.events["timestamp"].min())
+    if at - cfg.train_snapshots * h <= first:
+        raise DataValidationError(
+            f"churn: {cfg.train_snapshots} training snapshot(s) of a {cfg.horizon_days:g}-day horizon before {at} start "
+            f"before the log's first event ({first}); shorten horizon_days or train_snapshots"
+        )
     parts = [churn_examples(dataset, at - k * h, cfg, vectors, profile_cfg)[:2] for k in range(1, cfg.train_snapshots + 1)]
     X = pd.concat([p[0] for p in parts])
     y = pd.concat([p[1] for p in parts]).to_numpy(dtype=bool)
