@@ -13,18 +13,19 @@ per-user factor nobody observes (so no model can be perfect):
 
 * **baseline** ``p_control = sigmoid(b0 + b_f log1p(frequency) + b_r exp(-last_seen_days / 14))``:
   recent, frequent customers buy anyway.
-* **persuasion** ``(0.3 lapse buyer + 0.15 browser) * price_sensitivity * channel_gain * offer_gain * noise``:
+* **persuasion** ``(0.3 lapse buyer + 0.15 browser + 0.03 loyal) * price_sensitivity * channel_gain * offer_gain * noise``:
   largest for past buyers who have gone quiet for about six weeks (``lapse``, a bump in
   log-days around ``lapse_peak_days``), then for visitors of the last days who rarely buy
-  (``browser = exp(-last_seen / 7) exp(-frequency)``, the cart abandoners), and for younger age
-  bands (``price_sensitivity``); a discount moves more than a reminder, SMS more than e-mail.
-* **annoyance** ``(0.10 [age 55+] + 0.06 [heavy buyer seen in the last 10 days]) * channel_annoyance``:
+  (``browser = exp(-last_seen / 7) exp(-frequency)``, the cart abandoners), a little for every
+  past buyer (``loyal = 1 - exp(-frequency)``), and more for younger age bands
+  (``price_sensitivity``); a discount moves more than a reminder, SMS more than e-mail.
+* **annoyance** ``(0.10 [age 55+] + 0.05 [heavy buyer seen in the last 10 days]) * channel_annoyance``:
   contact puts these users off (more so by SMS and push than by e-mail).
 
 ``p_treated = clip(p_control + persuasion - annoyance)``, ``effect = p_treated - p_control``.
 Each (user, channel, offer) falls into one of the four groups of the uplift literature (Radcliffe &
-Surry 1999; Kane, Lo & Zheng 2014): **persuadables** (``effect >= +0.02``), **sleeping dogs**
-(``effect <= -0.02``), and, among the rest, **sure things** (``p_control >= 0.25``) and **lost
+Surry 1999; Kane, Lo & Zheng 2014): **persuadables** (``effect >= +0.03``), **sleeping dogs**
+(``effect <= -0.03``), and, among the rest, **sure things** (``p_control >= 0.25``) and **lost
 causes**. A conversion's revenue is ``Gamma(2, m/2) * (1 - discount)`` with ``m`` the user's mean
 order value so far (the shop's median for users who never bought).
 """
@@ -64,10 +65,11 @@ class SimulatorParams:
     lapse_peak_days: float = 45.0       # days since last seen where persuasion peaks
     lapse_width: float = 0.55           # width of that bump, in log-days
     browser_persuasion: float = 0.15    # extra persuasion of recent visitors who rarely buy (cart abandoners)
+    loyal_persuasion: float = 0.03      # a small nudge for every past buyer (the offer is still money off)
     persuasion_noise: float = 0.3       # sd of the unobserved log-normal factor on persuasion
     annoyance_senior: float = 0.10      # effect lost by contacting users aged 55+
-    annoyance_fatigued: float = 0.06    # ... by contacting heavy buyers seen in the last 10 days
-    effect_margin: float = 0.02         # |effect| below this counts as "no effect"
+    annoyance_fatigued: float = 0.05    # ... by contacting heavy buyers seen in the last 10 days
+    effect_margin: float = 0.03         # |effect| below this counts as "no effect"
     sure_thing_rate: float = 0.25       # p_control above which a no-effect user is a sure thing
     price_sensitivity: tuple[float, ...] = (1.0, 0.9, 0.7, 0.5, 0.35, 0.3)  # per AGE_BANDS
     channel_gain: dict[str, float] = field(default_factory=lambda: {"email": 0.8, "push": 1.0, "sms": 1.2})
@@ -167,7 +169,8 @@ def true_effects(
     sensitivity = np.asarray(p.price_sensitivity)[band_code]
     noise = rng.lognormal(0.0, p.persuasion_noise, len(ids))
     browser = p.browser_persuasion * np.exp(-seen / 7.0) * np.exp(-freq)  # recent visitors, few orders
-    persuasion = (p.persuasion * lapse * buyer + browser) * sensitivity * noise  # (U,)
+    loyal = p.loyal_persuasion * (1.0 - np.exp(-freq))
+    persuasion = (p.persuasion * lapse * buyer + browser + loyal) * sensitivity * noise  # (U,)
     heavy = freq >= max(np.quantile(freq[freq > 0], 0.8), 2.0) if (freq > 0).any() else np.zeros(len(ids), bool)
     annoyance = p.annoyance_senior * (band_code >= AGE_BANDS.index("55-64")) + p.annoyance_fatigued * (heavy & (seen < 10))
 
