@@ -72,7 +72,13 @@ class ChurnModel:
 
     def predict(self, features: pd.DataFrame) -> pd.Series:
         """(N,) churn probability per row of ``features`` (a ``feature_frame``), same index."""
-        x = features.reindex(columns=self.feature_names).to_numpy(dtype=np.float64)
+        missing = [c for c in self.feature_names if c not in features.columns]
+        if missing:
+            raise DataValidationError(
+                f"churn model: features {missing[:3]} are missing (of {len(missing)}); a model trained with a "
+                "bundle's user vectors needs the same bundle when it scores"
+            )
+        x = features[self.feature_names].to_numpy(dtype=np.float64)
         return pd.Series(self.classifier.predict_proba(x)[:, 1], index=features.index, name=CHURN_COLUMN)
 
 
@@ -93,7 +99,7 @@ def churn_examples(
 
 def train_churn(
     dataset: Dataset, at: int | None = None, cfg: ChurnConfig | None = None, bundle: Any = None,
-    profile_cfg: ProfileConfig | None = None,
+    profile_cfg: ProfileConfig | None = None, *, vectors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ChurnModel:
     """Fit the churn classifier on snapshots that end by ``at`` (default: the newest event).
 
@@ -103,7 +109,8 @@ def train_churn(
     """
     cfg = cfg or ChurnConfig()
     at = int(dataset.events["timestamp"].max()) if at is None else int(at)
-    vectors = bundle_user_vectors(bundle) if bundle is not None else None
+    if vectors is None and bundle is not None:
+        vectors = bundle_user_vectors(bundle)
     h = int(cfg.horizon_days * DAY)
     first = int(dataset.events["timestamp"].min())
     if at - cfg.train_snapshots * h <= first:
@@ -177,8 +184,8 @@ def evaluate_churn(dataset: Dataset, cfg: ChurnConfig | None = None, bundle: Any
     cfg = cfg or ChurnConfig()
     T = int(dataset.events["timestamp"].max())
     at = T - int(cfg.horizon_days * DAY)
-    model = train_churn(dataset, at, cfg, bundle)
     vectors = bundle_user_vectors(bundle) if bundle is not None else None
+    model = train_churn(dataset, at, cfg, vectors=vectors)
     X, y, prof = churn_examples(dataset, at, cfg, vectors)
     if y.all() or not y.any():
         raise DataValidationError("churn back-test: the evaluation window has a single class")

@@ -78,7 +78,13 @@ class LtvModel:
 
     def predict(self, features: pd.DataFrame) -> pd.Series:
         """(N,) expected revenue in the next ``horizon_days`` per row of ``features``, same index."""
-        x = features.reindex(columns=self.feature_names).to_numpy(dtype=np.float64)
+        missing = [c for c in self.feature_names if c not in features.columns]
+        if missing:
+            raise DataValidationError(
+                f"ltv model: features {missing[:3]} are missing (of {len(missing)}); a model trained with a "
+                "bundle's user vectors needs the same bundle when it scores"
+            )
+        x = features[self.feature_names].to_numpy(dtype=np.float64)
         return pd.Series(self.regressor.predict(x), index=features.index, name=LTV_COLUMN)
 
 
@@ -97,12 +103,13 @@ def ltv_examples(
 
 def train_ltv(
     dataset: Dataset, at: int | None = None, cfg: LtvConfig | None = None, bundle: Any = None,
-    profile_cfg: ProfileConfig | None = None,
+    profile_cfg: ProfileConfig | None = None, *, vectors: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> LtvModel:
     """Fit the value regressor on windows that end by ``at`` (default: the newest event)."""
     cfg = cfg or LtvConfig()
     at = int(dataset.events["timestamp"].max()) if at is None else int(at)
-    vectors = bundle_user_vectors(bundle) if bundle is not None else None
+    if vectors is None and bundle is not None:
+        vectors = bundle_user_vectors(bundle)
     h = int(cfg.horizon_days * DAY)
     first = int(dataset.events["timestamp"].min())
     if at - cfg.train_snapshots * h <= first:
@@ -210,8 +217,8 @@ def evaluate_ltv(
     cfg = cfg or LtvConfig()
     T = int(dataset.events["timestamp"].max())
     at = T - int(cfg.horizon_days * DAY)
-    model = train_ltv(dataset, at, cfg, bundle)
     vectors = bundle_user_vectors(bundle) if bundle is not None else None
+    model = train_ltv(dataset, at, cfg, vectors=vectors)
     X, actual, last = ltv_examples(dataset, at, cfg, vectors)
     out: dict[str, Any] = {
         "customers": int(len(X)), "mean_revenue": float(actual.mean()), "horizon_days": cfg.horizon_days,

@@ -115,10 +115,8 @@ def fit_uplift(
 
 def fit_response(X: pd.DataFrame | np.ndarray, converted: np.ndarray, cfg: UpliftConfig | None = None) -> HistGradientBoostingClassifier:
     """The classic response model P(convert | x) on treated users: the baseline uplift targeting beats."""
-    cfg = cfg or UpliftConfig()
-    names = list(X.columns) if isinstance(X, pd.DataFrame) else None
-    x = _matrix(X, names) if names else np.asarray(X, dtype=np.float64)
-    return _classifier(cfg).fit(x, np.asarray(converted, dtype=np.float64))
+    x = _matrix(X, None)
+    return _classifier(cfg or UpliftConfig()).fit(x, np.asarray(converted, dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -73,6 +73,22 @@ def test_churn_probability_reaches_the_profile_and_survives_export(shop, tmp_pat
         assert profile_of(loaded, never.iloc[0]).churn_probability is None
 
 
+def test_get_profile_shows_the_churn_probability(shop, tmp_path):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from towerline.marketing.routes import MarketingService, marketing_router
+
+    model = train_churn(shop.dataset, cfg=FAST)
+    profiles = add_churn_probability(profiles_at(shop.dataset, model.trained_at), model, shop.dataset)
+    path = export_profiles(profiles, tmp_path / "p.parquet")
+    app = FastAPI()
+    app.include_router(marketing_router(MarketingService([], None, tmp_path / "feedback.sqlite", path), lambda: None))
+    user = profiles.loc[(profiles["frequency"] >= 1) & profiles["consent"], "user_id"].iloc[0]
+    body = TestClient(app).get(f"/users/{user}/profile").json()
+    assert body["churn_probability"] == pytest.approx(float(profiles.loc[profiles["user_id"] == user, "churn_probability"].iloc[0]))
+    assert body["predicted_ltv"] is None
+
+
 def test_bundle_vectors_become_features(shop, monkeypatch):
     ids = shop.profiles["user_id"].to_numpy()
     vecs = np.random.default_rng(0).normal(size=(len(ids), 4)).astype(np.float32)
@@ -81,6 +97,9 @@ def test_bundle_vectors_become_features(shop, monkeypatch):
     model = train_churn(shop.dataset, cfg=ChurnConfig(max_iter=10, train_snapshots=1), bundle="fake-bundle")
     assert calls == ["fake-bundle"]
     assert [c for c in model.feature_names if c.startswith("vec_")] == ["vec_0", "vec_1", "vec_2", "vec_3"]
+    X, _, _ = churn_examples(shop.dataset, model.trained_at, model.cfg)  # scored without the vectors
+    with pytest.raises(DataValidationError, match="same bundle"):
+        model.predict(X)
 
 
 def test_a_log_shorter_than_the_horizon_is_an_error_that_says_so(shop):
