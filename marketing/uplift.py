@@ -119,6 +119,31 @@ def fit_response(X: pd.DataFrame | np.ndarray, converted: np.ndarray, cfg: Uplif
     return _classifier(cfg or UpliftConfig()).fit(x, np.asarray(converted, dtype=np.float64))
 
 
+def arm_outcomes(outcomes: pd.DataFrame, channel: str, offer: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """One arm of a (possibly multi-arm) campaign against its holdout: the rows an uplift model of
+    that (channel, offer) learns from.
+
+    Args:
+        outcomes: a campaign's outcome data (``simulator.run_campaign`` or the same columns from a
+            real one): ``user_id``, ``group`` (``"treated"`` / ``"holdout"``), ``channel``,
+            ``offer``, ``converted``.
+
+    Returns:
+        (the holdout rows and the rows sent this arm, treated (N,) bool, converted (N,) bool).
+
+    Raises:
+        DataValidationError: the campaign has no holdout or nobody was sent this arm.
+    """
+    holdout = outcomes["group"] == "holdout"
+    sent = (outcomes["group"] == "treated") & (outcomes["channel"] == channel) & (outcomes["offer"] == offer)
+    if not holdout.any() or not sent.any():
+        raise DataValidationError(
+            f"uplift: {int(holdout.sum())} holdout users and {int(sent.sum())} sent {channel} + {offer}; both are needed"
+        )
+    rows = outcomes[holdout | sent].reset_index(drop=True)
+    return rows, (rows["group"] == "treated").to_numpy(dtype=bool), rows["converted"].to_numpy(dtype=bool)
+
+
 # ----------------------------------------------------------------------------------------------
 # evaluation and targeting
 

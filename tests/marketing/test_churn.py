@@ -105,3 +105,18 @@ def test_bundle_vectors_become_features(shop, monkeypatch):
 def test_a_log_shorter_than_the_horizon_is_an_error_that_says_so(shop):
     with pytest.raises(DataValidationError, match="horizon"):
         train_churn(shop.dataset, cfg=ChurnConfig(horizon_days=400))
+
+
+@pytest.mark.slow
+def test_a_real_bundles_user_vectors_feed_the_churn_model(tiny_run):
+    """The tiny run's bundle (trained on generate_dataset(300, 60, seed=0)) gives every user a vector."""
+    from towerline.bundle import load_bundle
+    from towerline.features.synthetic import generate_dataset
+
+    bundle = load_bundle(tiny_run.bundle_dir)
+    ds = generate_dataset(300, 60, seed=0)
+    cfg = ChurnConfig(horizon_days=60, train_snapshots=1, max_iter=20, min_samples_leaf=5)
+    model = train_churn(ds, cfg=cfg, bundle=bundle)
+    assert sum(c.startswith("vec_") for c in model.feature_names) == bundle.dim
+    profiles = add_churn_probability(profiles_at(ds, model.trained_at), model, ds, bundle=bundle)
+    assert profiles.loc[profiles["frequency"] >= 1, "churn_probability"].between(0, 1).all()

@@ -10,6 +10,7 @@ from towerline.marketing.model_inputs import feature_frame
 from towerline.marketing.simulator import incremental_conversions, run_campaign, simulate_shop
 from towerline.marketing.uplift import (
     UpliftConfig,
+    arm_outcomes,
     fit_response,
     fit_uplift,
     qini_coefficient,
@@ -112,3 +113,14 @@ def test_uplift_targeting_beats_response_targeting_and_random_at_the_same_budget
     assert len(chosen) <= budget
     assert gain >= 1.3 * incremental_conversions(shop, by_response, "email", "discount_10")
     assert gain >= 2.0 * truth[test].mean() * budget  # random targeting's expected gain
+
+
+def test_arm_outcomes_keeps_the_holdout_and_the_users_sent_that_arm():
+    shop = simulate_shop(600, 100, seed=1)
+    c = run_campaign(shop, arms=[("email", "reminder"), ("sms", "discount_20")], holdout=0.3, seed=0)
+    rows, treated, converted = arm_outcomes(c, "sms", "discount_20")
+    assert set(rows.loc[treated, "offer"]) == {"discount_20"} and set(rows.loc[~treated, "group"]) == {"holdout"}
+    assert len(rows) == (c["group"] == "holdout").sum() + (c["offer"] == "discount_20").sum()
+    assert converted.tolist() == rows["converted"].tolist()
+    with pytest.raises(DataValidationError, match="push"):
+        arm_outcomes(c, "push", "reminder")
