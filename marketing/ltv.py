@@ -14,12 +14,13 @@ in the README's Benchmarks table), each against the naive forecast "next period 
   same profile columns the churn model reads (``model_inputs.feature_frame``), trained on earlier
   windows of the same log.
 
-The regressor is the one Towerline uses: on the simulated shop it ranks customers better
-(Spearman) with a lower MAE than the BG/NBD + Gamma-Gamma pair, it uses signals BTYD cannot
+The regressor is the one Towerline uses. On the simulated shop (20,000 users, 30-day horizon,
+9,748 customers) it ranks customers better and errs less: Spearman 0.411 vs 0.293 for BG/NBD +
+Gamma-Gamma and 0.274 for last period, MAE 44.2 vs 50.2 and 63.8. It also uses signals BTYD cannot
 (days since the last *visit*, not only the last order; lifecycle segment; age band; the user
 tower's vectors when a bundle is given), it needs only scikit-learn (``pymc-marketing`` pulls
-PyMC, PyTensor, ArviZ and numba), and it fits in about a second. ``predict_btyd`` stays as the
-measured reference (``pip install -e '.[btyd]'``).
+PyMC, PyTensor, ArviZ and numba, and compiles its graph on first use), and it fits in seconds.
+``predict_btyd`` stays as the measured reference (``pip install -e '.[btyd]'``).
 
 Population and time split as in ``towerline.marketing.churn``: customers with at least one order
 by the snapshot, features at ``t - h, t - 2h, ...`` with the revenue of the ``h`` days after each.
