@@ -201,7 +201,8 @@ def run_campaign(
     Two ways to send. Randomised (default): every user of ``user_ids`` (default all profiled
     users) goes to the holdout with probability ``holdout``, else to one of ``arms`` uniformly —
     the data an uplift model learns from. Targeted: ``send_to`` lists who gets ``arms[0]``; all
-    other users of ``user_ids`` are not contacted (group ``"not sent"``).
+    other users of ``user_ids`` are not contacted (group ``"not sent"``). Users who refused
+    consent are never contacted: the default ``user_ids`` leaves them out, and naming one raises.
 
     Returns:
         DataFrame ``user_id``, ``group`` (``"holdout"``, ``"treated"`` or ``"not sent"``),
@@ -214,7 +215,12 @@ def run_campaign(
         _check_arm(channel, offer)
     if not 0.0 <= holdout < 1.0:
         raise ConfigError(f"run_campaign: holdout must be in [0, 1), got {holdout}")
-    ids = shop.profiles["user_id"].astype(str).to_numpy() if user_ids is None else np.asarray(user_ids, dtype=object).astype(str)
+    consenting = shop.profiles.loc[shop.profiles["consent"].astype(bool), "user_id"].astype(str)
+    ids = consenting.to_numpy() if user_ids is None else np.asarray(user_ids, dtype=object).astype(str)
+    named = np.concatenate([ids, np.asarray(send_to if send_to is not None else [], dtype=object).astype(str)])
+    refused = np.isin(named, shop.profiles.loc[~shop.profiles["consent"].astype(bool), "user_id"].astype(str).to_numpy())
+    if refused.any():
+        raise ConfigError(f"run_campaign: users {named[refused][:3].tolist()} refused consent and cannot be contacted")
     rng = np.random.default_rng([shop.seed, seed, 7_002])
     n = len(ids)
     arm_of = np.full(n, -1, dtype=np.int64)  # -1: not contacted

@@ -70,10 +70,20 @@ def test_randomised_campaign_outcomes_match_the_true_rates(shop):
 
 
 def test_targeted_campaign_sends_only_to_the_chosen_users(shop):
-    chosen = shop.profiles["user_id"].iloc[:50].tolist()
+    chosen = shop.profiles.loc[shop.profiles["consent"], "user_id"].iloc[:50].tolist()
     c = run_campaign(shop, arms=[("sms", "reminder")], send_to=chosen)
     assert set(c.loc[c["group"] == "treated", "user_id"]) == set(chosen)
-    assert (c["group"] == "not sent").sum() == len(shop.profiles) - 50
+    assert (c["group"] == "not sent").sum() == shop.profiles["consent"].sum() - 50
+
+
+def test_users_who_refused_consent_are_never_contacted(shop):
+    c = run_campaign(shop)
+    refused = shop.profiles.loc[~shop.profiles["consent"], "user_id"]
+    assert len(refused) and not c["user_id"].isin(refused).any()
+    with pytest.raises(ConfigError, match="refused consent"):
+        run_campaign(shop, user_ids=refused.tolist())
+    with pytest.raises(ConfigError, match="refused consent"):
+        run_campaign(shop, send_to=refused.tolist()[:1])
 
 
 def test_incremental_conversions_is_the_sum_of_true_effects(shop):
