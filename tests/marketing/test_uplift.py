@@ -72,36 +72,38 @@ def test_fit_uplift_rejects_a_group_with_one_outcome():
 
 
 @pytest.fixture(scope="module")
-def campaign():
-    """A randomised campaign on 8,000 simulated users, split 70/30 into learning and held-out users."""
-    shop = simulate_shop(8000, 400, seed=11)
-    c = run_campaign(shop, arms=[("email", "discount_10")], holdout=0.5, seed=2)
+def shop():
+    return simulate_shop(8000, 400, seed=11)
+
+
+def randomised(shop, arm: tuple[str, str]):
+    """A randomised campaign of one arm, half held out; 70 % of users to learn from, 30 % held out."""
+    c = run_campaign(shop, arms=[arm], holdout=0.5, seed=2)
     X = feature_frame(shop.profiles, shop.dataset.users).loc[c["user_id"]]
     test = np.random.default_rng(0).random(len(c)) < 0.3
-    truth = shop.effect_of("email", "discount_10")["effect"].reindex(c["user_id"]).to_numpy()
-    return shop, c, X, test, truth
+    truth = shop.effect_of(*arm)["effect"].reindex(c["user_id"]).to_numpy()
+    return c, X, test, truth
 
 
 @pytest.mark.parametrize("learner", ["x", "t"])
-def test_uplift_model_recovers_the_sign_of_the_true_effects(campaign, learner):
-    shop, c, X, test, truth = campaign
+def test_uplift_model_recovers_the_sign_of_the_true_effects(shop, learner):
+    # SMS with 10 % off: many clear persuadables and many clear sleeping dogs (seniors dislike SMS)
+    c, X, test, truth = randomised(shop, ("sms", "discount_10"))
     t, y = (c["group"] == "treated").to_numpy(), c["converted"].to_numpy()
     model = fit_uplift(X[~test], t[~test], y[~test], UpliftConfig(learner=learner, max_iter=100))
     pred = model.predict(X[test])
     truth = truth[test]
-    clear = np.abs(truth) > 0.05  # users the offer clearly moves, one way or the other
-    persuadable, sleeping_dog = truth > 0.05, truth < -0.05
-    assert sleeping_dog.sum() >= 20 and persuadable.sum() >= 200
+    persuadable, sleeping_dog = truth > 0.05, truth < -0.05  # users the offer clearly moves
+    clear = persuadable | sleeping_dog
+    assert sleeping_dog.sum() >= 100 and persuadable.sum() >= 300
     assert np.mean(np.sign(pred[clear]) == np.sign(truth[clear])) > 0.75
-    assert (pred[persuadable] > 0).mean() > 0.75
+    assert (pred[persuadable] > 0).mean() > 0.75 and (pred[sleeping_dog] < 0).mean() > 0.65
     assert pred[sleeping_dog].mean() < 0 < pred[persuadable].mean()
-    if learner == "x":  # the X-learner also tells most sleeping dogs apart
-        assert (pred[sleeping_dog] < 0).mean() > 0.6
     assert qini_coefficient(y[test], t[test], pred) > 0
 
 
-def test_uplift_targeting_beats_response_targeting_and_random_at_the_same_budget(campaign):
-    shop, c, X, test, truth = campaign
+def test_uplift_targeting_beats_response_targeting_and_random_at_the_same_budget(shop):
+    c, X, test, truth = randomised(shop, ("email", "discount_10"))
     t, y = (c["group"] == "treated").to_numpy(), c["converted"].to_numpy()
     ids = c["user_id"].to_numpy()[test]
     budget = int(0.1 * test.sum())
