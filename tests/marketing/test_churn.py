@@ -110,7 +110,7 @@ def test_a_log_shorter_than_the_horizon_is_an_error_that_says_so(shop):
 @pytest.mark.slow
 def test_a_real_bundles_user_vectors_feed_the_churn_model(tiny_run):
     """The tiny run's bundle (trained on generate_dataset(300, 60, seed=0)) gives every user a vector."""
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.features.synthetic import generate_dataset
 
     bundle = load_bundle(tiny_run.bundle_dir)

@@ -58,18 +58,3 @@ def test_btyd_summary_folds_purchases_per_day_as_fader_et_al_do():
     s = btyd_summary(ds, T0 + 10 * DAY, ["a", "b"]).set_index("customer_id")
     assert s.loc["a"].tolist() == [2.0, 9.0, 10.0, 30.0]  # frequency, recency, T, mean repeat value
     assert s.loc["b"].tolist() == [0.0, 0.0, 5.0, 0.0]
-
-
-@pytest.mark.slow
-def test_btyd_reference_forecasts_more_for_frequent_recent_buyers(shop):
-    pytest.importorskip("pymc_marketing")
-    from towerline.marketing.ltv import predict_btyd
-
-    at = int(shop.dataset.events["timestamp"].max()) - 30 * DAY
-    prof = profiles_at(shop.dataset, at)
-    ids = prof.loc[prof["frequency"] >= 1, "user_id"]
-    pred = predict_btyd(shop.dataset, at, ids, 30.0)
-    assert (pred >= 0).all() and len(pred) == len(ids)
-    summary = btyd_summary(shop.dataset, at, ids).set_index("customer_id")
-    busy = (summary["frequency"] >= 3) & (summary["T"] - summary["recency"] < 14)
-    assert pred[busy.to_numpy()].mean() > pred[~busy.to_numpy()].mean()
