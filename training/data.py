@@ -52,7 +52,7 @@ def load_data(cfg: DataConfig) -> Dataset:
         return generate_dataset(cfg.synthetic_users, cfg.synthetic_items, seed=cfg.seed)
     from towerline.features.readers import load_dataset
 
-    dataset, _report = load_dataset(cfg.path, format=cfg.format, name=cfg.name)
+    dataset, _report = load_dataset(cfg.path, format=cfg.format, name=cfg.name, columns=cfg.columns)
     return dataset
 
 
