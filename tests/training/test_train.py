@@ -193,3 +193,41 @@ def test_resume_refuses_a_cache_prepared_from_other_data(mlflow_store, tmp_path)
     SequenceDataModule(load_config(config, _synthetic(300, 60, 0, mlflow_store)), tmp_path / "r" / "data").prepare_data()
     with pytest.raises(ConfigError, match=r"--resume: .* was prepared from other data \(data.seed: 0 -> 1"):
         train(load_config(config, _synthetic(300, 60, 1, mlflow_store)), tmp_path / "r", resume=True, progress=False)
+
+
+def test_train_on_your_own_csv_with_its_own_column_names_then_evaluate_rereads_it(mlflow_store, tmp_path, capsys):
+    """``towerline train --data FILE --map ...``: the mapping reaches the config, MLflow and the bundle,
+    so ``evaluate`` (which reloads data from the bundle's config) reads the file the same way."""
+    from towerline.features.synthetic import generate_dataset
+
+    events = generate_dataset(300, 60, seed=0).events
+    shop = tmp_path / "myshop"
+    shop.mkdir()
+    own = events.rename(columns={"user_id": "customer", "item_id": "sku", "timestamp": "ts"})
+    own.assign(store="web")[["customer", "sku", "ts", "event_type", "store"]].to_csv(shop / "orders.csv", index=False)
+
+    args = ["train", "--data", str(shop / "orders.csv"), "--map", "user_id=customer,item_id=sku", "--map", "timestamp=ts",
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    for o in tiny_overrides() + ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    run_id = re.search(r"MLflow run: (\w+)", out).group(1)
+    run = mlflow.MlflowClient(mlflow_store).get_run(run_id)
+    assert run.data.params["config/data/columns/user_id"] == "customer"
+    assert run.data.params["config/data/format"] == "csv" and run.data.tags["dataset"] == "orders"
+    assert run.info.run_name.startswith("orders-twotower-")
+    bundle_config = json.loads((tmp_path / "run" / "bundle" / "config.json").read_text())
+    assert bundle_config["data"]["columns"] == {"user_id": "customer", "item_id": "sku", "timestamp": "ts"}
+
+    assert main(["evaluate", "--model", str(tmp_path / "run" / "bundle"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"]["test/ndcg_10"] == pytest.approx(run.data.metrics["test/ndcg_10"], abs=1e-6)
+
+
+def test_train_with_an_unknown_mapped_name_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "orders.csv"
+    path.write_text("customer,sku,ts\nc1,s1,1\n")
+    assert main(["train", "--data", str(path), "--map", "usr_id=customer"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --map usr_id=customer: 'usr_id' is not a Towerline column") and "valid names:" in line
