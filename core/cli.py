@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
@@ -40,38 +41,90 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"towerline {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, with the libraries' own lines (MLflow, Lightning, Ray)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     register_all(sub)
     return parser
 
 
-class _DropAdverts(logging.Filter):
+# Lines libraries write that tell a Towerline user nothing they can act on, or something untrue.
+KNOWN_NOISE = (
+    "litlogger",  # Lightning's advert for its own logger
+    "not found. Creating it",  # Lightning's MLFlowLogger on a new experiment (every first run)
+    "building the font cache",  # matplotlib, once per machine
+    "will not be applied",  # Ray Serve: it says http_options are not applied when they are
+    "log_every_n_steps",  # Lightning: fewer batches than the logging interval (train clamps it anyway)
+)
+
+
+class _UserFacing(logging.Filter):
+    """Without ``--verbose``: Towerline's own lines from INFO up, other libraries' from WARNING up,
+    and none of ``KNOWN_NOISE``. Set on handlers, so a library resetting its logger's level at
+    import (Lightning does) cannot undo it."""
+
+    def __init__(self, verbose: bool) -> None:
+        super().__init__()
+        self.verbose = verbose
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        msg = record.getMessage()
+        if "litlogger" in msg:
+            return False
+        if self.verbose:
+            return True
+        if record.levelno < logging.WARNING and not record.name.startswith("towerline"):
+            return False
+        return not any(n in msg for n in KNOWN_NOISE)
 
 
-def _quiet_third_party_logs() -> None:
-    """Lightning installs its own console handler; keep one copy of each line and no adverts."""
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: object = None, line: str | None = None) -> None:
+    """A Python warning as one log line without the library's file path: the user cannot edit
+    site-packages, and the path made a third-party line look like Towerline's failure."""
+    logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """One stderr handler for everything; quiet third-party libraries unless ``verbose``.
+
+    MLflow configures its own handler at import from ``$MLFLOW_LOGGING_LEVEL`` (its database
+    creation lines are INFO), so that variable is set before it is imported; Ray's noise is
+    silenced where Ray is started (``towerline.commands.serve``).
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    quiet = _UserFacing(verbose)
+    handlers = logging.getLogger().handlers
+    for h in handlers:
+        for f in [f for f in h.filters if isinstance(f, _UserFacing)]:  # main() may run twice in a process
+            h.removeFilter(f)
+        h.addFilter(quiet)
+    # ``import lightning`` gives the "lightning" logger a console handler of its own; records of
+    # lightning.pytorch/fabric would print there unfiltered and again through ours. Route them to
+    # our handlers only (their own import then sees handlers and adds none).
     for name in ("lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.propagate = False
-        for h in logger.handlers:
-            h.addFilter(_DropAdverts())
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "no AVX2 build" is not news to a user
+        for h in handlers:
+            if h not in logger.handlers:
+                logger.addHandler(h)
     warnings.filterwarnings("ignore", message=".*treespec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "no AVX2 build" is not news to a user
+        warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
+        warnings.showwarning = _show_warning
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    _quiet_third_party_logs()
+    configure_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -271,6 +271,17 @@ class SequenceDataModule(L.LightningDataModule):
             n_users=len(self.vocabs.users),
         )
 
+    def n_train_batches(self) -> int:
+        """Training batches per epoch (after ``limit_train_batches``), from the sequence lengths alone:
+        the same count ``training_windows`` makes, without building the windows."""
+        lengths = self.split.train.lengths
+        windows = int(np.maximum(np.ceil((lengths - 1) / self.cfg.model.max_len), 0).sum())
+        batches = -(-windows // self.cfg.trainer.batch_size)
+        limit = self.cfg.trainer.limit_train_batches
+        if isinstance(limit, float) and limit <= 1.0:
+            return max(int(batches * limit), 1 if batches else 0)
+        return min(batches, int(limit))
+
     def train_dataloader(self) -> DataLoader:
         inputs, types, targets = training_windows(self.split.train, self.cfg.model.max_len)
         ds = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(types), torch.from_numpy(targets))

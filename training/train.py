@@ -23,6 +23,7 @@ from towerline.config import TowerlineConfig, save_config, to_dict
 from towerline.errors import ConfigError
 from towerline.training.data import SequenceDataModule
 from towerline.training.export import export_bundle
+from towerline.training.progress import EpochLine, show_bar
 from towerline.training.system import TwoTowerSystem
 from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, register_bundle, use_tracking
 
@@ -113,7 +114,11 @@ class TrainResult:
 
 
 def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True) -> TrainResult:
-    """Fit, test and register a two-tower retriever; everything lands in ``out_dir`` and MLflow."""
+    """Fit, test and register a two-tower retriever; everything lands in ``out_dir`` and MLflow.
+
+    ``progress``: a progress bar when stderr is a terminal, else (and with ``progress=False``) one
+    log line per epoch (``training.progress``).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -157,6 +162,7 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
     log.info("MLflow run %s (tracking URI %s)", run_id, uri)
 
     curve = LearningCurve()
+    bar = show_bar(progress)
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True)
     trainer = L.Trainer(
         max_epochs=cfg.trainer.max_epochs,
@@ -165,12 +171,14 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
         devices=cfg.trainer.devices,
         precision=cfg.trainer.precision,
         logger=logger,
-        callbacks=[best, EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience), curve],
+        callbacks=[best, EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience), curve]
+        + ([] if bar else [EpochLine(monitor=MONITOR)]),
         default_root_dir=out,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        # at most once per epoch: a larger interval than the epoch has batches only earns a warning
+        log_every_n_steps=max(1, min(cfg.trainer.log_every_n_steps, dm.n_train_batches())),
         limit_train_batches=cfg.trainer.limit_train_batches,
         num_sanity_val_steps=0,
-        enable_progress_bar=progress,
+        enable_progress_bar=bar,
         enable_model_summary=False,
     )
     trainer.fit(system, datamodule=dm, ckpt_path=str(last_ckpt) if resume and last_ckpt.exists() else None)

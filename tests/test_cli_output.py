@@ -1,0 +1,36 @@
+"""What a user sees: a log file gets one line per epoch and nothing from third-party libraries."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from support import REPO, tiny_overrides
+from towerline.cli import main
+
+TOWERLINE_LINE = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING) towerline\.[\w.]+: ")
+EPOCH_LINE = re.compile(r"epoch (\d+)/2  loss \d+\.\d{4}  valid NDCG@10 \d\.\d{4}  \d+\.\d s$")
+
+
+def test_train_into_a_log_writes_one_line_per_epoch_and_no_library_noise(tmp_path):
+    args = [sys.executable, "-m", "towerline.cli", "train", "--config", str(REPO / "configs" / "synthetic.yaml"),
+            "--out", str(tmp_path / "run"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    for o in tiny_overrides() + ["trainer.limit_train_batches=3"]:
+        args += ["--set", o]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "\r" not in err and "site-packages" not in err
+    lines = err.strip().splitlines()
+    assert [ln for ln in lines if not TOWERLINE_LINE.match(ln)] == [], "lines from other libraries reached the user"
+    epochs = [EPOCH_LINE.search(ln) for ln in lines if "towerline.training.progress" in ln]
+    assert [int(m.group(1)) for m in epochs if m] == [1, 2] and len(epochs) == 2
+    assert "MLflow run: " in proc.stdout
+
+
+def test_data_generate_names_the_flag_it_rejects(tmp_path, capsys):
+    assert main(["data", "generate", "--out", str(tmp_path), "--users", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --users must be >= 1, got 0"]
