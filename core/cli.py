@@ -18,16 +18,53 @@ from towerline import __version__
 from towerline.errors import DataValidationError, TowerlineError
 
 EPILOG = """examples:
-  towerline data generate --out data/synthetic --users 5000 --items 1000 --seed 0
+  towerline quickstart                                      # the whole path on synthetic data, end to end
+  towerline data generate --out data/synthetic --users 3000 --items 800 --seed 0
   towerline data validate data/synthetic
   towerline data describe ../shared/data/s3rec/Beauty.txt --format s3rec
   towerline train --config configs/synthetic.yaml
+  towerline train --data shop/orders.csv --map user_id=customer,item_id=sku,timestamp=ts
+  towerline evaluate --model runs/latest/bundle
+  towerline promote --name towerline-retriever --version 1 --alias champion
+  towerline train-ranker --model runs/latest/bundle
+  towerline index --model models:/towerline-retriever@champion --kind hnsw
   towerline serve --model models:/towerline-retriever@champion
   towerline profile --model runs/latest/bundle --out profiles/profiles.parquet
   towerline audience --model runs/latest/bundle --item i00042 --size 500 --out audience.csv
   towerline experiment simulate home-feed --config configs/synthetic.yaml --users 20000 --db demo.db
 
 Run 'towerline <command> --help' for each command's flags and an example."""
+
+HELP_WIDTH = 100  # help wraps to the terminal, but never wider than this: long lines are hard to read
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps descriptions to the terminal (at most ``HELP_WIDTH``) but keeps example epilogs verbatim.
+
+    A one-paragraph text (every description) is wrapped; a text with line breaks (the examples
+    every command carries, aligned by hand) is kept as written, as ``RawDescriptionHelpFormatter``
+    would keep everything.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 30, width: int | None = None) -> None:
+        import shutil
+
+        width = width or min(shutil.get_terminal_size().columns - 2, HELP_WIDTH)
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+
+def _use_formatter(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)command's help through ``HelpFormatter``, whatever its module asked for."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _use_formatter(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Towerline: train two-tower recommenders on behaviour sequences, track them in "
         "MLflow, index them with FAISS and serve them with Ray Serve.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"towerline {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging, with the libraries' own lines (MLflow, Lightning, Ray)")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     register_all(sub)
+    _use_formatter(parser)
     return parser
 
 

@@ -34,3 +34,38 @@ def test_train_into_a_log_writes_one_line_per_epoch_and_no_library_noise(tmp_pat
 def test_data_generate_names_the_flag_it_rejects(tmp_path, capsys):
     assert main(["data", "generate", "--out", str(tmp_path), "--users", "0"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: --users must be >= 1, got 0"]
+
+
+def _every_parser(parser, path=()):
+    import argparse
+
+    yield " ".join(path) or "towerline", parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _every_parser(sub, (*path, name))
+
+
+def test_every_help_has_no_markup_and_wrapped_descriptions(monkeypatch):
+    from towerline.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: descriptions still wrap at 100
+    parsers = list(_every_parser(build_parser()))
+    assert {"quickstart", "train", "train-ranker", "evaluate", "promote", "index", "data validate"} <= {p for p, _ in parsers}
+    for path, parser in parsers:
+        text = parser.format_help()
+        assert "``" not in text and "%%" not in text, path
+        formatter = parser._get_formatter()
+        formatter.add_text(parser.description)
+        described = formatter.format_help().splitlines()
+        assert all(len(line) <= 100 for line in described), (path, max(described, key=len))
+
+
+def test_top_level_examples_cover_every_main_command(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("quickstart", "data generate", "train", "evaluate", "promote", "train-ranker", "index", "serve"):
+        assert f"\n  towerline {command} " in out, command
