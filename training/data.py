@@ -252,6 +252,14 @@ class SequenceDataModule(L.LightningDataModule):
         self.item_attributes = np.load(self.work_dir / "item_attributes.npy", allow_pickle=False)
         self.item_counts = np.bincount(self.split.train.item_idx, minlength=len(self.vocabs.items))
 
+    def prepared_counts(self) -> dict[str, int]:
+        """``events``, ``users``, ``items`` of the prepared data set (from ``prepared.json``)."""
+        try:
+            marker = json.loads((self.work_dir / PREPARED).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: int(marker[k]) for k in ("events", "users", "items") if k in marker}
+
     def users_consent(self) -> pd.DataFrame:
         """``user_id, consent`` of every user, for the bundle (no other user attribute leaves training)."""
         return pd.read_parquet(self.work_dir / "users.parquet")

@@ -21,11 +21,11 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from towerline.config import TowerlineConfig, save_config, to_dict
 from towerline.errors import ConfigError
-from towerline.training.data import SequenceDataModule
+from towerline.training.data import SequenceDataModule, cache_key
 from towerline.training.export import export_bundle
 from towerline.training.progress import EpochLine, show_bar
 from towerline.training.system import TwoTowerSystem
-from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, register_bundle, use_tracking
+from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, log_dataset, register_bundle, use_tracking
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,8 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
     run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     log.info("MLflow run %s (tracking URI %s)", run_id, uri)
 
+    if not resume_run:  # a resumed run has its input already
+        log_dataset(logger.experiment, run_id, cfg.data, cache_key(cfg)["sha256"], dm.prepared_counts())
     curve = LearningCurve()
     bar = show_bar(progress)
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True)
