@@ -152,6 +152,8 @@ def configure_logging(verbose: bool = False) -> None:
                 logger.addHandler(h)
     warnings.filterwarnings("ignore", message=".*treespec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    if not sys.stderr.isatty():  # MLflow's artifact download bar: hundreds of \r updates in a log
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "no AVX2 build" is not news to a user

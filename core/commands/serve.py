@@ -216,12 +216,18 @@ class _DropMisleading(logging.Filter):
 def _quiet_ray_logs() -> None:
     """Silence Ray's driver-side noise at its loggers, unless ``towerline -v`` asked for everything.
 
+    Called after ``import ray`` (which sets the ``ray`` logger to INFO) and before ``ray.init``.
+
     The token-auth warning (``ray._private.authentication``) is about clusters reachable over a
     network; this one is started for one local app and stopped with it.
     """
     if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
         return
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # "Started a local Ray instance" (ray.init resets the "ray" logger's level, not a child's),
+    # "Started Serve", "Application ... is ready"
+    for name in ("ray._private.worker", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     serve_logger = logging.getLogger("ray.serve")
     if not any(isinstance(f, _DropMisleading) for f in serve_logger.filters):
         serve_logger.addFilter(_DropMisleading())
