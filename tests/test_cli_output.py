@@ -69,3 +69,19 @@ def test_top_level_examples_cover_every_main_command(capsys):
     out = capsys.readouterr().out
     for command in ("quickstart", "data generate", "train", "evaluate", "promote", "train-ranker", "index", "serve"):
         assert f"\n  towerline {command} " in out, command
+
+
+def test_quickstart_on_your_own_file_trains_registers_and_indexes_it(tmp_path, monkeypatch, capsys):
+    from towerline.features.synthetic import generate_dataset
+
+    monkeypatch.chdir(tmp_path)  # the MLflow store (./mlflow.db, ./mlruns) lands here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    events = generate_dataset(300, 60, seed=0).events.rename(columns={"user_id": "customer", "item_id": "sku"})
+    events.to_csv(tmp_path / "orders.csv", index=False)
+    args = ["quickstart", "--data", "orders.csv", "--map", "user_id=customer,item_id=sku", "--epochs", "1",
+            "--out", "qs", "--no-serve"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "[1/5] reading and validating orders.csv" in out and "dataset          orders" in out
+    assert "registered towerline-retriever version 1" in out
+    assert "[4/5] exact FAISS index over 60 items" in out  # the catalogue, not the 2 reserved rows
