@@ -71,7 +71,7 @@ def test_top_level_examples_cover_every_main_command(capsys):
         assert f"\n  towerline {command} " in out, command
 
 
-def test_quickstart_on_your_own_file_trains_registers_and_indexes_it(tmp_path, monkeypatch, capsys):
+def test_quickstart_on_your_own_file_trains_registers_and_indexes_it(tmp_path, monkeypatch, capsys, caplog):
     from towerline.features.synthetic import generate_dataset
 
     monkeypatch.chdir(tmp_path)  # the MLflow store (./mlflow.db, ./mlruns) lands here
@@ -85,3 +85,5 @@ def test_quickstart_on_your_own_file_trains_registers_and_indexes_it(tmp_path, m
     assert "[1/5] reading and validating orders.csv" in out and "dataset          orders" in out
     assert "registered towerline-retriever version 1" in out
     assert "[4/5] exact FAISS index over 60 items" in out  # the catalogue, not the 2 reserved rows
+    consent = [r for r in caplog.records if "no users file" in r.getMessage()]
+    assert len(consent) == 1 and consent[0].levelname == "WARNING"  # read once, warned once

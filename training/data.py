@@ -182,10 +182,13 @@ class DataStats:
 
 
 class SequenceDataModule(L.LightningDataModule):
-    def __init__(self, cfg: TowerlineConfig, work_dir: str | Path):
+    def __init__(self, cfg: TowerlineConfig, work_dir: str | Path, dataset: Dataset | None = None):
+        """``dataset``: the data ``cfg.data`` describes, when the caller has read it already
+        (quickstart validates and describes it first); ``prepare_data`` then does not read it again."""
         super().__init__()
         self.cfg = cfg
         self.work_dir = Path(work_dir)
+        self._dataset = dataset
         self.vocabs: Vocabs | None = None
         self.split: Split | None = None
         self.item_attributes: np.ndarray | None = None
@@ -224,7 +227,8 @@ class SequenceDataModule(L.LightningDataModule):
             log.warning("data: %s was prepared from other data (%s); rebuilding it", self.work_dir, "; ".join(changes))
             (self.work_dir / PREPARED).unlink()  # first: a rebuild that fails half-way leaves no valid-looking cache
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        dataset = load_data(self.cfg.data)
+        dataset = self._dataset if self._dataset is not None else load_data(self.cfg.data)
+        self._dataset = None  # built into the cache below; not kept alive for the whole fit
         vocabs = build_vocabs(dataset)
         vocabs.save(self.vocab_dir)
         build_sequences(dataset.events, vocabs).save(self.work_dir / "sequences.npz")

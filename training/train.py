@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from towerline.config import TowerlineConfig, save_config, to_dict
 from towerline.errors import ConfigError
+from towerline.features.contracts import Dataset
 from towerline.training.data import SequenceDataModule, cache_key
 from towerline.training.export import export_bundle
 from towerline.training.progress import EpochLine, show_bar
@@ -113,18 +114,22 @@ class TrainResult:
     curve: list[dict[str, float]] = field(default_factory=list)
 
 
-def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True,
+    dataset: Dataset | None = None,
+) -> TrainResult:
     """Fit, test and register a two-tower retriever; everything lands in ``out_dir`` and MLflow.
 
     ``progress``: a progress bar when stderr is a terminal, else (and with ``progress=False``) one
-    log line per epoch (``training.progress``).
+    log line per epoch (``training.progress``). ``dataset``: ``cfg.data``'s data when the caller has
+    read it already (it is not read again).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     save_config(cfg, out / "config.yaml")
 
-    dm = SequenceDataModule(cfg, out / "data")
+    dm = SequenceDataModule(cfg, out / "data", dataset=dataset)
     changes = dm.cache_changes() if resume else None
     if changes:
         raise ConfigError(

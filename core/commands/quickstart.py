@@ -74,7 +74,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         repo_config if repo_config.exists() else None,
         data_settings + [f"trainer.max_epochs={args.epochs}"],
     )
-    result = train(cfg, out / "run")
+    result = train(cfg, out / "run", dataset=dataset)  # read and validated above: not read twice
     print(f"      MLflow run {result.run_id}, registered {result.model_name} version {result.model_version}")
     print(f"      test NDCG@10 {result.metrics.get('test/ndcg_10', float('nan')):.4f}  HR@10 {result.metrics.get('test/hr_10', float('nan')):.4f}")
 
