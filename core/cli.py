@@ -158,6 +158,8 @@ def configure_logging(verbose: bool = False) -> None:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "no AVX2 build" is not news to a user
         warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
+        # Lightning on --resume (or a second run into one --out): the checkpoints there are ours
+        warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
         warnings.showwarning = _show_warning
 
 

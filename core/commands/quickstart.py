@@ -46,6 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    from towerline.errors import ConfigError
+
+    for flag, value, least in (("--users", args.users, 1), ("--items", args.items, 2), ("--epochs", args.epochs, 1)):
+        if value < least:  # in the flag's words, before minutes of work
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
     from towerline.config import load_config
     from towerline.features.describe import describe_dataset, format_description
     from towerline.features.readers import load_dataset
