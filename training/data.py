@@ -81,6 +81,8 @@ def cache_key(cfg: TowerlineConfig) -> dict[str, Any]:
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _SPLIT_ONLY_FIELDS}
     if data.get("path"):
         data["path"] = str(Path(data["path"]).resolve())
+    if not data.get("columns"):  # no mapping: the key caches made before data.columns existed have
+        data.pop("columns", None)
     key: dict[str, Any] = {
         "data": data,
         "max_attributes": cfg.model.max_attributes,
