@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -54,6 +55,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, indent_increment, max_help_position, width)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # argparse %-expands help= strings but never descriptions or epilogs, so a "%%" here (written
+        # by habit) would show as is; and RST literals (``x``) from docstrings read as noise in a terminal
+        text = re.sub(r"``([^`]+)``", r"'\1'", text.replace("%%", "%"))
         if "\n" in text.strip():
             return super()._fill_text(text, width, indent)
         return argparse.HelpFormatter._fill_text(self, text, width, indent)
