@@ -31,6 +31,25 @@ def _check(cond: bool, section: str, name: str, msg: str) -> None:
         raise ConfigError(f"config field '{section}.{name}': {msg}")
 
 
+class FrozenMap(dict):
+    """A dict that refuses changes (and so can be hashed): a mapping field of a frozen dataclass.
+
+    A ``dict`` subclass rather than ``MappingProxyType`` so ``dataclasses.asdict``, YAML and JSON
+    treat it as the plain mapping it is.
+    """
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("config mappings are frozen; build a new config (load_config, dataclasses.replace)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self) -> tuple:  # copy/deepcopy/pickle rebuild it from its items
+        return (FrozenMap, (dict(self),))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "synthetic"  # dataset name, logged as the MLflow tag `dataset`
@@ -42,9 +61,18 @@ class DataConfig:
     min_user_events: int = 3  # users with fewer events cannot give train+valid+test; they are counted, not used
     split: Literal["leave_one_out", "time"] = "leave_one_out"
     time_split_quantiles: tuple[float, float] = (0.8, 0.9)  # time split: valid starts / test starts
+    # Towerline column name -> the column of your files that holds it, e.g. {user_id: customer,
+    # item_id: sku, timestamp: ts} (`--map user_id=customer`); applies to every table read. Part of
+    # the config so a bundle re-reads its data the same way (evaluate, profile).
+    columns: FrozenMap = field(default_factory=lambda: FrozenMap())
 
     def __post_init__(self) -> None:
         _check(self.format == "synthetic" or bool(self.path), "data", "path", f"format '{self.format}' needs a path")
+        cols = self.columns if self.columns is not None else {}
+        _check(isinstance(cols, dict), "data", "columns", "must map Towerline column names to your column names")
+        bad = [f"{k!r}: {v!r}" for k, v in cols.items() if not (isinstance(k, str) and isinstance(v, str) and k and v)]
+        _check(not bad, "data", "columns", f"names must be non-empty strings, got {', '.join(bad)}")
+        object.__setattr__(self, "columns", FrozenMap(cols))  # frozen like the rest of the config
         _check(self.synthetic_users > 0, "data", "synthetic_users", "must be > 0")
         _check(self.synthetic_items > 1, "data", "synthetic_items", "must be > 1")
         _check(self.min_user_events >= 3, "data", "min_user_events", "must be >= 3 (train, valid, test)")

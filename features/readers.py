@@ -16,12 +16,13 @@ anything is raised, so one run tells the user everything to fix.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import logging
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal, Mapping
 
 import numpy as np
 import pandas as pd
@@ -36,6 +37,7 @@ from towerline.features.contracts import (
     DEFAULT_EVENT_TYPE,
     EVENT_COLUMNS,
     ITEM_COLUMNS,
+    USER_COLUMNS,
     Dataset,
 )
 from towerline.features.validate import (
@@ -70,6 +72,88 @@ _DICTIONARY_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Towerline's column names per table: what ``--map NAME=COLUMN`` (``data.columns``) may name.
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "events": tuple(EVENT_COLUMNS), "items": tuple(ITEM_COLUMNS), "users": tuple(USER_COLUMNS),
+}
+COLUMN_NAMES: tuple[str, ...] = tuple(dict.fromkeys(EVENT_COLUMNS + ITEM_COLUMNS + USER_COLUMNS))
+
+
+# ----------------------------------------------------------------------------- column mapping
+
+
+def parse_column_map(specs: Iterable[str], flag: str = "--map") -> dict[str, str]:
+    """``["user_id=customer,item_id=sku", "timestamp=ts"]`` -> ``{"user_id": "customer", ...}``.
+
+    Each spec is ``NAME=COLUMN`` (Towerline's name on the left, your file's on the right), several
+    per spec separated by commas, as users type them. Raises ``DataValidationError`` with one line per
+    bad entry, naming the flag and the valid names.
+    """
+    mapping: dict[str, str] = {}
+    problems = []
+    for spec in specs:
+        for entry in (e.strip() for e in spec.split(",")):
+            if not entry:
+                continue
+            name, sep, column = (part.strip() for part in entry.partition("="))
+            if not sep or not name or not column:
+                problems.append(f"{flag} {entry}: expected NAME=COLUMN, e.g. {flag} user_id=customer")
+                continue
+            mapping[name] = column
+    problems += column_map_problems(mapping, flag)
+    if problems:
+        raise DataValidationError(problems)
+    return mapping
+
+
+def column_map_problems(columns: Mapping[str, str], flag: str = "--map") -> list[str]:
+    """One line per mapped name that is not a Towerline column, or per file column mapped twice."""
+    problems = []
+    for name, column in columns.items():
+        if name not in COLUMN_NAMES:
+            close = difflib.get_close_matches(name, COLUMN_NAMES, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            problems.append(
+                f"{flag} {name}={column}: '{name}' is not a Towerline column; {hint}valid names: {', '.join(COLUMN_NAMES)}"
+            )
+    by_column: dict[str, list[str]] = {}
+    for name, column in columns.items():
+        by_column.setdefault(column, []).append(name)
+    for column, names in by_column.items():
+        if len(names) > 1:
+            problems.append(f"{flag}: column '{column}' is mapped to {' and '.join(names)}; map it to one name")
+    return problems
+
+
+def _renames(names: list[str], kind: Kind, columns: Mapping[str, str] | None, source: str) -> dict[str, str]:
+    """File column -> Towerline name for the mapped columns this table has.
+
+    A mapping applies to every table that has the mapped column (``user_id=customer`` renames it in
+    events and users alike); a table that already uses Towerline's name keeps it. Raises when a
+    table has both the mapped column and a column of the Towerline name (which one is meant?).
+    """
+    renames: dict[str, str] = {}
+    problems = []
+    for name, column in (columns or {}).items():
+        if name not in TABLE_COLUMNS[kind] or column == name:
+            continue
+        if column in names and name in names:
+            problems.append(
+                f"{source} header, field '{name}': both '{column}' (mapped by --map {name}={column}) and "
+                f"'{name}' exist; drop or rename one of them"
+            )
+        elif column in names:
+            renames[column] = name
+        elif kind == "events" and name not in names:
+            problems.append(
+                f"{source} header, field '{column}': no such column to map to '{name}' (--map {name}={column}; "
+                f"found: {', '.join(names) or 'no columns'})"
+            )
+    if problems:
+        raise DataValidationError(problems)
+    return renames
+
+
 # ----------------------------------------------------------------------------- single tables
 
 
@@ -88,11 +172,16 @@ def detect_format(path: str | Path, format: Format | None = None) -> Format:
     return SUFFIX_FORMATS[suffix]
 
 
-def read_table(path: str | Path, kind: Kind, format: Format | None = None) -> pd.DataFrame:
-    """One raw table as pandas: columns as the file has them, ids as text, nothing validated yet.
+def read_table(
+    path: str | Path, kind: Kind, format: Format | None = None, columns: Mapping[str, str] | None = None
+) -> pd.DataFrame:
+    """One raw table as pandas: columns as the file has them (mapped ones renamed), ids as text,
+    nothing validated yet.
 
-    Raises ``DataValidationError`` for a missing, empty or unparsable file. CSV rows with the wrong
-    number of fields are all reported with their row numbers (pyarrow's error names only one).
+    ``columns`` maps Towerline names to the file's (``{"user_id": "customer"}``, see
+    ``parse_column_map``). Raises ``DataValidationError`` for a missing, empty or unparsable file.
+    CSV rows with the wrong number of fields are all reported with their row numbers (pyarrow's
+    error names only one).
     """
     p = Path(path)
     fmt = detect_format(p, format)
@@ -103,27 +192,38 @@ def read_table(path: str | Path, kind: Kind, format: Format | None = None) -> pd
     if p.stat().st_size == 0:
         raise DataValidationError(f"{p.name}: file is empty (0 bytes); write a header and rows, or remove it")
     if fmt == "csv":
-        table = _read_csv(p, kind)
+        header = _csv_header(p)
+        renames = _renames(header, kind, columns, p.name)
+        table = _read_csv(p, kind, header, renames)
     else:
         try:
             schema = pq.read_schema(p)
-            as_dictionary = [
-                c for c in _DICTIONARY_COLUMNS[kind] if c in schema.names and _is_text(schema.field(c).type)
-            ]
-            table = pq.read_table(p, read_dictionary=as_dictionary)
         except (pa.ArrowException, OSError) as e:
             raise DataValidationError(
                 f"{p.name}: cannot be read as Parquet ({e}); is it a CSV file? pass --format csv"
             ) from None
+        renames = _renames(schema.names, kind, columns, p.name)
+        source_of = {name: column for column, name in renames.items()}
+        as_dictionary = [
+            source_of.get(c, c) for c in _DICTIONARY_COLUMNS[kind]
+            if source_of.get(c, c) in schema.names and _is_text(schema.field(source_of.get(c, c)).type)
+        ]
+        try:
+            table = pq.read_table(p, read_dictionary=as_dictionary)
+        except (pa.ArrowException, OSError) as e:
+            raise DataValidationError(f"{p.name}: cannot be read as Parquet ({e})") from None
+    if renames:
+        table = table.rename_columns([renames.get(c, c) for c in table.column_names])
     return _to_pandas(table, kind)
 
 
-def _read_csv(p: Path, kind: Kind) -> pa.Table:
-    header = _csv_header(p)
+def _read_csv(p: Path, kind: Kind, header: list[str], renames: dict[str, str]) -> pa.Table:
+    source_of = {name: column for column, name in renames.items()}
     # ids as text; repetitive ones dictionary-encoded while parsing (in parallel, one pass)
     dictionary = pa.dictionary(pa.int32(), pa.string())
     text_types = {
-        c: dictionary if c in _DICTIONARY_COLUMNS[kind] else pa.string() for c in _TEXT_COLUMNS[kind] if c in header
+        source_of.get(c, c): dictionary if c in _DICTIONARY_COLUMNS[kind] else pa.string()
+        for c in _TEXT_COLUMNS[kind] if source_of.get(c, c) in header
     }
     bad_rows: list[pacsv.InvalidRow] = []
 
@@ -192,31 +292,33 @@ def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
 
 
-def _table_or_problems(path: Path, kind: Kind, format: Format | None, report: ValidationReport) -> pd.DataFrame | None:
+def _table_or_problems(
+    path: Path, kind: Kind, format: Format | None, report: ValidationReport, columns: Mapping[str, str] | None
+) -> pd.DataFrame | None:
     try:
-        return read_table(path, kind, format)
+        return read_table(path, kind, format, columns)
     except DataValidationError as e:
         report.problems.extend(e.problems)
         return None
 
 
-def read_events(path: str | Path, format: Format | None = None) -> pd.DataFrame:
+def read_events(path: str | Path, format: Format | None = None, columns: Mapping[str, str] | None = None) -> pd.DataFrame:
     """An events file -> canonical events (see ``contracts``); raises ``DataValidationError``."""
-    frame, report = validate_events(read_table(path, "events", format), Path(path).name)
+    frame, report = validate_events(read_table(path, "events", format, columns), Path(path).name)
     report.raise_if_invalid()
     return frame.reset_index(drop=True)
 
 
-def read_items(path: str | Path, format: Format | None = None) -> pd.DataFrame:
+def read_items(path: str | Path, format: Format | None = None, columns: Mapping[str, str] | None = None) -> pd.DataFrame:
     """An items file -> canonical catalogue; raises ``DataValidationError``."""
-    frame, report = validate_items(read_table(path, "items", format), Path(path).name)
+    frame, report = validate_items(read_table(path, "items", format, columns), Path(path).name)
     report.raise_if_invalid()
     return frame
 
 
-def read_users(path: str | Path, format: Format | None = None) -> pd.DataFrame:
+def read_users(path: str | Path, format: Format | None = None, columns: Mapping[str, str] | None = None) -> pd.DataFrame:
     """A users file -> canonical users (extra attribute columns kept); raises ``DataValidationError``."""
-    frame, report = validate_users(read_table(path, "users", format), Path(path).name)
+    frame, report = validate_users(read_table(path, "users", format, columns), Path(path).name)
     report.raise_if_invalid()
     return frame
 
@@ -379,19 +481,53 @@ def _find_table(folder: Path, stem: str, format: Format | None, report: Validati
     return found[0] if found else None
 
 
+def infer_format(path: str | Path) -> Format:
+    """The format of a data path: a file's from its suffix, a folder's from its ``events.*`` file.
+
+    ``towerline train --data PATH`` needs it before anything is read (the config records it).
+    Raises ``DataValidationError`` naming the path when it cannot tell.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataValidationError(f"{p}: missing file or folder; check the path")
+    if p.is_file():
+        return detect_format(p)
+    report = ValidationReport()
+    found = _find_table(p, "events", None, report)
+    report.raise_if_invalid()
+    if found is None:
+        hint = "; for S3Rec data pass the .txt file itself" if any(p.glob("*.txt")) else ""
+        raise DataValidationError(f"{p}: missing file events.csv or events.parquet; the events table is required{hint}")
+    return SUFFIX_FORMATS[found.suffix.lower()]
+
+
+def default_name(path: str | Path) -> str:
+    """The data set's name when none is given: the folder's name, or the file's stem
+    (the folder's for ``events.*``), as MLflow's ``dataset`` tag and the run name show it."""
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name
+    return p.parent.resolve().name if p.stem == "events" else p.stem
+
+
 def check_dataset(
     path: str | Path,
     format: Format | None = None,
     name: str | None = None,
     progress: bool = False,
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[Dataset | None, ValidationReport]:
     """Read and validate like ``load_dataset`` but return the report instead of raising.
 
     The dataset is None when the report has problems. ``towerline data validate`` uses this so it
-    can print counts next to the problems. In a folder, ``format`` applies to every table.
+    can print counts next to the problems. In a folder, ``format`` and ``columns`` apply to every
+    table.
     """
     p = Path(path)
     report = ValidationReport()
+    report.problems += column_map_problems(columns or {}, "data.columns")
+    if report.problems:
+        return None, report
     if not p.exists():
         report.problems.append(f"{p}: missing file or folder; check the path")
         return None, report
@@ -411,7 +547,6 @@ def check_dataset(
             )
         items_path = _find_table(p, "items", format, report)
         users_path = _find_table(p, "users", format, report)
-        default_name = p.resolve().name
     else:
         try:
             fmt = detect_format(p, format)
@@ -427,7 +562,6 @@ def check_dataset(
             return dataset, report
         format = fmt
         events_path, items_path, users_path = p, None, None
-        default_name = p.parent.resolve().name if p.stem == "events" else p.stem
 
     tables: dict[str, pd.DataFrame | None] = {}
     sources = {}
@@ -443,7 +577,7 @@ def check_dataset(
                 bar.update()
                 continue
             sources[kind] = table_path.name
-            raw = _table_or_problems(table_path, kind, format, report)  # type: ignore[arg-type]
+            raw = _table_or_problems(table_path, kind, format, report, columns)  # type: ignore[arg-type]
             if raw is not None:
                 frame, table_report = validate(raw, table_path.name)
                 report.extend(table_report)
@@ -454,8 +588,8 @@ def check_dataset(
 
     events = tables["events"]
     items = tables["items"] if items_path is not None else _derive_items(events, p)
-    users = tables["users"] if users_path is not None else _derive_users(events, p)
-    dataset = Dataset(name=name or default_name, events=events, items=items, users=users)
+    users = tables["users"] if users_path is not None else _derive_users(events, p, report)
+    dataset = Dataset(name=name or default_name(p), events=events, items=items, users=users)
     cross = validate_dataset(
         dataset, sources["events"], sources.get("items", "items (derived)"), sources.get("users", "users (derived)")
     )
@@ -475,14 +609,17 @@ def load_dataset(
     format: Format | None = None,
     name: str | None = None,
     progress: bool = False,
+    columns: Mapping[str, str] | None = None,
 ) -> tuple[Dataset, ValidationReport]:
     """Read a folder, an events file or an S3Rec file into a validated ``Dataset``.
 
-    Returns the dataset and the report of non-fatal findings (duplicates dropped, unknown ids,
-    out-of-order rows: each also logged as a warning). Raises ``DataValidationError`` with every
-    fatal problem, one line each naming file, row and field.
+    ``columns`` maps Towerline's column names to the files' (``{"user_id": "customer"}``); columns
+    neither named nor mapped are ignored with one warning per file. Returns the dataset and the
+    report of non-fatal findings (duplicates dropped, unknown ids, out-of-order rows, no consent
+    data: each also logged as a warning). Raises ``DataValidationError`` with every fatal problem,
+    one line each naming file, row and field.
     """
-    dataset, report = check_dataset(path, format, name, progress)
+    dataset, report = check_dataset(path, format, name, progress, columns)
     report.raise_if_invalid()
     assert dataset is not None  # internal invariant: no problems -> a dataset
     log.info(
@@ -507,10 +644,17 @@ def _derive_items(events: pd.DataFrame, where: Path) -> pd.DataFrame:
     )[ITEM_COLUMNS]
 
 
-def _derive_users(events: pd.DataFrame, where: Path) -> pd.DataFrame:
+def _derive_users(events: pd.DataFrame, where: Path, report: ValidationReport) -> pd.DataFrame:
+    """Users from the events, all consenting: a WARNING, since personalising for users who never said
+    yes is a decision the data owner should make knowingly, not learn from an INFO line."""
     ids = _distinct_ids(events["user_id"])
-    log.info("%s has no users file: users derived from the %s user ids in events (all consenting)",
-             where, f"{len(ids):,}")
+    fix = (
+        f"add users.csv with a consent column (user_id,consent) to {where}" if where.is_dir()
+        else f"put {where.name} in a folder with users.csv (user_id,consent) and pass the folder"
+    )
+    line = f"{where}: no users file: every user is treated as consenting ({len(ids):,} users); {fix}"
+    report.warnings.append(line)
+    log.warning(line)
     return pd.DataFrame({"user_id": pd.Series(ids, dtype="str"), "consent": np.ones(len(ids), dtype=bool)})
 
 

@@ -12,7 +12,7 @@ Two kinds of finding:
   S3Rec files) and the field, and says how to fix it. ``load_dataset`` raises them together as one
   ``DataValidationError`` so a user fixes a file in one pass, not one error per run.
 * warnings (not fatal): duplicate event ids, events whose item or user the catalogue does not know,
-  out-of-order timestamps. They are counted in ``counts`` and logged, never silently dropped:
+  out-of-order timestamps, columns Towerline does not read (ignored), no consent data. They are counted in ``counts`` and logged, never silently dropped:
   duplicates are the one thing removed (keeping the first), and the report lists which rows went.
 
 Everything is vectorised over columns (numpy/pandas), so ten million events validate in seconds;
@@ -148,10 +148,12 @@ def check_columns(
     for name in required:
         if name not in present:
             close = difflib.get_close_matches(name, present, n=1, cutoff=0.6)
-            hint = f"; is '{close[0]}' meant to be '{name}'? rename it" if close else ""
+            column = close[0] if close else "COLUMN"
+            hint = f"is '{close[0]}' meant to be '{name}'? " if close else ""
             problems.append(
                 f"{source} header, field '{name}': required column is missing "
-                f"(found: {', '.join(present) or 'no columns'}){hint}"
+                f"(found: {', '.join(present) or 'no columns'}); {hint}name the column that holds it with "
+                f"--map {name}={column} (data.columns in a config) or rename it"
             )
     if known is not None:
         for name in present:
@@ -303,14 +305,42 @@ def _datetimes_to_seconds(s: pd.Series) -> np.ndarray:
 # ----------------------------------------------------------------------------- tables
 
 
+def extra_columns_warning(columns: Sequence[object], source: str, known: Sequence[str], use_hint: str) -> str | None:
+    """One warning line listing the columns Towerline does not read, or None when there are none.
+
+    Extra columns are ignored, not fatal: exports from shops carry dozens of columns nobody asked
+    for, and refusing the file made bringing data a renaming chore. A name close to a known one
+    gets a "did you mean", since a misspelt optional column would otherwise vanish quietly.
+    """
+    extra = [str(c) for c in columns if str(c) not in known]
+    if not extra:
+        return None
+    shown = []
+    for name in extra[:MAX_LISTED]:
+        close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+        shown.append(f"'{name}' (did you mean '{close[0]}'?)" if close else f"'{name}'")
+    more = f" and {len(extra) - MAX_LISTED:,} more" if len(extra) > MAX_LISTED else ""
+    return (
+        f"{source}: {_n(len(extra), 'column')} not used by Towerline, ignored: {', '.join(shown)}{more}; "
+        f"{use_hint} (Towerline's columns: {', '.join(known)})"
+    )
+
+
+_MAP_HINT = "to use one, map it with --map NAME=COLUMN"
+
+
 def _check_table_start(
     raw: pd.DataFrame,
     source: str,
     required: Sequence[str],
     known: Sequence[str] | None,
-    unknown_fix: str = "remove or rename it",
+    report: ValidationReport,
+    use_hint: str = _MAP_HINT,
 ) -> list[str]:
-    problems = check_columns(list(raw.columns), source, required, known, unknown_fix)
+    """Missing required columns and an empty table (problems); extra columns (one warning)."""
+    problems = check_columns(list(raw.columns), source, required, None)
+    if known is not None and (line := extra_columns_warning(list(raw.columns), source, known, use_hint)):
+        report.warnings.append(line)
     if len(raw) == 0 and not problems:
         problems.append(
             f"{source}: file is empty (a header but no data rows); add rows or remove the file"
@@ -386,10 +416,10 @@ def validate_events(raw: pd.DataFrame, source: str = "events") -> tuple[pd.DataF
     Duplicate ``event_id`` rows are dropped keeping the first; every drop is in the report.
     """
     report = ValidationReport(counts={"events": len(raw), "duplicate_event_ids": 0, "out_of_order": 0})
-    report.problems += _check_table_start(raw, source, REQUIRED_EVENT_COLUMNS, EVENT_COLUMNS)
+    report.problems += _check_table_start(raw, source, REQUIRED_EVENT_COLUMNS, EVENT_COLUMNS, report)
     if report.problems:
         return None, report
-    raw = raw.reset_index(drop=True)
+    raw = raw[[c for c in raw.columns if c in EVENT_COLUMNS]].reset_index(drop=True)
     rows = np.arange(1, len(raw) + 1, dtype=np.int64)
     out: dict[str, object] = {}
 
@@ -478,17 +508,19 @@ def validate_items(raw: pd.DataFrame, source: str = "items") -> tuple[pd.DataFra
     """Check a catalogue and return it in canonical columns (or None when a problem is fatal).
 
     ``attributes`` may be a list column (Parquet) or text ``"category:c12|brand:b3"`` (CSV).
-    Extra columns are refused, not ignored: a ``category`` column silently dropped would train a
-    model without the signal its author thought it had; the message says to move it into tokens.
+    Extra columns are ignored with one warning that says to move them into ``attributes`` tokens:
+    a ``category`` column dropped without a word would train a model without the signal its author
+    thought it had, and refusing the file made every shop export a renaming chore.
     """
     report = ValidationReport(counts={"items": len(raw), "duplicate_items": 0})
     report.problems += _check_table_start(
-        raw, source, REQUIRED_ITEM_COLUMNS, ITEM_COLUMNS,
-        unknown_fix="move its values into 'attributes' as tokens like 'category:c12|brand:b3', or remove it",
+        raw, source, REQUIRED_ITEM_COLUMNS, ITEM_COLUMNS, report,
+        use_hint="to use one as a feature, move its values into 'attributes' as tokens like "
+        "'category:c12|brand:b3', or map it with --map NAME=COLUMN",
     )
     if report.problems:
         return None, report
-    raw = raw.reset_index(drop=True)
+    raw = raw[[c for c in raw.columns if c in ITEM_COLUMNS]].reset_index(drop=True)
     rows = np.arange(1, len(raw) + 1, dtype=np.int64)
     out: dict[str, object] = {}
 
@@ -570,7 +602,7 @@ def validate_users(raw: pd.DataFrame, source: str = "users") -> tuple[pd.DataFra
     events and items, because user attributes have no fixed list.
     """
     report = ValidationReport(counts={"users": len(raw), "duplicate_users": 0})
-    report.problems += _check_table_start(raw, source, REQUIRED_USER_COLUMNS, None)
+    report.problems += _check_table_start(raw, source, REQUIRED_USER_COLUMNS, None, report)
     if report.problems:
         return None, report
     raw = raw.reset_index(drop=True)
@@ -585,6 +617,10 @@ def validate_users(raw: pd.DataFrame, source: str = "users") -> tuple[pd.DataFra
         )
     else:
         consent = np.ones(len(raw), dtype=bool)
+        report.warnings.append(
+            f"{source}: no consent column: every user is treated as consenting; add a consent column "
+            "(true/false) or map yours with --map consent=COLUMN"
+        )
     if report.problems:
         return None, report
     extra = {c: _blank_as_missing(raw[c]) for c in raw.columns if c not in USER_COLUMNS}

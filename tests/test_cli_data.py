@@ -122,3 +122,20 @@ def test_console_script_validates_and_reports_exit_codes(generated, tmp_path):
     assert bad.returncode == 2
     assert "error: events.csv row 1, field 'timestamp': -5 is negative" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_validate_and_describe_read_your_column_names_with_map(tmp_path, capsys):
+    path = tmp_path / "orders.csv"
+    path.write_text("customer,sku,ts,channel_name\nc1,s1,1735689600,web\nc1,s2,1735689700,app\nc2,s1,1735689800,web\n")
+    assert main(["data", "validate", str(path), "--map", "user_id=customer,item_id=sku", "--map", "timestamp=ts"]) == 0
+    out = capsys.readouterr().out
+    assert "3 events, 2 users, 2 items" in out and "valid (" in out
+    assert main(["data", "describe", str(path), "--map", "user_id=customer,item_id=sku,timestamp=ts", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["events"] == 3
+    assert main(["data", "validate", str(path)]) == 2
+    assert "--map user_id=COLUMN" in capsys.readouterr().err
+
+
+def test_quickstart_names_the_flag_it_rejects(capsys):
+    assert main(["quickstart", "--users", "0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --users must be >= 1, got 0"]

@@ -52,7 +52,7 @@ def load_data(cfg: DataConfig) -> Dataset:
         return generate_dataset(cfg.synthetic_users, cfg.synthetic_items, seed=cfg.seed)
     from towerline.features.readers import load_dataset
 
-    dataset, _report = load_dataset(cfg.path, format=cfg.format, name=cfg.name)
+    dataset, _report = load_dataset(cfg.path, format=cfg.format, name=cfg.name, columns=cfg.columns)
     return dataset
 
 
@@ -81,6 +81,8 @@ def cache_key(cfg: TowerlineConfig) -> dict[str, Any]:
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in _SPLIT_ONLY_FIELDS}
     if data.get("path"):
         data["path"] = str(Path(data["path"]).resolve())
+    if not data.get("columns"):  # no mapping: the key caches made before data.columns existed have
+        data.pop("columns", None)
     key: dict[str, Any] = {
         "data": data,
         "max_attributes": cfg.model.max_attributes,
@@ -182,10 +184,13 @@ class DataStats:
 
 
 class SequenceDataModule(L.LightningDataModule):
-    def __init__(self, cfg: TowerlineConfig, work_dir: str | Path):
+    def __init__(self, cfg: TowerlineConfig, work_dir: str | Path, dataset: Dataset | None = None):
+        """``dataset``: the data ``cfg.data`` describes, when the caller has read it already
+        (quickstart validates and describes it first); ``prepare_data`` then does not read it again."""
         super().__init__()
         self.cfg = cfg
         self.work_dir = Path(work_dir)
+        self._dataset = dataset
         self.vocabs: Vocabs | None = None
         self.split: Split | None = None
         self.item_attributes: np.ndarray | None = None
@@ -224,7 +229,8 @@ class SequenceDataModule(L.LightningDataModule):
             log.warning("data: %s was prepared from other data (%s); rebuilding it", self.work_dir, "; ".join(changes))
             (self.work_dir / PREPARED).unlink()  # first: a rebuild that fails half-way leaves no valid-looking cache
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        dataset = load_data(self.cfg.data)
+        dataset = self._dataset if self._dataset is not None else load_data(self.cfg.data)
+        self._dataset = None  # built into the cache below; not kept alive for the whole fit
         vocabs = build_vocabs(dataset)
         vocabs.save(self.vocab_dir)
         build_sequences(dataset.events, vocabs).save(self.work_dir / "sequences.npz")
@@ -252,6 +258,14 @@ class SequenceDataModule(L.LightningDataModule):
         self.item_attributes = np.load(self.work_dir / "item_attributes.npy", allow_pickle=False)
         self.item_counts = np.bincount(self.split.train.item_idx, minlength=len(self.vocabs.items))
 
+    def prepared_counts(self) -> dict[str, int]:
+        """``events``, ``users``, ``items`` of the prepared data set (from ``prepared.json``)."""
+        try:
+            marker = json.loads((self.work_dir / PREPARED).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: int(marker[k]) for k in ("events", "users", "items") if k in marker}
+
     def users_consent(self) -> pd.DataFrame:
         """``user_id, consent`` of every user, for the bundle (no other user attribute leaves training)."""
         return pd.read_parquet(self.work_dir / "users.parquet")
@@ -270,6 +284,17 @@ class SequenceDataModule(L.LightningDataModule):
             n_event_types=len(self.vocabs.event_types),
             n_users=len(self.vocabs.users),
         )
+
+    def n_train_batches(self) -> int:
+        """Training batches per epoch (after ``limit_train_batches``), from the sequence lengths alone:
+        the same count ``training_windows`` makes, without building the windows."""
+        lengths = self.split.train.lengths
+        windows = int(np.maximum(np.ceil((lengths - 1) / self.cfg.model.max_len), 0).sum())
+        batches = -(-windows // self.cfg.trainer.batch_size)
+        limit = self.cfg.trainer.limit_train_batches
+        if isinstance(limit, float) and limit <= 1.0:
+            return max(int(batches * limit), 1 if batches else 0)
+        return min(batches, int(limit))
 
     def train_dataloader(self) -> DataLoader:
         inputs, types, targets = training_windows(self.split.train, self.cfg.model.max_len)

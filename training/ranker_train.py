@@ -46,6 +46,7 @@ from towerline.training.data import load_data, make_split
 from towerline.training.export import item_embeddings
 from towerline.training.metrics import ranking_metrics
 from towerline.training.model import TwoTowerNet
+from towerline.training.progress import EpochLine, show_bar
 from towerline.training.ranker_model import Ranker, build_ranker_features
 from towerline.training.ranker_system import RankerSystem, pipeline_ranks
 from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, register_bundle, use_tracking
@@ -260,9 +261,10 @@ def fit_ranker(
         precision=cfg.trainer.precision,
         logger=False,
         enable_checkpointing=False,
-        callbacks=[EarlyStopping(monitor=MONITOR, mode="max", patience=rc.patience), epochs],
+        callbacks=[EarlyStopping(monitor=MONITOR, mode="max", patience=rc.patience), epochs]
+        + ([] if show_bar(progress) else [EpochLine("ranker/train_loss", MONITOR, what="ranker")]),
         num_sanity_val_steps=0,
-        enable_progress_bar=progress,
+        enable_progress_bar=show_bar(progress),
         enable_model_summary=False,
     )
     seed = cfg.trainer.seed

@@ -11,11 +11,12 @@ import logging
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from towerline.config import TrackingConfig
+from towerline.config import DataConfig, TrackingConfig
 from towerline.errors import TowerlineError
 
 log = logging.getLogger(__name__)
@@ -53,16 +54,74 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
+def log_dataset(
+    client: mlflow.MlflowClient, run_id: str, data: DataConfig, digest: str, counts: dict[str, int] | None = None
+) -> None:
+    """Record the run's training data as an MLflow dataset input (the runs table's Dataset column).
+
+    A ``MetaDataset`` (name, digest, source, the events schema) rather than ``from_pandas``: the
+    events may be ten million rows that a reused data cache never loads, and the digest here is the
+    cache key's (data settings + source file sizes and mtimes), so two runs on the same data show the
+    same digest and an edited file shows another. ``counts`` (events, users, items) become input tags.
+    """
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.types import ColSpec, Schema
+
+    if data.path:
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        source = LocalArtifactDatasetSource(str(Path(data.path).resolve()))
+    else:
+        source = CodeDatasetSource(tags={"generator": "towerline.features.synthetic", "users": str(data.synthetic_users),
+                                         "items": str(data.synthetic_items), "seed": str(data.seed)})
+    schema = Schema([ColSpec("string", "user_id"), ColSpec("string", "item_id"), ColSpec("long", "timestamp"),
+                     ColSpec("string", "event_type"), ColSpec("double", "value")])
+    dataset = MetaDataset(source=source, name=data.name, digest=digest[:10], schema=schema)
+    tags = [InputTag("mlflow.data.context", "train"), InputTag("format", data.format)]
+    tags += [InputTag(k, str(v)) for k, v in (counts or {}).items()]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
+def version_description(run: Any, metrics: dict[str, float]) -> str:
+    """A model version's description, as the registry page shows it (Markdown): data set, model,
+    test NDCG@10 and HR@10, and a link to the run (an absolute one when the store is a server)."""
+    name = run.info.run_name or run.info.run_id
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    uri = mlflow.get_tracking_uri()
+    link = f"{uri.rstrip('/')}/{path}" if uri.startswith(("http://", "https://")) else path
+    model = "two-tower retriever" + (" + ranker" if any(k.startswith("test/pipeline_") for k in metrics) else "")
+    scores = ", ".join(
+        f"{label} {metrics[key]:.4f}" for key, label in (("test/ndcg_10", "NDCG@10"), ("test/hr_10", "HR@10"))
+        if key in metrics
+    )
+    return (
+        f"{model} trained on **{run.data.tags.get('dataset', '?')}**; test {scores or '(no test metrics)'}. "
+        f"Run: [{name}]({link}) (`runs:/{run.info.run_id}`)."
+    )
+
+
 def register_bundle(run_id: str, model_name: str) -> str:
-    """Register the run's bundle as a new version of ``model_name``; returns the version number."""
+    """Register the run's bundle as a new version of ``model_name``; returns the version number.
+
+    The version carries the run's test metrics as tags (``test/ndcg_10``, ...) and a description
+    (``version_description``), so the registry page answers "how good is version 3?" without
+    opening the run. Metrics are read from the run itself, so every caller (train, train-ranker)
+    gets them.
+    """
     client = mlflow.MlflowClient()
     try:
         client.get_registered_model(model_name)
     except MlflowException:
         client.create_registered_model(model_name, description="Towerline two-tower retriever bundles")
     run = client.get_run(run_id)
+    metrics = dict(run.data.metrics)
     source = f"{run.info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
-    mv = client.create_model_version(model_name, source=source, run_id=run_id)
+    tags = {k: f"{v:.6g}" for k, v in sorted(metrics.items()) if k.startswith("test/")}
+    mv = client.create_model_version(
+        model_name, source=source, run_id=run_id, tags=tags, description=version_description(run, metrics)
+    )
     log.info("registered %s version %s", model_name, mv.version)
     return str(mv.version)
 

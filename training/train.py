@@ -21,10 +21,12 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from towerline.config import TowerlineConfig, save_config, to_dict
 from towerline.errors import ConfigError
-from towerline.training.data import SequenceDataModule
+from towerline.features.contracts import Dataset
+from towerline.training.data import SequenceDataModule, cache_key
 from towerline.training.export import export_bundle
+from towerline.training.progress import EpochLine, show_bar
 from towerline.training.system import TwoTowerSystem
-from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, register_bundle, use_tracking
+from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, log_dataset, register_bundle, use_tracking
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +114,22 @@ class TrainResult:
     curve: list[dict[str, float]] = field(default_factory=list)
 
 
-def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True) -> TrainResult:
-    """Fit, test and register a two-tower retriever; everything lands in ``out_dir`` and MLflow."""
+def train(
+    cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True,
+    dataset: Dataset | None = None,
+) -> TrainResult:
+    """Fit, test and register a two-tower retriever; everything lands in ``out_dir`` and MLflow.
+
+    ``progress``: a progress bar when stderr is a terminal, else (and with ``progress=False``) one
+    log line per epoch (``training.progress``). ``dataset``: ``cfg.data``'s data when the caller has
+    read it already (it is not read again).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     save_config(cfg, out / "config.yaml")
 
-    dm = SequenceDataModule(cfg, out / "data")
+    dm = SequenceDataModule(cfg, out / "data", dataset=dataset)
     changes = dm.cache_changes() if resume else None
     if changes:
         raise ConfigError(
@@ -156,7 +166,10 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
     run_file.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     log.info("MLflow run %s (tracking URI %s)", run_id, uri)
 
+    if not resume_run:  # a resumed run has its input already
+        log_dataset(logger.experiment, run_id, cfg.data, cache_key(cfg)["sha256"], dm.prepared_counts())
     curve = LearningCurve()
+    bar = show_bar(progress)
     best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True)
     trainer = L.Trainer(
         max_epochs=cfg.trainer.max_epochs,
@@ -165,12 +178,14 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
         devices=cfg.trainer.devices,
         precision=cfg.trainer.precision,
         logger=logger,
-        callbacks=[best, EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience), curve],
+        callbacks=[best, EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience), curve]
+        + ([] if bar else [EpochLine(monitor=MONITOR)]),
         default_root_dir=out,
-        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        # at most once per epoch: a larger interval than the epoch has batches only earns a warning
+        log_every_n_steps=max(1, min(cfg.trainer.log_every_n_steps, dm.n_train_batches())),
         limit_train_batches=cfg.trainer.limit_train_batches,
         num_sanity_val_steps=0,
-        enable_progress_bar=progress,
+        enable_progress_bar=bar,
         enable_model_summary=False,
     )
     trainer.fit(system, datamodule=dm, ckpt_path=str(last_ckpt) if resume and last_ckpt.exists() else None)

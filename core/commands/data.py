@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from towerline.commands.datasource import add_map_flag, column_map
+
 DATA_EXAMPLE = """examples:
   towerline data generate --out data/synthetic --users 5000 --items 1000 --seed 0
   towerline data validate data/synthetic
@@ -27,6 +29,7 @@ Writes events, items and users files (Parquet by default) that 'towerline data v
 VALIDATE_EXAMPLE = """example:
   towerline data validate data/synthetic                  # folder: events.* (+ items.*, users.*)
   towerline data validate my_events.csv                    # one events file
+  towerline data validate orders.csv --map user_id=customer,item_id=sku,timestamp=ts
   towerline data validate ../shared/data/s3rec/LastFM.txt --format s3rec
 
 Exit status 0 when the data is usable (warnings allowed), 2 when it is not; every problem names
@@ -82,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", type=Path, help="folder, events file or S3Rec .txt file")
     p.add_argument("--format", choices=FORMATS, default=None, help="file format (default: from the file suffix)")
+    add_map_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_validate)
 
@@ -92,12 +96,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", type=Path, help="folder, events file or S3Rec .txt file")
     p.add_argument("--format", choices=FORMATS, default=None, help="file format (default: from the file suffix)")
+    add_map_flag(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_describe)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from towerline.errors import ConfigError
+
+    for flag, value, least in (("--users", args.users, 1), ("--items", args.items, 2), ("--events", args.events, 1)):
+        if value is not None and value < least:  # the user's flag, not the generator's parameter name
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
     from towerline.features.synthetic import generate_dataset
     from towerline.features.writers import write_dataset
 
@@ -112,7 +122,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from towerline.errors import DataValidationError
     from towerline.features.readers import check_dataset
 
-    _, report = check_dataset(args.path, args.format, progress=_progress(args))
+    _, report = check_dataset(args.path, args.format, progress=_progress(args), columns=column_map(args))
     c = report.counts
     sizes = ", ".join(f"{c[k]:,} {k}" for k in ("events", "users", "items") if k in c)
     print(f"{args.path}: {sizes or 'nothing read'}")
@@ -130,7 +140,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     from towerline.features.describe import describe_dataset, format_description
     from towerline.features.readers import load_dataset
 
-    dataset, _ = load_dataset(args.path, args.format, progress=_progress(args))
+    dataset, _ = load_dataset(args.path, args.format, progress=_progress(args), columns=column_map(args))
     summary = describe_dataset(dataset)
     print(json.dumps(summary, indent=2) if args.json else format_description(summary))
     return 0

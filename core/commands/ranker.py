@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train the ranker for an existing bundle and measure its lift over retrieval",
         description="Build the retriever's top-N candidates, train the ranker on them (early stopping on "
         "validation pipeline NDCG@10), compare retrieve-then-rank with retrieval alone on the test users "
-        "(NDCG@10, HR@10, MRR, lift with a 95%% paired-bootstrap interval) and add ranker/ to the bundle.",
+        "(NDCG@10, HR@10, MRR, lift with a 95% paired-bootstrap interval) and add ranker/ to the bundle.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -205,6 +205,34 @@ def _wait_healthy(base: str, timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
+class _DropMisleading(logging.Filter):
+    """Ray Serve's "Connecting to existing Serve app ... New http_options ... will not be applied":
+    ``serve.run`` after our ``serve.start`` logs it, though the options were applied by that start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "will not be applied" not in record.getMessage()
+
+
+def _quiet_ray_logs() -> None:
+    """Silence Ray's driver-side noise at its loggers, unless ``towerline -v`` asked for everything.
+
+    Called after ``import ray`` (which sets the ``ray`` logger to INFO) and before ``ray.init``.
+
+    The token-auth warning (``ray._private.authentication``) is about clusters reachable over a
+    network; this one is started for one local app and stopped with it.
+    """
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        return
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    # "Started a local Ray instance" (ray.init resets the "ray" logger's level, not a child's),
+    # "Started Serve", "Application ... is ready"
+    for name in ("ray._private.worker", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    serve_logger = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _DropMisleading) for f in serve_logger.filters):
+        serve_logger.addFilter(_DropMisleading())
+
+
 def serve_locally(
     app_args: Any, host: str, port: int, num_cpus: int | None = None, check_request: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
@@ -216,6 +244,7 @@ def serve_locally(
     from towerline.serving.app import build_app
     from towerline.serving.ingress import active_ingress, haproxy_addresses
 
+    _quiet_ray_logs()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=check_request is None)
     try:
         serve.start(http_options={"host": host, "port": port})

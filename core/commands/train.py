@@ -6,8 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from towerline.commands.datasource import add_data_flags, add_map_flag, column_map, data_overrides
+
 TRAIN_EXAMPLE = """example:
   towerline train --config configs/synthetic.yaml
+  towerline train --data shop/orders.csv --map user_id=customer,item_id=sku,timestamp=ts
   towerline train --config configs/beauty.yaml --set model.dim=128 --set trainer.max_time_s=1000 --out runs/beauty
   towerline train --config configs/beauty.yaml --out runs/beauty --resume
 
@@ -35,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in synthetic defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                    help="override one config value, e.g. --set model.dim=128 (repeatable)")
+    add_data_flags(p, "your data instead of the config's: a folder with events.* (+ items.*, users.*), one "
+                   "events file, or an S3Rec .txt file")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder: data cache, checkpoints, bundle (default: runs/latest)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint and MLflow run")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
@@ -47,6 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="bundle directory, runs:/<run_id>/bundle or models:/<name>@<alias>")
     p.add_argument("--data", default=None, help="data path (default: the data the model was trained on)")
     p.add_argument("--format", choices=["synthetic", "s3rec", "csv", "parquet"], default=None, help="format of --data")
+    add_map_flag(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override data.* settings")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
@@ -82,7 +88,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from towerline.config import load_config
     from towerline.training.train import train
 
-    overrides = list(args.overrides) + ([f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    # --data/--map first: an explicit --set data.name=... still wins
+    overrides = data_overrides(args) + list(args.overrides)
+    overrides += [f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"MLflow run: {result.run_id}  (tracking URI {result.tracking_uri})")
@@ -107,6 +115,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overrides.append(f"data.path={args.data}")
     if args.format:
         overrides.append(f"data.format={args.format}")
+    if args.column_map:
+        overrides.append(f"data.columns={json.dumps(column_map(args))}")
     if args.rules == "serving":
         return _evaluate_serving_rules(args, overrides)
     report = evaluate_bundle(args.model, overrides)

@@ -245,3 +245,89 @@ def test_items_and_users_readers_parse_text_cells(tmp_path):
     frame = read_users(users)
     assert frame["consent"].tolist() == [False, True]
     assert frame["segment"].iloc[0] == "gold"  # extra user attributes are kept
+
+
+# ----------------------------------------------------------------------------- your own column names
+
+SHOP_CSV = (
+    "customer,sku,ts,kind,session,utm_source\n"
+    "c1,s1,1735689600,view,a,mail\n"
+    "c1,s2,1735689700,purchase,a,mail\n"
+    "c2,s1,1735689800,view,b,\n"
+)
+SHOP_MAP = ["user_id=customer,item_id=sku", "timestamp=ts", "event_type=kind"]
+
+
+def test_a_single_file_with_its_own_column_names_reads_through_the_mapping(tmp_path, fmt="csv"):
+    from towerline.features.readers import parse_column_map
+
+    path = tmp_path / "orders.csv"
+    path.write_text(SHOP_CSV)
+    mapping = parse_column_map(SHOP_MAP)
+    assert mapping == {"user_id": "customer", "item_id": "sku", "timestamp": "ts", "event_type": "kind"}
+    dataset, report = load_dataset(path, columns=mapping)
+    assert list(dataset.events.columns) == EVENT_COLUMNS and dataset.name == "orders"
+    assert dataset.events["user_id"].astype(str).tolist() == ["c1", "c1", "c2"]
+    assert dataset.events["event_type"].astype(str).tolist() == ["view", "purchase", "view"]
+    assert report.counts["events"] == 3 and report.counts["users"] == 2 and report.counts["items"] == 2
+
+
+def test_the_mapping_applies_to_parquet_and_to_every_table_of_a_folder(tmp_path):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    pd.read_csv(pd.io.common.StringIO(SHOP_CSV), dtype=str).to_parquet(folder / "events.parquet")
+    pd.DataFrame({"sku": ["s1", "s2"], "cost": ["3.5", "12"]}).to_parquet(folder / "items.parquet")
+    pd.DataFrame({"customer": ["c1", "c2"], "opt_in": [True, False]}).to_parquet(folder / "users.parquet")
+    columns = {"user_id": "customer", "item_id": "sku", "timestamp": "ts", "price": "cost", "consent": "opt_in"}
+    dataset, _ = load_dataset(folder, columns=columns)
+    assert dataset.items["price"].tolist() == [3.5, 12.0]
+    assert dataset.users.set_index("user_id")["consent"].to_dict() == {"c1": True, "c2": False}
+    assert dataset.name == "shop"
+
+
+def test_an_unknown_mapped_name_is_one_line_naming_the_valid_ones():
+    from towerline.features.readers import parse_column_map
+
+    with pytest.raises(DataValidationError) as e:
+        parse_column_map(["usr_id=customer,item_id=sku"])
+    (line,) = e.value.problems
+    assert line.startswith("--map usr_id=customer: 'usr_id' is not a Towerline column; did you mean 'user_id'?")
+    assert "valid names: user_id, item_id, timestamp" in line and "consent" in line
+
+
+def test_a_mapped_column_the_file_lacks_is_named(tmp_path):
+    path = tmp_path / "orders.csv"
+    path.write_text(SHOP_CSV)
+    with pytest.raises(DataValidationError) as e:
+        load_dataset(path, columns={"user_id": "client", "item_id": "sku", "timestamp": "ts"})
+    (line,) = e.value.problems
+    assert "field 'client': no such column to map to 'user_id'" in line and "found: customer, sku" in line
+
+
+def test_extra_columns_are_ignored_with_one_warning_listing_them(tmp_path, caplog):
+    path = tmp_path / "orders.csv"
+    path.write_text(SHOP_CSV)
+    with caplog.at_level(logging.WARNING):
+        dataset, report = load_dataset(path, columns={"user_id": "customer", "item_id": "sku", "timestamp": "ts"})
+    extra = [w for w in report.warnings if "not used by Towerline" in w]
+    assert len(extra) == 1
+    assert "3 columns not used by Towerline, ignored: 'kind', 'session', 'utm_source'" in extra[0]
+    assert "--map NAME=COLUMN" in extra[0]
+    assert sum("not used by Towerline" in r.getMessage() for r in caplog.records) == 1
+    assert list(dataset.events.columns) == EVENT_COLUMNS
+
+
+def test_missing_consent_data_is_a_warning_naming_the_fix(tmp_path, caplog):
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    (folder / "events.csv").write_text("user_id,item_id,timestamp\nu1,i1,1\nu2,i1,2\n")
+    with caplog.at_level(logging.INFO, logger="towerline.features.readers"):
+        _, report = load_dataset(folder)
+    (line,) = [r for r in caplog.records if "no users file" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    assert "every user is treated as consenting" in line.getMessage()
+    assert f"add users.csv with a consent column (user_id,consent) to {folder}" in line.getMessage()
+    assert line.getMessage() in report.warnings
+    (folder / "users.csv").write_text("user_id,country\nu1,FR\nu2,DE\n")  # a users file without consent
+    _, report = load_dataset(folder)
+    assert any("users.csv: no consent column: every user is treated as consenting" in w for w in report.warnings)

@@ -41,7 +41,7 @@ def _problems(path: Path) -> list[str]:
 
 
 def test_valid_folder_loads_without_findings(tmp_path):
-    folder = _folder(tmp_path, _events(*GOOD_ROWS), "item_id,price\ni1,3\ni2,12.5\n", "user_id\nu1\nu2\n")
+    folder = _folder(tmp_path, _events(*GOOD_ROWS), "item_id,price\ni1,3\ni2,12.5\n", "user_id,consent\nu1,true\nu2,no\n")
     dataset, report = load_dataset(folder)
     assert report.ok and report.warnings == []
     assert report.counts["events"] == 3 and report.counts["items"] == 2 and report.counts["users"] == 2
@@ -76,24 +76,26 @@ def test_missing_required_column_names_the_field(tmp_path):
     assert problem.startswith("events.csv header, field 'timestamp': required column is missing")
 
 
-def test_unknown_event_column_suggests_the_nearest_name(tmp_path):
+def test_unknown_event_column_is_ignored_with_a_warning_suggesting_the_nearest_name(tmp_path):
     folder = _folder(tmp_path, "user_id,item_id,timestamp,evnt_type\nu1,i1,1,view\n")
-    (problem,) = _problems(folder)
-    assert "events.csv header, field 'evnt_type': unknown column; did you mean 'event_type'?" in problem
+    dataset, report = load_dataset(folder)
+    assert any("events.csv: 1 column not used by Towerline, ignored: 'evnt_type' (did you mean 'event_type'?)" in w
+               for w in report.warnings)
+    assert dataset.events["event_type"].astype(str).tolist() == ["interaction"]
 
 
-def test_misspelt_required_column_is_reported_once_as_missing_and_once_as_unknown(tmp_path):
+def test_misspelt_required_column_is_missing_with_a_map_hint_and_an_ignored_column(tmp_path):
     folder = _folder(tmp_path, "user_id,item_id,timestmp\nu1,i1,1\n")
-    problems = _problems(folder)
-    assert any("field 'timestamp': required column is missing" in p and "'timestmp'" in p for p in problems)
-    assert any("field 'timestmp': unknown column; did you mean 'timestamp'?" in p for p in problems)
-
-
-def test_unknown_item_column_is_refused_but_extra_user_columns_are_kept(tmp_path):
-    folder = _folder(tmp_path, _events(*GOOD_ROWS), "item_id,category\ni1,c1\ni2,c2\n", "user_id,age_band\nu1,25-34\nu2,\n")
     (problem,) = _problems(folder)
-    assert "items.csv header, field 'category': unknown column" in problem and "attributes" in problem
-    (folder / "items.csv").unlink()
+    assert "field 'timestamp': required column is missing" in problem and "'timestmp'" in problem
+    assert "--map timestamp=timestmp" in problem
+
+
+def test_unknown_item_column_is_ignored_with_a_hint_and_extra_user_columns_are_kept(tmp_path):
+    folder = _folder(tmp_path, _events(*GOOD_ROWS), "item_id,category\ni1,c1\ni2,c2\n", "user_id,age_band\nu1,25-34\nu2,\n")
+    dataset, report = load_dataset(folder)
+    (line,) = [w for w in report.warnings if w.startswith("items.csv")]
+    assert "ignored: 'category'" in line and "attributes" in line
     dataset, _ = load_dataset(folder)
     assert dataset.users["age_band"].tolist()[0] == "25-34"
 
@@ -167,7 +169,7 @@ def test_duplicate_event_ids_are_dropped_counted_and_listed(tmp_path):
     assert report.ok
     assert report.counts["duplicate_event_ids"] == 2
     assert len(dataset.events) == 3  # first of each kept
-    (warning,) = [w for w in report.warnings if "event_id" in w]
+    (warning,) = [w for w in report.warnings if "field 'event_id'" in w]
     assert "events.csv, field 'event_id': 2 rows dropped as repeats of an earlier event_id" in warning
     assert "row 4 ('e2', first at row 2)" in warning and "row 5 ('e2', first at row 2)" in warning
 

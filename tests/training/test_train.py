@@ -193,3 +193,66 @@ def test_resume_refuses_a_cache_prepared_from_other_data(mlflow_store, tmp_path)
     SequenceDataModule(load_config(config, _synthetic(300, 60, 0, mlflow_store)), tmp_path / "r" / "data").prepare_data()
     with pytest.raises(ConfigError, match=r"--resume: .* was prepared from other data \(data.seed: 0 -> 1"):
         train(load_config(config, _synthetic(300, 60, 1, mlflow_store)), tmp_path / "r", resume=True, progress=False)
+
+
+def test_train_on_your_own_csv_with_its_own_column_names_then_evaluate_rereads_it(mlflow_store, tmp_path, capsys):
+    """``towerline train --data FILE --map ...``: the mapping reaches the config, MLflow and the bundle,
+    so ``evaluate`` (which reloads data from the bundle's config) reads the file the same way."""
+    from towerline.features.synthetic import generate_dataset
+
+    events = generate_dataset(300, 60, seed=0).events
+    shop = tmp_path / "myshop"
+    shop.mkdir()
+    own = events.rename(columns={"user_id": "customer", "item_id": "sku", "timestamp": "ts"})
+    own.assign(store="web")[["customer", "sku", "ts", "event_type", "store"]].to_csv(shop / "orders.csv", index=False)
+
+    args = ["train", "--data", str(shop / "orders.csv"), "--map", "user_id=customer,item_id=sku", "--map", "timestamp=ts",
+            "--out", str(tmp_path / "run"), "--no-progress"]
+    for o in tiny_overrides() + ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    run_id = re.search(r"MLflow run: (\w+)", out).group(1)
+    run = mlflow.MlflowClient(mlflow_store).get_run(run_id)
+    assert run.data.params["config/data/columns/user_id"] == "customer"
+    assert run.data.params["config/data/format"] == "csv" and run.data.tags["dataset"] == "orders"
+    assert run.info.run_name.startswith("orders-twotower-")
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "orders" and json.loads(inp.dataset.source)["uri"] == str((shop / "orders.csv").resolve())
+    bundle_config = json.loads((tmp_path / "run" / "bundle" / "config.json").read_text())
+    assert bundle_config["data"]["columns"] == {"user_id": "customer", "item_id": "sku", "timestamp": "ts"}
+
+    assert main(["evaluate", "--model", str(tmp_path / "run" / "bundle"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"]["test/ndcg_10"] == pytest.approx(run.data.metrics["test/ndcg_10"], abs=1e-6)
+
+
+def test_train_with_an_unknown_mapped_name_exits_2_with_one_line(tmp_path, capsys):
+    path = tmp_path / "orders.csv"
+    path.write_text("customer,sku,ts\nc1,s1,1\n")
+    assert main(["train", "--data", str(path), "--map", "usr_id=customer"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --map usr_id=customer: 'usr_id' is not a Towerline column") and "valid names:" in line
+
+
+def test_registered_version_carries_test_metrics_as_tags_and_a_description(tiny_run):
+    client = mlflow.MlflowClient(tiny_run.tracking_uri)
+    mv = client.get_model_version("tiny-retriever", tiny_run.model_version)
+    assert float(mv.tags["test/ndcg_10"]) == pytest.approx(tiny_run.metrics["test/ndcg_10"], rel=1e-5)
+    assert float(mv.tags["test/hr_10"]) == pytest.approx(tiny_run.metrics["test/hr_10"], rel=1e-5)
+    assert not any(k.startswith("test_unmasked/") for k in mv.tags)
+    run = client.get_run(tiny_run.run_id)
+    assert "trained on **synthetic**" in mv.description and "two-tower retriever" in mv.description
+    assert f"NDCG@10 {tiny_run.metrics['test/ndcg_10']:.4f}" in mv.description
+    assert f"HR@10 {tiny_run.metrics['test/hr_10']:.4f}" in mv.description
+    assert f"#/experiments/{run.info.experiment_id}/runs/{tiny_run.run_id}" in mv.description
+
+
+def test_run_logs_its_dataset_as_an_mlflow_input(tiny_run):
+    run = mlflow.MlflowClient(tiny_run.tracking_uri).get_run(tiny_run.run_id)
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "synthetic" and len(inp.dataset.digest) == 10
+    assert json.loads(inp.dataset.source)["tags"]["users"] == "300"
+    tags = {t.key: t.value for t in inp.tags}
+    assert tags["mlflow.data.context"] == "train" and tags["users"] == "300" and tags["items"] == "60"
+    assert "user_id" in inp.dataset.schema
