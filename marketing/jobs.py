@@ -20,17 +20,16 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
-
-from towerline.training.bundle import load_bundle
 from towerline.config import ProfileConfig, TowerlineConfig, TrackingConfig, load_config
 from towerline.errors import ConfigError
 from towerline.features.readers import load_dataset
-from towerline.features.synthetic import generate_dataset
 from towerline.features.user_features import build_profiles
 from towerline.marketing.audience import find_audience, user_vectors
 from towerline.marketing.clusters import cluster_users, label_clusters
 from towerline.marketing.profile_report import write_profile_report
 from towerline.marketing.profiles import export_profiles, load_profiles
+from towerline.training.bundle import load_bundle
+from towerline.training.data import load_data
 from towerline.training.tracking import use_tracking
 
 log = logging.getLogger(__name__)
@@ -84,18 +83,17 @@ def run_profile(
 
 
 def load_model_data(model_config: TowerlineConfig, data: str | None, format: str | None) -> Any:
-    """``--data`` if given, else the data set described by the model's ``config.json``."""
+    """``--data`` if given, else the data set the model was trained on, read as training read it
+    (``training.data.load_data``: the same reader, column mapping and synthetic seed)."""
     if data:
         return load_dataset(data, format)[0]
     d = model_config.data
+    if d.format != "synthetic" and not d.path:
+        raise ConfigError("the model's config names no data path; pass --data")
     if d.format == "synthetic":
         log.info("no --data: regenerating the model's synthetic data (%s users, %s items, seed %s)",
                  d.synthetic_users, d.synthetic_items, d.seed)
-        return generate_dataset(d.synthetic_users, d.synthetic_items, d.seed)
-    if not d.path:
-        raise ConfigError("the model's config names no data path; pass --data")
-    fmt = d.format if d.format in ("csv", "parquet", "s3rec") else None
-    return load_dataset(d.path, fmt, name=d.name)[0]
+    return load_data(d)
 
 
 def run_audience(

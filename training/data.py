@@ -29,13 +29,25 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset, TensorDataset
-
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import Dataset as TorchDataset
 from towerline.config import DataConfig, TowerlineConfig
 from towerline.features.contracts import Dataset
+from towerline.features.readers import load_dataset
 from towerline.features.sequences import Sequences, build_sequences, left_padded_windows
-from towerline.features.splits import EvalTargets, Split, split_by_time, split_leave_one_out
-from towerline.features.vocab import PAD_IDX, Vocabs, build_vocabs, item_attribute_matrix
+from towerline.features.splits import (
+    EvalTargets,
+    Split,
+    split_by_time,
+    split_leave_one_out,
+)
+from towerline.features.synthetic import generate_dataset
+from towerline.features.vocab import (
+    PAD_IDX,
+    Vocabs,
+    build_vocabs,
+    item_attribute_matrix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +59,7 @@ _SPLIT_ONLY_FIELDS = ("min_user_events", "split", "time_split_quantiles")
 def load_data(cfg: DataConfig) -> Dataset:
     """The configured data set: synthetic (the embedded default), S3Rec, CSV or Parquet files."""
     if cfg.format == "synthetic":
-        from towerline.features.synthetic import generate_dataset
-
         return generate_dataset(cfg.synthetic_users, cfg.synthetic_items, seed=cfg.seed)
-    from towerline.features.readers import load_dataset
-
     dataset, _report = load_dataset(cfg.path, format=cfg.format, name=cfg.name, columns=cfg.columns)
     return dataset
 
