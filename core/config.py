@@ -42,6 +42,7 @@ class DataConfig:
     min_user_events: int = 3  # users with fewer events cannot give train+valid+test; they are counted, not used
     split: Literal["leave_one_out", "time"] = "leave_one_out"
     time_split_quantiles: tuple[float, float] = (0.8, 0.9)  # time split: valid starts / test starts
+    engine: Literal["local", "ray"] = "local"  # feature preparation: one process, or Ray Data over event shards
 
     def __post_init__(self) -> None:
         _check(self.format == "synthetic" or bool(self.path), "data", "path", f"format '{self.format}' needs a path")
@@ -100,6 +101,7 @@ class TrainerConfig:
     num_workers: int = 0  # DataLoader workers
     limit_train_batches: float | int = 1.0  # Lightning's knob, for smoke runs
     log_every_n_steps: int = 20
+    workers: int = 1  # 1: one process (Lightning picks the devices); N > 1: N Ray Train workers running DDP
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "trainer", "max_epochs", "must be >= 1")
@@ -107,6 +109,7 @@ class TrainerConfig:
         _check(self.lr > 0, "trainer", "lr", "must be > 0")
         _check(self.patience >= 1, "trainer", "patience", "must be >= 1")
         _check(self.max_time_s is None or self.max_time_s > 0, "trainer", "max_time_s", "must be > 0")
+        _check(self.workers >= 1, "trainer", "workers", "must be >= 1")
 
 
 @dataclass(frozen=True)
