@@ -303,9 +303,9 @@ def prepare_features(
                 "fmt": fmt, "users": vocabs.users.ids, "items": vocabs.items.ids,
                 "event_types": vocabs.event_types.ids, "n_parts": n_parts,
             },
-            concurrency=max(1, min(len(shards), int(ray.cluster_resources().get("CPU", 1)))),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(len(shards), int(ray.cluster_resources().get("CPU", 1))))),
         )
-        folded = encoded.groupby("part").map_groups(_fold_partition, batch_format="numpy")
+        folded = encoded.groupby("part", num_partitions=n_parts).map_groups(_fold_partition, batch_format="numpy")
         parts = list(folded.iter_batches(batch_format="numpy", batch_size=None))
     seqs = _concatenate(parts)
 
