@@ -114,6 +114,10 @@ class TrainResult:
 
 def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: bool = False, progress: bool = True) -> TrainResult:
     """Fit, test and register a two-tower retriever; everything lands in ``out_dir`` and MLflow."""
+    if cfg.trainer.workers > 1:  # Ray Train workers running the same system with DDP
+        from towerline.training.distributed import train_distributed
+
+        return train_distributed(cfg, out_dir, resume=resume, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
