@@ -21,6 +21,7 @@ DATA_EXAMPLE = """examples:
 GENERATE_EXAMPLE = """example:
   towerline data generate --out data/synthetic --users 5000 --items 1000 --seed 0
   towerline data generate --out data/small-csv --users 200 --items 50 --format csv
+  towerline data generate --out data/big --users 2000000 --items 1000000 --shard-events 1000000
 
 Writes events, items and users files (Parquet by default) that 'towerline data validate' accepts."""
 
@@ -79,6 +80,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--events", type=int, default=None, metavar="E", help="number of events (default: 20 per user)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; the same seed writes the same data (default: 0)")
     p.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file format (default: parquet)")
+    p.add_argument("--shard-events", type=int, default=None, metavar="ROWS",
+                   help="stream the events to events/part-*.{parquet,csv} shards of about ROWS rows, one block of "
+                   "users at a time, in bounded memory (for shops of millions; what 'data prepare --engine ray' reads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_generate)
 
@@ -120,8 +124,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from towerline.features.synthetic import generate_dataset
+    from towerline.features.synthetic import generate_dataset, generate_sharded
     from towerline.features.writers import write_dataset
+
+    if args.shard_events is not None:
+        r = generate_sharded(args.out, args.users, args.items, args.seed, n_events=args.events,
+                             rows_per_shard=args.shard_events, format=args.format, progress=_progress(args))
+        print(f"wrote {r['dir']}/events/  ({r['events']:,} events in {r['shards']} shards), "
+              f"items ({r['items']:,}), users ({r['users']:,})")
+        return 0
 
     dataset = generate_dataset(args.users, args.items, args.seed, n_events=args.events, progress=_progress(args))
     paths = write_dataset(dataset, args.out, format=args.format)
