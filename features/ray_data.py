@@ -43,7 +43,7 @@ import pyarrow as pa
 from towerline.config import DataConfig
 from towerline.errors import DataValidationError, TowerlineError
 from towerline.features.contracts import EVENT_TYPES, ITEM_COLUMNS
-from towerline.features.sequences import Sequences, fold_repeats, sequences_from_sorted
+from towerline.features.sequences import SEQUENCE_ARRAYS, fold_repeats
 from towerline.features.vocab import Vocab, Vocabs, build_vocab, item_attribute_matrix
 from towerline.features.writers import EVENT_SHARDS_DIR, SUFFIX, write_sharded_dataset
 
@@ -200,10 +200,10 @@ class _EncodeShards:
         for shard, path in zip(batch["shard"], batch["path"]):
             frame = _read_valid_shard(str(path), self.fmt)
             user = self.users.encode(frame["user_id"])
-            tables.append(pa.table({
-                "user_idx": user,
-                "item_idx": self.items.encode(frame["item_id"]),
-                "etype": self.event_types.encode(frame["event_type"]),
+            tables.append(pa.table({  # int32 indices: half the bytes through the shuffle
+                "user_idx": user.astype(np.int32),
+                "item_idx": self.items.encode(frame["item_id"]).astype(np.int32),
+                "etype": self.event_types.encode(frame["event_type"]).astype(np.int32),
                 "ts": frame["timestamp"].to_numpy(dtype=np.int64),
                 "value": frame["value"].to_numpy(dtype=np.float64),
                 "shard": np.full(len(frame), int(shard), dtype=np.int32),
@@ -220,7 +220,7 @@ def _fold_partition(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     part = batch["part"][:1]
     return {
         "user_idx": user, "item_idx": item, "etype": etype, "ts": ts, "value": value,
-        "part": np.repeat(part, len(user)), "pos": np.arange(len(user), dtype=np.int64),
+        "part": np.repeat(part, len(user)), "pos": np.arange(len(user), dtype=np.int32),
     }
 
 
@@ -306,11 +306,10 @@ def prepare_features(
             compute=ray.data.ActorPoolStrategy(size=max(1, min(len(shards), int(ray.cluster_resources().get("CPU", 1))))),
         )
         folded = encoded.groupby("part", num_partitions=n_parts).map_groups(_fold_partition, batch_format="numpy")
-        parts = list(folded.iter_batches(batch_format="numpy", batch_size=None))
-    seqs = _concatenate(parts)
-
+        pieces = _ordered_pieces(folded.iter_batches(batch_format="numpy", batch_size=None))
     vocabs.save(out / "vocab")
-    seqs.save(out / "sequences.npz")
+    save_pieces(pieces, out / "sequences.npz")
+    del pieces
     np.save(out / "item_attributes.npy", item_attribute_matrix(items, vocabs, max_attributes))
     items.to_parquet(out / "items.parquet")
     users[["user_id", "consent"]].astype({"user_id": str, "consent": bool}).to_parquet(out / "users.parquet")
@@ -347,13 +346,46 @@ def _vocabs(event_users: np.ndarray, event_items: np.ndarray, event_types: np.nd
     )
 
 
-def _concatenate(parts: list[dict[str, np.ndarray]]) -> Sequences:
-    """Folded partitions -> one ``Sequences``, ordered by (partition, step): by user, then time."""
-    if not parts:
-        empty = np.array([], dtype=np.int64)
-        return sequences_from_sorted(empty, empty, empty, empty, np.array([], dtype=np.float64))
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.lexsort((cols["pos"], cols["part"]))
-    as64 = lambda k: cols[k][order].astype(np.int64)  # noqa: E731  (the local path's dtypes)
-    return sequences_from_sorted(as64("user_idx"), as64("item_idx"), as64("etype"), as64("ts"),
-                                 cols["value"][order].astype(np.float64))
+def _ordered_pieces(batches: Iterator[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Folded output batches -> pieces of one partition each, in (partition, position) order: the
+    order of the local path (partitions are user ranges, positions follow user and time within one).
+    A batch may hold several partitions and a partition may span batches; neither changes the order."""
+    pieces = []
+    for batch in batches:
+        if not len(batch["part"]):
+            continue
+        order = np.lexsort((batch["pos"], batch["part"]))
+        part = batch["part"][order]
+        cuts = np.flatnonzero(np.r_[True, part[1:] != part[:-1]])
+        for lo, hi in zip(cuts, np.r_[cuts[1:], len(part)]):
+            pieces.append({k: v[order[lo:hi]] for k, v in batch.items()})
+    pieces.sort(key=lambda p: (int(p["part"][0]), int(p["pos"][0])))
+    return pieces
+
+
+def save_pieces(pieces: list[dict[str, np.ndarray]], path: str | Path) -> None:
+    """Write ``Sequences.save``'s ``.npz`` from ordered pieces, one array at a time.
+
+    The driver never holds more than the folded pieces (int32 indices) plus one output array, not
+    a concatenated copy of every column; ``Sequences.load`` reads the result (same keys, dtypes).
+    """
+    import zipfile
+
+    def column(key: str, dtype: type) -> np.ndarray:
+        return np.concatenate([p[key] for p in pieces]).astype(dtype, copy=False) if pieces else np.array([], dtype=dtype)
+
+    user = column("user_idx", np.int64)
+    row_start = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.array([], dtype=np.int64)
+    arrays: dict[str, Any] = {
+        "offsets": lambda: np.append(row_start, len(user)).astype(np.int64),
+        "user_idx": lambda: user[row_start],
+        "item_idx": lambda: column("item_idx", np.int64),
+        "event_type_idx": lambda: column("etype", np.int64),
+        "timestamp": lambda: column("ts", np.int64),
+        "value": lambda: column("value", np.float64),
+    }
+    assert tuple(arrays) == SEQUENCE_ARRAYS  # internal: the keys Sequences.load expects
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
+        for key, make in arrays.items():
+            with z.open(f"{key}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, make(), allow_pickle=False)
