@@ -34,17 +34,16 @@ def measure_latency(bundle_dir: Path, n_users: int, n_candidates: int, repeats: 
     """Per-call wall time of ``rank_candidates`` (one user, ``n_candidates``), torch on one thread."""
     import torch
 
-    from towerline.bundle import load_bundle
-    from towerline.config import TowerlineConfig, from_dict
+    from towerline.training.bundle import load_bundle
     from towerline.training.candidates import eval_positions, retrieve_candidates
     from towerline.training.data import make_split
-    from towerline.training.ranker_model import rank_candidates
+    from towerline.training.inference import rank_candidates
 
     torch.set_num_threads(1)
     bundle = load_bundle(bundle_dir)
     if bundle.ranker is None:
         raise SystemExit(f"{bundle_dir} has no ranker/")
-    split = make_split(bundle.histories, from_dict(TowerlineConfig, bundle.config).data)
+    split = make_split(bundle.histories, bundle.config.data)
     test = split.test
     pos = eval_positions(split.full, test)
     take = np.arange(min(n_users, len(test)))
@@ -56,12 +55,12 @@ def measure_latency(bundle_dir: Path, n_users: int, n_candidates: int, repeats: 
         lo, hi = full.offsets[test.rows[u]], test.history_end[u]
         args.append((full.item_idx[lo:hi], full.event_type_idx[lo:hi], full.timestamp[lo:hi], cands.cand[u], cands.cand_scores[u]))
     for a in args[:20]:  # warm-up
-        rank_candidates(bundle, *a)
+        rank_candidates(bundle.ranker, *a)
     times = []
     for _ in range(repeats):
         for a in args:
             t0 = time.perf_counter()
-            rank_candidates(bundle, *a)
+            rank_candidates(bundle.ranker, *a)
             times.append(time.perf_counter() - t0)
     ms = np.asarray(times) * 1000.0
     return {

@@ -165,7 +165,7 @@ def in_process(model: str, users: list[str], calls: int, k: int, settings: Any) 
             latencies.append(time.perf_counter() - t0)
         store.close()
         return {"calls": calls, "items": rec.state.n_items, "index": rec.state.index_kind,
-                "ranker": rec.state.has_ranker and settings.rank_stage != "never", **percentiles(latencies)}
+                "ranker": rec.state.ranker is not None, **percentiles(latencies)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.config import apply_overrides
     from towerline.errors import TowerlineError
     from towerline.serving.app import AppArgs, build_app

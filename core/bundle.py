@@ -22,8 +22,10 @@ Nothing in a bundle is unpickled: weights are safetensors, arrays are ``.npy`` r
 MLflow run (``runs:/<run_id>/bundle``) or the registry (``models:/<name>@<alias>`` or
 ``models:/<name>/<version>``); MLflow URIs are downloaded to a local cache first.
 
-This module sits at the top of the package (not in ``training/`` or ``serving/``) because both
-sides use it: training writes bundles, serving and ``towerline evaluate`` read them.
+This module is the bundle *format* only (file layout, manifest, checksums, URI resolution), so it
+sits in ``core/`` and imports none of the layers: training writes bundles with ``write_manifest``,
+everyone verifies them with ``verify_bundle``. Assembling a loaded bundle (vocabularies, histories,
+rebuilt networks) is ``towerline.training.bundle.load_bundle``.
 """
 
 from __future__ import annotations
@@ -34,17 +36,11 @@ import json
 import logging
 import re
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-
 from towerline import __version__
 from towerline.errors import BundleError
-from towerline.features.sequences import Sequences
-from towerline.features.vocab import Vocabs
 
 log = logging.getLogger(__name__)
 
@@ -113,37 +109,6 @@ def verify_bundle(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-@dataclass
-class Bundle:
-    """A loaded bundle: the rebuilt retriever in eval mode plus what serving needs beside it."""
-
-    path: Path
-    uri: str
-    config: dict[str, Any]
-    vocabs: Vocabs
-    net: Any  # towerline.training.model.TwoTowerNet
-    net_meta: dict[str, Any]
-    item_embeddings: np.ndarray  # (n_items, D) float32
-    item_popularity: np.ndarray  # (n_items,) int64
-    items: pd.DataFrame
-    metrics: dict[str, Any]
-    manifest: dict[str, Any]
-    model_name: str | None = None
-    model_version: str | None = None
-    model_alias: str | None = None
-    histories: Sequences | None = None
-    ranker: Any = None  # towerline.training.ranker_model.Ranker in eval mode, None without ranker/
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def dim(self) -> int:
-        return int(self.item_embeddings.shape[1])
-
-    @property
-    def max_len(self) -> int:
-        return int(self.net_meta["cfg"]["max_len"])
-
-
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 
@@ -198,70 +163,3 @@ def check_model(uri: str | Path, cache_dir: str | Path | None = None) -> Path:
     except BundleError as e:
         raise BundleError(" ".join(str(e).split())) from None
     return path
-
-
-def load_bundle(uri: str | Path, cache_dir: str | Path | None = None) -> Bundle:
-    """Load and verify a bundle; the network is rebuilt from JSON + safetensors, never unpickled."""
-    from safetensors.torch import load_file
-
-    from towerline.training.model import build_two_tower
-
-    path, info = resolve_bundle_uri(str(uri), cache_dir)
-    manifest = verify_bundle(path)
-    config = json.loads((path / "config.json").read_text())
-    net_meta = json.loads((path / "retriever" / "config.json").read_text())
-    net = build_two_tower(net_meta)
-    state = load_file(str(path / "retriever" / "weights.safetensors"))
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        raise BundleError(f"{path}: retriever weights do not fit retriever/config.json ({e})") from None
-    net.eval()
-    emb = np.load(path / "item_embeddings.npy", allow_pickle=False)
-    pop_path = path / "item_popularity.npy"
-    popularity = np.load(pop_path, allow_pickle=False) if pop_path.exists() else np.zeros(len(emb), dtype=np.int64)
-    items_path = path / "items.parquet"
-    items = pd.read_parquet(items_path) if items_path.exists() else pd.DataFrame({"item_id": []})
-    metrics_path = path / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    hist_path = path / "histories.npz"
-    histories = Sequences.load(hist_path) if hist_path.exists() else None
-    ranker = _load_ranker(path) if (path / "ranker" / "config.json").exists() else None
-    info = {
-        "model_name": info["model_name"] or manifest.get("model_name"),
-        "model_version": info["model_version"] or manifest.get("model_version"),
-        "model_alias": info["model_alias"],
-    }
-    return Bundle(
-        path=path,
-        uri=str(uri),
-        config=config,
-        vocabs=Vocabs.load(path / "vocab"),
-        net=net,
-        net_meta=net_meta,
-        item_embeddings=emb,
-        item_popularity=popularity,
-        items=items,
-        metrics=metrics,
-        manifest=manifest,
-        histories=histories,
-        ranker=ranker,
-        **info,
-    )
-
-
-def _load_ranker(path: Path) -> Any:
-    """The ranker of ``ranker/`` (config.json + weights.safetensors), rebuilt in eval mode."""
-    from safetensors.torch import load_file
-
-    from towerline.training.ranker_model import build_ranker
-
-    ranker = build_ranker(json.loads((path / "ranker" / "config.json").read_text()))
-    weights = path / "ranker" / "weights.safetensors"
-    if not weights.is_file():
-        raise BundleError(f"{path}: ranker/config.json is present but ranker/weights.safetensors is missing")
-    try:
-        ranker.load_state_dict(load_file(str(weights)))
-    except RuntimeError as e:
-        raise BundleError(f"{path}: ranker weights do not fit ranker/config.json ({e})") from None
-    return ranker.eval()

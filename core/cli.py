@@ -25,6 +25,7 @@ EPILOG = """examples:
   towerline profile --model runs/latest/bundle --out profiles/profiles.parquet
   towerline audience --model runs/latest/bundle --item i00042 --size 500 --out audience.csv
   towerline experiment simulate home-feed --config configs/synthetic.yaml --users 20000 --db demo.db
+  towerline campaign run welcome --data data/synthetic --model runs/latest/bundle --as-of 2025-06-30T09:00 --outbox outbox/
 
 Run 'towerline <command> --help' for each command's flags and an example."""
 

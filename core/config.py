@@ -201,6 +201,7 @@ class ExperimentConfig:
     name: str = "default"
     arms: tuple[ArmConfig, ...] = (ArmConfig("control", share=1.0),)
     control: str = "control"  # the arm lifts are measured against
+    currency: str = "EUR"  # ISO 4217 code of purchase values; the report labels money with it
 
     def __post_init__(self) -> None:
         total = sum(a.share for a in self.arms)

@@ -30,10 +30,11 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, Field, model_validator
 
-from towerline.bundle import Bundle
+from towerline.training.bundle import Bundle
 from towerline.errors import DataValidationError
-from towerline.features.sequences import Sequences, left_padded_windows
+from towerline.features.sequences import Sequences
 from towerline.features.vocab import N_RESERVED
+from towerline.training import inference
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,13 @@ PURCHASE = "purchase"
 # user vectors
 
 
-@torch.no_grad()
 def user_vectors(
     bundle: Bundle,
     extra_history: pd.DataFrame | None = None,
     batch_size: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Every known user's vector: the user tower over their newest ``max_len`` steps.
+    """Every known user's vector: the user tower over their newest ``max_len`` steps, computed by
+    ``training.inference`` exactly as serving computes a request's vector.
 
     Args:
         bundle: a loaded bundle with ``histories`` (every user's steps at training time).
@@ -65,24 +66,9 @@ def user_vectors(
         user_ids (U,) object array of external ids and vectors (U, D) float32, same order.
     """
     hist, user_ids = merged_histories(bundle, extra_history)
-    D, T = bundle.dim, bundle.max_len
-    out = np.zeros((len(hist), D), dtype=np.float32)
-    if not len(hist):
-        return user_ids, out
-    net = bundle.net
-    net.eval()
-    table = torch.from_numpy(np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32))  # (V, D)
-    lengths = np.minimum(hist.lengths, T)
-    order = np.argsort(lengths, kind="stable")  # similar lengths share a batch: less padding
-    starts, ends = hist.offsets[:-1], hist.offsets[1:]
-    for lo in range(0, len(order), batch_size):
-        rows = order[lo : lo + batch_size]
-        width = max(int(lengths[rows].max()), 1)
-        items = left_padded_windows(hist.item_idx, starts[rows], ends[rows], width)  # (B, width)
-        types = left_padded_windows(hist.event_type_idx, starts[rows], ends[rows], width)  # (B, width)
-        vec = net.user_vector(torch.from_numpy(items), torch.from_numpy(types), item_table=table)  # (B, D)
-        out[rows] = vec.float().numpy()
-    log.info("user vectors: %d users, dim %d", len(out), D)
+    rows = inference.Histories.from_sequences(hist, np.arange(len(hist)))
+    out = inference.user_vectors_of(bundle.net, bundle.item_embeddings, rows, batch_size)  # (U, D), as served
+    log.info("user vectors: %d users, dim %d", len(out), bundle.dim)
     return user_ids, out
 
 

@@ -21,8 +21,8 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from towerline.bundle import load_bundle
-from towerline.config import ProfileConfig, TrackingConfig, from_dict, load_config
+from towerline.training.bundle import load_bundle
+from towerline.config import ProfileConfig, TowerlineConfig, TrackingConfig, load_config
 from towerline.errors import ConfigError
 from towerline.features.readers import load_dataset
 from towerline.features.synthetic import generate_dataset
@@ -83,19 +83,19 @@ def run_profile(
     return ProfileResult(out, report, int(profiles["consent"].sum()), len(set(labels.tolist())), cluster_labels, run_id)
 
 
-def load_model_data(model_config: dict[str, Any], data: str | None, format: str | None) -> Any:
+def load_model_data(model_config: TowerlineConfig, data: str | None, format: str | None) -> Any:
     """``--data`` if given, else the data set described by the model's ``config.json``."""
     if data:
         return load_dataset(data, format)[0]
-    d = model_config.get("data", {})
-    if d.get("format", "synthetic") == "synthetic":
+    d = model_config.data
+    if d.format == "synthetic":
         log.info("no --data: regenerating the model's synthetic data (%s users, %s items, seed %s)",
-                 d.get("synthetic_users"), d.get("synthetic_items"), d.get("seed"))
-        return generate_dataset(int(d.get("synthetic_users", 3000)), int(d.get("synthetic_items", 800)), int(d.get("seed", 0)))
-    if not d.get("path"):
+                 d.synthetic_users, d.synthetic_items, d.seed)
+        return generate_dataset(d.synthetic_users, d.synthetic_items, d.seed)
+    if not d.path:
         raise ConfigError("the model's config names no data path; pass --data")
-    fmt = d.get("format") if d.get("format") in ("csv", "parquet", "s3rec") else None
-    return load_dataset(d["path"], fmt, name=d.get("name"))[0]
+    fmt = d.format if d.format in ("csv", "parquet", "s3rec") else None
+    return load_dataset(d.path, fmt, name=d.name)[0]
 
 
 def run_audience(
@@ -127,10 +127,10 @@ def run_audience(
     return frame
 
 
-def _profile_config(model_config: dict[str, Any], config: str | Path | None) -> Any:
+def _profile_config(model_config: TowerlineConfig, config: str | Path | None) -> ProfileConfig:
     if config is not None:
         return load_config(config).profile
-    return from_dict(ProfileConfig, model_config.get("profile") or {}, "profile")
+    return model_config.profile
 
 
 def _tracking(uri: str | None) -> str:
@@ -148,7 +148,7 @@ def _log_artifacts(bundle: Any, files: list[Path], cluster_labels: dict[int, lis
             log.info("model run %s is not in %s; logging the profiles to a new run", run_id, mlflow.get_tracking_uri())
             run_id = None
     if run_id is None:
-        experiment = (bundle.config.get("tracking") or {}).get("experiment", "towerline")
+        experiment = bundle.config.tracking.experiment
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         run_id = client.create_run(exp_id, tags={"mlflow.runName": "profiles", "model_uri": bundle.uri}).info.run_id

@@ -29,6 +29,9 @@ from towerline.features.user_features import PROFILE_COLUMNS, RFM_GROUP_DESCRIPT
 log = logging.getLogger(__name__)
 
 PROFILE_META_KEY = "towerline.profiles"  # Parquet metadata key of the facts a table was built with
+# Model outputs a profiles table may carry (marketing/churn.py, marketing/ltv.py): exported with the
+# aggregates when present, since they are per-user aggregates too.
+MODEL_COLUMNS: tuple[str, ...] = ("churn_probability", "predicted_ltv")
 
 
 def segment_definitions(cfg: ProfileConfig) -> list[dict[str, Any]]:
@@ -79,6 +82,8 @@ class UserProfile(BaseModel):
     monetary: float
     tags: list[str]
     cluster: int | None = None
+    churn_probability: float | None = None  # P(no order in the churn model's horizon), customers only
+    predicted_ltv: float | None = None  # expected revenue over the LTV model's horizon, customers only
 
 
 def profile_of(profiles: pd.DataFrame, user_id: str) -> UserProfile | None:
@@ -97,6 +102,8 @@ def profile_of(profiles: pd.DataFrame, user_id: str) -> UserProfile | None:
         m_score=int(r["m_score"]), recency_days=num(r["recency_days"]), frequency=float(r["frequency"]),
         monetary=float(r["monetary"]), tags=[str(t) for t in r["tags"]],
         cluster=int(r["cluster"]) if "cluster" in r and not pd.isna(r["cluster"]) else None,
+        churn_probability=num(r["churn_probability"]) if "churn_probability" in r else None,
+        predicted_ltv=num(r["predicted_ltv"]) if "predicted_ltv" in r else None,
     )
 
 
@@ -105,7 +112,7 @@ def profile_of(profiles: pd.DataFrame, user_id: str) -> UserProfile | None:
 
 
 def export_profiles(profiles: pd.DataFrame, path: str | Path) -> Path:
-    """Write consenting users' profiles (``PROFILE_COLUMNS`` only) as Parquet; returns the path.
+    """Write consenting users' profiles (``PROFILE_COLUMNS`` + ``MODEL_COLUMNS`` only) as Parquet; returns the path.
 
     Users whose consent is false are left out entirely, and only aggregate columns are written:
     any other column (an event list someone joined on) is dropped, never exported. The frame's
@@ -115,8 +122,9 @@ def export_profiles(profiles: pd.DataFrame, path: str | Path) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     keep = profiles["consent"].astype(bool).to_numpy() if "consent" in profiles else np.ones(len(profiles), bool)
-    out = profiles.loc[keep, [c for c in PROFILE_COLUMNS if c in profiles.columns]].reset_index(drop=True)
-    dropped = sorted(set(profiles.columns) - set(PROFILE_COLUMNS))
+    columns = PROFILE_COLUMNS + MODEL_COLUMNS
+    out = profiles.loc[keep, [c for c in columns if c in profiles.columns]].reset_index(drop=True)
+    dropped = sorted(set(profiles.columns) - set(columns))
     if dropped:
         log.info("export_profiles: columns %s are not profile columns and were not written", dropped)
     facts = {k: v for k, v in profiles.attrs.items() if isinstance(v, (str, int, float, bool, dict)) or v is None}

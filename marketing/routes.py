@@ -20,7 +20,7 @@ from fastapi import APIRouter, Body
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from towerline.bundle import Bundle
+from towerline.training.bundle import Bundle
 from towerline.config import ArmConfig, ExperimentConfig, ProfileConfig
 from towerline.errors import TowerlineError
 from towerline.marketing.assignment import assign_arm, find_experiment

@@ -3,30 +3,27 @@
 ::
 
     HTTP ──► Ingress (FastAPI) ── history store, rules, popular fallback, /similar, /events, reload
-                 │ await handle                                  ▲
-                 ├──► Retriever  user tower + FAISS top-N  (@serve.batch)
-                 └──► Ranker     score the N candidates    (@serve.batch; called when the bundle has a ranker)
+                 │ Recommender.recommend_async: prepare -> stages.retrieve -> stages.rank -> rules
+                 ├──► BatchedStages   in the ingress replica (stage_placement="ingress", the default)
+                 └──► HandleStages    ──► Retriever  user tower + top-N       (@serve.batch)
+                                      ──► Ranker     score the N candidates   (@serve.batch)
 
-Why this split: the ingress does the cheap per-request work (SQLite read, rule masks) and stays
-async; the two model stages batch concurrent requests into one forward pass / one FAISS call and
-scale by replicas on their own. All three call the functions of ``recommender.py``, so the HTTP
-path and the in-process ``Recommender`` cannot drift apart.
+The request sequence is ``recommender.Recommender``'s, written once; this module only decides where
+its two model stages run (``serving/stages.py``). On one machine the default, ``"ingress"``, batches
+them inside the ingress replica: on a few cores every actor hop costs as much CPU as the model
+itself, and ``bench/serve_load.py`` measures the difference. ``"deployments"`` sends each request to
+the ``Retriever`` and ``Ranker`` deployments, which then scale out by replicas across a cluster;
+only then are they part of the application graph (the Ranker not at all with ``rank_stage="never"``).
+Whether a version ranks is decided when it loads (``ModelState``), in every replica alike.
 
-Where the model stages run is a setting (``stage_placement``). On one machine the default,
-``"ingress"``, runs the user tower, FAISS and the ranker batched (``serve.batch``) inside the
-ingress replica: on a few cores every actor hop costs as much CPU as the model itself, and
-``bench/serve_load.py`` measures the difference. ``"deployments"`` sends each request to the
-``Retriever`` and ``Ranker`` deployments, which then scale out by replicas across a cluster; with
-``rank_stage="auto"`` the Ranker hop is skipped for bundles without a trained ranker.
-
-Model versions and reload: a request reads the ingress's current ``ModelState`` once and sends its
-``ModelRef`` (a URI that pins the version, plus the index directory) with every stage call. A
-``Retriever`` replica keeps the few versions it was asked for, loading a missing one on demand, so
-``POST /admin/reload`` can load the new version in the ingress and warm the stages, then swap one
-reference: requests in flight finish on the version they started with, and a version that fails to
-load (missing file, corrupt index) never replaces the one serving. One ingress replica is the
-default; with several, each reloads on its own ``/admin/reload`` call (or redeploy with
-``serve deploy``, which Serve rolls out replica by replica).
+Model versions and reload: a request reads the current ``ModelState`` once and sends its ``ref`` (a
+URI that pins the version, plus the index directory) with every stage call. A stage replica keeps
+the few versions it was asked for, loading a missing one on demand, so ``POST /admin/reload`` can
+load the new version in the ingress and warm the stages, then swap one reference: requests in
+flight finish on the version they started with, and a version that fails to load (missing file,
+corrupt index) never replaces the one serving. One ingress replica is the default; with several,
+each reloads on its own ``/admin/reload`` call (or redeploy with ``serve deploy``, which Serve rolls
+out replica by replica).
 
 Errors follow RFC 9457 (``application/problem+json``): invalid JSON or fields 422 naming the field,
 k out of range 422, bodies over ``max_body_bytes`` 413, a non-JSON content type 415, an unknown item
@@ -37,7 +34,6 @@ k out of range 422, bodies over ``max_body_bytes`` 413, a non-JSON content type 
 # endpoint annotations at runtime, and Ray ships the ingress class to its replica by value
 # (cloudpickle), where string annotations such as "RecommendRequest" can no longer be resolved.
 import asyncio
-import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -55,11 +51,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from towerline.errors import TowerlineError
 from towerline.features.contracts import Event
-from towerline.serving import recommender as rec
 from towerline.config import ExperimentConfig, from_dict
 from towerline.marketing.routes import MarketingService, marketing_router
 from towerline.problems import field_path, record_problems
+from towerline.serving import recommender as rec
+from towerline.serving.history import open_history_store
 from towerline.serving.settings import ServeSettings
+from towerline.serving.stages import BatchedStages, HandleStages
 
 log = logging.getLogger(__name__)
 
@@ -384,31 +382,34 @@ def _install_error_handlers(app: FastAPI) -> None:
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress()
 class Ingress:
-    """HTTP in, JSON out: history store, rules and fallbacks here; model stages behind handles."""
+    """HTTP in, JSON out: the ``Recommender`` with batched local stages or deployment handles."""
 
-    def __init__(self, retriever: Any, ranker: Any, args: AppArgs) -> None:
-        from towerline.serving.history import open_history_store
-
+    def __init__(self, args: AppArgs, retriever: Any = None, ranker: Any = None) -> None:
         _use_tracking(args.tracking_uri)
         _limit_threads(args.settings.threads)
         self.args = args
         self.settings = args.settings
-        self.retriever = retriever
-        self.ranker = ranker
-        self.store = open_history_store(args.settings)
-        self.state = rec.load_model(args.model, args.settings, args.index_dir)
-        self.ref: ModelRef = (self.state.key, args.index_dir)
+        if args.settings.stage_placement == "deployments":
+            if retriever is None:
+                raise ValueError("stage_placement='deployments' needs the Retriever deployment bound (build_app does it)")
+            self.stages: BatchedStages | HandleStages = HandleStages(retriever, ranker)
+        else:
+            self.stages = BatchedStages(args.settings)
+        state = rec.load_model(args.model, args.settings, args.index_dir)
+        self.recommender = rec.Recommender(state, args.settings, open_history_store(args.settings), self.stages)
+        self.store = self.recommender.store
         self.reload_lock = asyncio.Lock()
         self.marketing = MarketingService(args.experiments, args.experiment, args.settings.feedback_db, args.profiles)
-        # the in-ingress stages batch like the Retriever deployment does
-        self.local_stages.set_max_batch_size(args.settings.retriever_batch_size)
-        self.local_stages.set_batch_wait_timeout_s(args.settings.batch_wait_timeout_s)
         # an arm with its own model is loaded beside the served one; a model that fails to load
         # stops the start-up, since serving that arm with another model would void the experiment
-        self.arm_models: dict[str, tuple[rec.ModelState, ModelRef]] = {}
-        for arm in self.marketing.arms_with_models():
-            state = rec.load_model(arm.model, args.settings, None)
-            self.arm_models[arm.name] = (state, (state.key, None))
+        self.arm_models: dict[str, rec.ModelState] = {
+            arm.name: rec.load_model(arm.model, args.settings, None) for arm in self.marketing.arms_with_models()
+        }
+
+    @property
+    def state(self) -> rec.ModelState:
+        """The version serving now (swapped whole by reload)."""
+        return self.recommender.state
 
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built per replica so routes close over this replica's state."""
@@ -471,49 +472,17 @@ class Ingress:
             return problem(422, "Unprocessable Content", f"body.k: must be at most {self.settings.max_k}",
                            errors=[{"field": "k", "location": "body.k", "message": f"must be at most {self.settings.max_k}"}])
         arm = self.marketing.arm_of(req.user_id)
-        state, ref = self.arm_models.get(arm.name, (self.state, self.ref)) if arm else (self.state, self.ref)
-        online = self.store.recent(req.user_id, self.settings.history_recent)
-        prep = rec.prepare(state, self.settings, req.user_id, online, req.exclude, req.context)
-        if arm is not None and arm.rules == "popular":  # the non-personalised arm of an experiment
-            prep = dataclasses.replace(prep, fallback=True)
-        ranked = None
-        if not prep.fallback and self.settings.stage_placement == "ingress":
-            ranked = await self.local_stages((state, prep.history))
-        elif not prep.fallback:
-            cands = await self.retriever.top_n.remote((ref, prep.history))
-            stage = self.settings.rank_stage
-            if stage == "always" or (stage == "auto" and state.has_ranker):
-                ranked = await self.ranker.rank.remote((ref, prep.history, cands))
-            else:  # no trained ranker, or rank_stage "never": the retrieval score ranks, no hop
-                (ranked,) = rec.apply_rank_stage(state, self.settings, [prep.history], [cands])
-        result = rec.finish(state, self.settings, prep, ranked, req.k)
+        result = await self.recommender.recommend_async(
+            req.user_id, req.k, req.exclude, req.context,
+            state=self.arm_models.get(arm.name) if arm else None,
+            popular_only=arm is not None and arm.rules == "popular",  # the non-personalised arm of an experiment
+        )
         return RecommendResponse(
             items=[ScoredItem(item_id=i, score=s) for i, s in result.items],
             model_version=result.model_version,
             arm=arm.name if arm else "default",
             fallback=result.fallback,
         )
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def local_stages(
-        self, requests: list[tuple[rec.ModelState, rec.UserHistory]]
-    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Retrieve and rank a batch of requests in this replica (``stage_placement="ingress"``).
-
-        Each request brings the model state it started with, so a reload mid-batch is harmless.
-        """
-        out: list[Any] = [None] * len(requests)
-        groups: dict[str, list[int]] = {}
-        for pos, (state, _) in enumerate(requests):
-            groups.setdefault(state.key, []).append(pos)
-        for positions in groups.values():
-            state = requests[positions[0]][0]
-            histories = [requests[p][1] for p in positions]
-            cands = rec.retrieve(state, self.settings, histories)
-            ranked = rec.apply_rank_stage(state, self.settings, histories, cands)
-            for p, r in zip(positions, ranked):
-                out[p] = r
-        return out
 
     async def reload(self, req: ReloadRequest) -> Any:
         uri = req.model or self.args.model
@@ -522,16 +491,14 @@ class Ingress:
             old = self.state
             try:
                 new = await asyncio.to_thread(rec.load_model, uri, self.settings, index_dir)
-                ref: ModelRef = (new.key, index_dir)
-                await self.retriever.prepare.remote(ref)
-                await self.ranker.prepare.remote(ref)
+                await self.stages.prepare(new)
             except TowerlineError as e:
                 log.warning("reload of %s failed, still serving %s: %s", uri, old.key, e)
                 return problem(409, "Reload Failed", f"{e}; still serving {old.key}", model_key=old.key)
             except Exception as e:  # a stage failed to load it: same outcome, the old version stays
                 log.exception("reload of %s failed in a model stage", uri)
                 return problem(409, "Reload Failed", f"{type(e).__name__}: {e}; still serving {old.key}", model_key=old.key)
-            self.state, self.ref = new, ref
+            self.recommender.state = new
         log.info("reloaded: %s -> %s", old.key, new.key)
         return {"previous": {"model_key": old.key, "model_version": old.model_version},
                 "current": {"model_key": new.key, "model_version": new.model_version, "index_kind": new.index_kind}}
@@ -546,12 +513,16 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         args = AppArgs.model_validate(args)
     args = args.resolved()
     s = args.settings
+    if s.stage_placement != "deployments":
+        return Ingress.bind(args)  # the model stages run batched inside the ingress: nothing else to deploy
     retriever = Retriever.options(
         num_replicas=s.retriever_replicas,
         user_config={"max_batch_size": s.retriever_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
     ).bind(args)
+    if s.rank_stage == "never":
+        return Ingress.bind(args, retriever)
     ranker = Ranker.options(
         num_replicas=s.ranker_replicas,
         user_config={"max_batch_size": s.ranker_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
     ).bind(args)
-    return Ingress.bind(retriever, ranker, args)
+    return Ingress.bind(args, retriever, ranker)

@@ -1,15 +1,26 @@
-"""The recommendation pipeline as plain Python: history -> user tower -> FAISS top-N -> rank -> rules.
+"""The recommendation pipeline: prepare -> retrieve -> rank -> rules, written once in ``Recommender``.
 
-The Ray Serve deployments in ``app.py`` call these same functions, split across processes
-(ingress: history and rules; retriever: user tower + FAISS; ranker: ``rank``); ``Recommender``
-chains them in one process for tests, notebooks and the in-process latency benchmark. One code
-path, so what the tests check is what the endpoint serves.
+``Recommender.answer`` (behind ``recommend_async`` and ``recommend``) is the only place that sequence exists. Where the model stages run is
+its ``stages`` object (``Stages``: async ``retrieve``/``rank``): ``LocalStages`` calls ``retrieve``
+and ``rank`` below in this process (tests, notebooks, the in-process benchmark, offline evaluation
+through the serving rules); ``serving/stages.py`` batches them inside the Serve ingress or sends
+them to the ``Retriever``/``Ranker`` deployments. Every variant ends in the same two functions,
+which call ``towerline.training.inference``, the code offline evaluation runs: with an exact index
+the served top-k is the offline pipeline's top-k, item for item, and no answer depends on the other
+requests of its batch.
+
+What a model version serves is decided once, when it loads (``load_model`` -> ``ModelState``):
+whether the ranker runs (``ranker``, ``rank_hop``), how many candidates retrieval hands on
+(``n_candidates``: the ranker's own list length from ``ranker/config.json`` when it ranks, else
+``ServeSettings.n_candidates``), and whether retrieval is exact (flat index: ``inference.retrieve``)
+or approximate (HNSW/IVF through FAISS, with its measured recall).
 
 A request's history is the user's training history from the bundle (``bundle.histories``)
 followed by the newer events of the online store, folded like training folds them (consecutive
 steps on one item become one step with the strongest event type) and cut to the model's
 ``max_len`` newest steps. Items unknown to the model (``UNK_IDX``) are dropped from the model
-input: the item tower has nothing learned for them.
+input (``inference``): the item tower has nothing learned for them. Each step keeps its event time
+(the bundle's histories and the online store both carry it), which the ranker reads.
 
 Fallback: a user with no history at all (unknown to the model and no online events), or without
 consent (``context={"consent": False}`` or ``consent == False`` in the bundle's optional
@@ -20,25 +31,28 @@ history, which is how a new visitor's first clicks already shape the next page.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import faiss
 import numpy as np
 import pandas as pd
 import torch
 
-from towerline.bundle import Bundle, load_bundle
 from towerline.config import IndexConfig
 from towerline.errors import TowerlineError
-from towerline.features.sequences import left_padded_windows
 from towerline.features.vocab import N_RESERVED, PAD_IDX, UNK_IDX
 from towerline.serving import rules
 from towerline.serving.history import HistoryEvent, HistoryStore
 from towerline.serving.index import build_index, load_index, search
 from towerline.serving.settings import ServeSettings
+from towerline.training import inference
+from towerline.training.bundle import Bundle, load_bundle
+from towerline.training.ranker_model import Ranker
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +63,17 @@ class UnknownItemError(TowerlineError):
     """An item id the model's vocabulary does not hold (``/items/{id}/similar`` answers 404)."""
 
 
+Candidates = tuple[np.ndarray, np.ndarray]  # (item_idx (N,) int64, scores (N,) float32) of one request
+
+
 @dataclass(frozen=True)
 class ModelState:
-    """One loaded model version with everything a request needs; swapped whole on reload."""
+    """One loaded model version with everything a request needs; swapped whole on reload.
+
+    The serving decisions are made here, once per version, from the bundle and the settings:
+    ``ranker`` (None: the retrieval score ranks), ``rank_hop`` (the rank stage is called at all) and
+    ``n_candidates`` (the list length retrieval returns).
+    """
 
     key: str  # a URI that loads this same version again (models:/name/<v>, runs:/..., or a directory)
     bundle: Bundle
@@ -61,7 +83,12 @@ class ModelState:
     user_rows: np.ndarray  # (n_users,) row of each user vocabulary index in bundle.histories, -1 = none
     purchase_type: int  # event-type index of "purchase" (UNK_IDX when the vocabulary lacks it)
     blocked: np.ndarray  # (B,) item indices of ServeSettings.blocked_items
-    has_ranker: bool = False  # the bundle carries a trained ranker (ranker/config.json)
+    item_table: torch.Tensor  # (V, D) float32 bundle.item_embeddings (shares their memory)
+    n_candidates: int  # candidates per request: the ranker's trained list length, else settings.n_candidates
+    ranker: Ranker | None = None  # the ranker requests go through; None without one or with rank_stage="never"
+    rank_hop: bool = False  # the rank stage is called (a ranker ranks, or rank_stage="always")
+    exact: bool = True  # flat index: exact scores through inference.retrieve (the offline path)
+    index_dir: str | None = None  # where the index came from (None: the bundle's or built in memory)
     user_index: dict[str, int] = field(default_factory=dict)  # user id -> vocabulary index, one dict lookup
     no_consent: frozenset[str] = frozenset()
 
@@ -77,6 +104,16 @@ class ModelState:
     def index_kind(self) -> str:
         return str(self.index_manifest.get("kind", "flat"))
 
+    @property
+    def has_ranker(self) -> bool:
+        """The bundle carries a trained ranker (whether or not ``rank_stage`` lets it run)."""
+        return self.bundle.ranker is not None
+
+    @property
+    def ref(self) -> tuple[str, str | None]:
+        """What a stage in another process needs to load this same version: (key, index_dir)."""
+        return (self.key, self.index_dir)
+
 
 @dataclass(frozen=True)
 class UserHistory:
@@ -84,6 +121,7 @@ class UserHistory:
 
     items: np.ndarray  # (L,) int64 item indices (UNK kept here, for the rules)
     event_types: np.ndarray  # (L,) int64
+    timestamps: np.ndarray | None = None  # (L,) int64 event times (epoch seconds, or positions); None = zeros
     user_idx: int = UNK_IDX  # user vocabulary index: the ranker's profile row (UNK: no profile)
 
     def __len__(self) -> int:
@@ -154,6 +192,7 @@ def load_model(
     if hist is not None and len(hist):
         user_rows[hist.user_idx] = np.arange(len(hist), dtype=np.int64)
     blocked = bundle.vocabs.items.encode(np.asarray(settings.blocked_items, dtype=object))
+    ranker = bundle.ranker if settings.rank_stage != "never" else None
     state = ModelState(
         key=model_key(bundle),
         bundle=bundle,
@@ -163,32 +202,42 @@ def load_model(
         user_rows=user_rows,
         purchase_type=bundle.vocabs.event_types.encode_one(PURCHASE),
         blocked=blocked[blocked >= N_RESERVED],
-        has_ranker=(bundle.path / "ranker" / "config.json").is_file(),
+        item_table=torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)),
+        n_candidates=inference.list_length(ranker) if ranker is not None else settings.n_candidates,
+        ranker=ranker,
+        rank_hop=settings.rank_stage == "always" or ranker is not None,
+        exact=str(manifest.get("kind", "flat")) == "flat",
+        index_dir=None if index_dir is None else str(index_dir),
         user_index={str(u): i + N_RESERVED for i, u in enumerate(bundle.vocabs.users.ids)},
         no_consent=_load_consent(bundle.path),
     )
-    log.info("model %s loaded: %d items, %s index", state.key, state.n_items, state.index_kind)
+    log.info("model %s loaded: %d items, %s index, %s, %d candidates", state.key, state.n_items, state.index_kind,
+             "ranker on" if ranker is not None else "no ranker", state.n_candidates)
     return state
 
 
-def _fold_repeats(items: np.ndarray, etypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Consecutive steps on one item become one step with the strongest event type (as in training)."""
+def _fold_repeats(items: np.ndarray, etypes: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Consecutive steps on one item become one step with the strongest event type and the first
+    step's time (as ``features.sequences.build_sequences`` folds training data)."""
     if len(items) < 2:
-        return items, etypes
+        return items, etypes, ts
     starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
-    return items[starts], np.maximum.reduceat(etypes, starts)
+    return items[starts], np.maximum.reduceat(etypes, starts), ts[starts]
 
 
-def training_histories(bundle: Bundle, rows: np.ndarray) -> list[UserHistory]:
-    """The training-time histories of ``bundle.histories`` rows (index recall queries, benchmarks)."""
+def training_histories(bundle: Bundle, rows: np.ndarray, ends: np.ndarray | None = None) -> list[UserHistory]:
+    """The training-time histories of ``bundle.histories`` rows, each cut before flat index ``ends``
+    when given (offline evaluation: the steps before a held-out target)."""
     hist = bundle.histories
     if hist is None:
         return []
     out = []
-    for r in np.asarray(rows, dtype=np.int64):
-        lo, hi = int(hist.offsets[r]), int(hist.offsets[r + 1])
+    rows = np.asarray(rows, dtype=np.int64)
+    stops = hist.offsets[1:][rows] if ends is None else np.asarray(ends, dtype=np.int64)
+    for r, hi in zip(rows, stops):
+        lo = int(hist.offsets[r])
         out.append(UserHistory(hist.item_idx[lo:hi].astype(np.int64), hist.event_type_idx[lo:hi].astype(np.int64),
-                               int(hist.user_idx[r])))
+                               hist.timestamp[lo:hi].astype(np.int64), int(hist.user_idx[r])))
     return out
 
 
@@ -197,6 +246,7 @@ def user_history(state: ModelState, user_id: str, online: Sequence[HistoryEvent]
     vocabs = state.bundle.vocabs
     parts_i: list[np.ndarray] = []
     parts_t: list[np.ndarray] = []
+    parts_ts: list[np.ndarray] = []
     u = state.user_index.get(user_id, UNK_IDX)
     hist = state.bundle.histories
     if hist is not None and u >= N_RESERVED and state.user_rows[u] >= 0:
@@ -204,13 +254,17 @@ def user_history(state: ModelState, user_id: str, online: Sequence[HistoryEvent]
         lo, hi = int(hist.offsets[row]), int(hist.offsets[row + 1])
         parts_i.append(hist.item_idx[lo:hi])
         parts_t.append(hist.event_type_idx[lo:hi])
+        parts_ts.append(hist.timestamp[lo:hi])
     if online:
         parts_i.append(vocabs.items.encode(np.asarray([e.item_id for e in online], dtype=object)))
         parts_t.append(vocabs.event_types.encode(np.asarray([e.event_type for e in online], dtype=object)))
+        parts_ts.append(np.asarray([e.timestamp for e in online], dtype=np.int64))
     if not parts_i:
-        return UserHistory(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), u)
-    items, etypes = _fold_repeats(np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_t).astype(np.int64))
-    return UserHistory(items, etypes, u)
+        empty = np.zeros(0, dtype=np.int64)
+        return UserHistory(empty, empty, empty, u)
+    items, etypes, ts = _fold_repeats(np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_t).astype(np.int64),
+                                      np.concatenate(parts_ts).astype(np.int64))
+    return UserHistory(items, etypes, ts, u)
 
 
 def prepare(
@@ -222,7 +276,18 @@ def prepare(
     context: dict[str, Any] | None = None,
 ) -> Prepared:
     """History and banned items of one request; ``fallback`` when there is nothing to personalise on."""
-    history = user_history(state, user_id, online)
+    return prepare_history(state, settings, user_id, user_history(state, user_id, online), exclude, context)
+
+
+def prepare_history(
+    state: ModelState,
+    settings: ServeSettings,
+    user_id: str,
+    history: UserHistory,
+    exclude: Sequence[str] = (),
+    context: dict[str, Any] | None = None,
+) -> Prepared:
+    """``prepare`` for a history already assembled (offline evaluation gives the steps before a target)."""
     no_consent = (context or {}).get("consent") is False or user_id in state.no_consent
     seen: np.ndarray = np.zeros(0, dtype=np.int64)
     if settings.exclude_seen:
@@ -232,7 +297,7 @@ def prepare(
     excluded = state.bundle.vocabs.items.encode(np.asarray(list(exclude), dtype=object)) if exclude else ()
     banned = rules.banned_mask(
         state.n_items,
-        in_stock=state.facts.in_stock,
+        in_stock=state.facts.in_stock if settings.drop_out_of_stock else None,
         blocked=state.blocked,
         seen=seen,
         exclude=excluded,
@@ -241,83 +306,57 @@ def prepare(
     return Prepared(history=history, banned=banned, fallback=no_consent or len(model_input) == 0)
 
 
-@torch.inference_mode()
+def histories_of(histories: Sequence[UserHistory]) -> inference.Histories:
+    """Requests' histories in ``inference``'s flat layout (missing timestamps become zeros)."""
+    return inference.Histories.from_rows(
+        [h.items for h in histories],
+        [h.event_types for h in histories],
+        [h.timestamps if h.timestamps is not None else np.zeros(len(h), dtype=np.int64) for h in histories],
+        [h.user_idx for h in histories],
+    )
+
+
 def user_vectors(bundle: Bundle, histories: Sequence[UserHistory]) -> np.ndarray:
-    """(B, D) user-tower output over each history's newest ``max_len`` known items.
+    """(B, D) user-tower output over each history's newest ``max_len`` known items (``inference``)."""
+    return inference.user_vectors_of(bundle.net, bundle.item_embeddings, histories_of(histories))
 
-    The history's item vectors are looked up in ``bundle.item_embeddings`` (the item tower's
-    eval-mode output, which the index holds too) instead of running the item tower again: the
-    same numbers, without the attribute pooling on every request.
+
+def retrieve(state: ModelState, settings: ServeSettings, histories: Sequence[UserHistory]) -> list[Candidates]:
+    """``state.n_candidates`` candidates per history, best first, the history's items masked as in
+    training: ``[(item_idx (N,), scores (N,))]`` (``PAD_IDX`` fills a list the catalogue cannot).
+
+    Exact index: ``inference.retrieve``, the offline function. Approximate index: FAISS over the
+    same user vectors, asked for enough extra results to drop the history and still keep N.
     """
-    known = [h.items != UNK_IDX for h in histories]
-    items = [h.items[m] for h, m in zip(histories, known)]
-    etypes = [h.event_types[m] for h, m in zip(histories, known)]
-    lengths = np.array([len(x) for x in items], dtype=np.int64)  # (B,)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
-    flat_i = np.concatenate(items) if items else np.zeros(0, dtype=np.int64)
-    flat_t = np.concatenate(etypes) if etypes else np.zeros(0, dtype=np.int64)
-    # the tower's positions are right-aligned, so padding only to the longest history in the batch
-    # (not to max_len) gives the same vectors for a fraction of the attention cost
-    width = int(min(bundle.max_len, max(1, int(lengths.max(initial=1)))))
-    hist = left_padded_windows(flat_i.astype(np.int64), starts, ends, width)  # (B, T)
-    types = left_padded_windows(flat_t.astype(np.int64), starts, ends, width)  # (B, T)
-    types[hist == PAD_IDX] = PAD_IDX
-    table = torch.from_numpy(bundle.item_embeddings)  # (V, D), shares memory with the array
-    vec = bundle.net.user_vector(torch.from_numpy(hist), torch.from_numpy(types), item_table=table)  # (B, D)
-    return np.ascontiguousarray(vec.float().numpy(), dtype=np.float32)
-
-
-def retrieve(
-    state: ModelState, settings: ServeSettings, histories: Sequence[UserHistory]
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """FAISS top-N per history: ``[(item_idx (N,), scores (N,))]``; N grows by the history length,
-    so excluding seen items still leaves about ``n_candidates``."""
     if not histories:
         return []
-    vecs = user_vectors(state.bundle, histories)  # (B, D)
-    n = settings.n_candidates + N_RESERVED + max(len(h) for h in histories)
-    scores, idx = search(state.index, vecs, min(n, state.index.ntotal), threads=settings.threads)  # (B, N) each
-    return [(idx[b], scores[b]) for b in range(len(histories))]
+    hist = histories_of(histories)
+    n = state.n_candidates
+    if state.exact:
+        idx, scores = inference.retrieve(state.bundle.net, state.item_table, hist, n)  # (B, N) each
+        return [(idx[b], scores[b]) for b in range(len(histories))]
+    vecs = inference.user_vectors_of(state.bundle.net, state.bundle.item_embeddings, hist)  # (B, D)
+    depth = min(n + N_RESERVED + max(len(h) for h in histories), state.index.ntotal)
+    scores, idx = search(state.index, vecs, depth, threads=settings.threads)  # (B, depth) each
+    out = []
+    for b, h in enumerate(histories):
+        keep = (idx[b] >= N_RESERVED) & ~np.isin(idx[b], h.items)
+        i, s = idx[b][keep][:n], scores[b][keep][:n].astype(np.float32)
+        pad = n - len(i)
+        out.append((np.concatenate([i, np.full(pad, PAD_IDX, dtype=np.int64)]).astype(np.int64),
+                    np.concatenate([s, np.zeros(pad, dtype=np.float32)])))
+    return out
 
 
-def rank(
-    state: ModelState | None,
-    histories: Sequence[UserHistory],
-    candidates: Sequence[tuple[np.ndarray, np.ndarray]],
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Score each user's candidates with the bundle's trained ranker (the retrieval score without one).
-
-    One batched ranker call when every list has the same length (the usual case: N candidates);
-    the rules sort by the returned scores, so candidate order need not change here.
-    """
-    plain = [(np.asarray(i), np.asarray(s, dtype=np.float32)) for i, s in candidates]
-    if state is None or getattr(state.bundle, "ranker", None) is None or not plain:
+def rank(state: ModelState, histories: Sequence[UserHistory], candidates: Sequence[Candidates]) -> list[Candidates]:
+    """Each request's candidates scored by ``state.ranker`` (``inference.rank``, one batched call);
+    the retrieval scores as they are when the version serves without a ranker."""
+    plain = [(np.asarray(i, dtype=np.int64), np.asarray(s, dtype=np.float32)) for i, s in candidates]
+    if state.ranker is None or not plain:
         return plain
-    from towerline.training.ranker_model import rank_candidates
-
-    if len({len(i) for i, _ in plain}) == 1:
-        scores = rank_candidates(
-            state.bundle, [h.items for h in histories], [h.event_types for h in histories], None,
-            np.stack([i for i, _ in plain]), np.stack([s for _, s in plain]),
-            user_idx=np.array([h.user_idx for h in histories], dtype=np.int64),
-        )
-        return [(i, scores[row].astype(np.float32)) for row, (i, _) in enumerate(plain)]
-    return [
-        (i, rank_candidates(state.bundle, h.items, h.event_types, None, i, s, user_idx=h.user_idx).astype(np.float32))
-        for h, (i, s) in zip(histories, plain)
-    ]
-
-
-def apply_rank_stage(
-    state: ModelState,
-    settings: ServeSettings,
-    histories: Sequence[UserHistory],
-    candidates: Sequence[tuple[np.ndarray, np.ndarray]],
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``rank`` unless ``settings.rank_stage`` is ``"never"``: then the retrieval scores order the
-    candidates even when the bundle carries a ranker (to serve, or measure, retrieval alone)."""
-    return rank(state if settings.rank_stage != "never" else None, histories, candidates)
+    cand = np.stack([i for i, _ in plain])  # (B, N)
+    scores = inference.rank(state.ranker, histories_of(histories), cand, np.stack([s for _, s in plain]))  # (B, N)
+    return [(cand[b], scores[b]) for b in range(len(plain))]
 
 
 def popular(state: ModelState, settings: ServeSettings, k: int, banned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -372,31 +411,107 @@ def check_k(k: int, settings: ServeSettings) -> None:
         raise ValueError(f"k must be between 1 and {settings.max_k}, got {k}")
 
 
+class Stages(Protocol):
+    """Where the model stages of a request run; ``Recommender`` awaits these two and nothing else."""
+
+    async def retrieve(self, state: ModelState, history: UserHistory) -> Candidates: ...
+
+    async def rank(self, state: ModelState, history: UserHistory, candidates: Candidates) -> Candidates: ...
+
+
+class LocalStages:
+    """Both stages in this process, one request at a time (never suspends: see ``run_inline``)."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+
+    async def retrieve(self, state: ModelState, history: UserHistory) -> Candidates:
+        return retrieve(state, self.settings, [history])[0]
+
+    async def rank(self, state: ModelState, history: UserHistory, candidates: Candidates) -> Candidates:
+        return rank(state, [history], [candidates])[0]
+
+
+def run_inline(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Drive a coroutine that never waits on anything to its result, without an event loop.
+
+    ``Recommender.recommend`` (the synchronous call of tests, notebooks and benchmarks) runs the one
+    async request path this way with ``LocalStages``, whose awaits return at once; stages that really
+    suspend (batching, handles) need ``await recommend_async(...)`` instead.
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("these stages suspend (batched or remote): call `await Recommender.recommend_async(...)`")
+
+
 class Recommender:
-    """The whole pipeline in one process. Example::
+    """The request path, written once: prepare -> retrieve -> rank -> rules. Example::
 
         state = load_model("runs/latest/bundle")
         rec = Recommender(state, ServeSettings(), SQLiteHistoryStore("history.sqlite"))
         rec.recommend("u000042", k=10).items  # [("i00017", 3.2), ...]
+
+    The Serve ingress holds one with batched or handle-backed ``stages`` (``serving/stages.py``) and
+    awaits ``recommend_async``; ``state`` is swapped whole on reload.
     """
 
-    def __init__(self, state: ModelState, settings: ServeSettings, store: HistoryStore) -> None:
+    def __init__(
+        self, state: ModelState, settings: ServeSettings, store: HistoryStore, stages: Stages | None = None
+    ) -> None:
         self.state = state
         self.settings = settings
         self.store = store
+        self.stages: Stages = stages if stages is not None else LocalStages(settings)
+
+    async def recommend_async(
+        self,
+        user_id: str,
+        k: int = 10,
+        exclude: Sequence[str] = (),
+        context: dict[str, Any] | None = None,
+        *,
+        state: ModelState | None = None,
+        popular_only: bool = False,
+    ) -> RecommendResult:
+        """One request: the user's training history + online events, then ``answer``.
+
+        ``state`` overrides the served version (an experiment arm with its own model);
+        ``popular_only`` serves popular items (the non-personalised arm of an experiment).
+        """
+        check_k(k, self.settings)
+        state = state or self.state  # one version for the whole request, even if someone swaps self.state
+        online = self.store.recent(user_id, self.settings.history_recent)
+        return await self.answer(state, user_id, user_history(state, user_id, online), k, exclude, context, popular_only)
+
+    async def answer(
+        self,
+        state: ModelState,
+        user_id: str,
+        history: UserHistory,
+        k: int = 10,
+        exclude: Sequence[str] = (),
+        context: dict[str, Any] | None = None,
+        popular_only: bool = False,
+    ) -> RecommendResult:
+        """prepare -> retrieve -> rank -> rules for a history already assembled."""
+        check_k(k, self.settings)
+        prep = prepare_history(state, self.settings, user_id, history, exclude, context)
+        if popular_only:
+            prep = dataclasses.replace(prep, fallback=True)
+        if prep.fallback:
+            return finish(state, self.settings, prep, None, k)
+        cands = await self.stages.retrieve(state, prep.history)
+        ranked = await self.stages.rank(state, prep.history, cands) if state.rank_hop else cands
+        return finish(state, self.settings, prep, ranked, k)
 
     def recommend(
         self, user_id: str, k: int = 10, exclude: Sequence[str] = (), context: dict[str, Any] | None = None
     ) -> RecommendResult:
-        check_k(k, self.settings)
-        state = self.state  # one version for the whole request, even if someone swaps self.state
-        online = self.store.recent(user_id, self.settings.history_recent)
-        prep = prepare(state, self.settings, user_id, online, exclude, context)
-        if prep.fallback:
-            return finish(state, self.settings, prep, None, k)
-        (cands,) = retrieve(state, self.settings, [prep.history])
-        (ranked,) = apply_rank_stage(state, self.settings, [prep.history], [cands])
-        return finish(state, self.settings, prep, ranked, k)
+        """``recommend_async`` run synchronously (in-process stages only)."""
+        return run_inline(self.recommend_async(user_id, k, exclude, context))
 
     def similar(self, item_id: str, k: int = 10) -> list[tuple[str, float]]:
         check_k(k, self.settings)

@@ -28,11 +28,14 @@ class ServeSettings(BaseModel):
 
     host: str = "127.0.0.1"  # bind address; 0.0.0.0 only behind a proxy you trust
     port: int = Field(8000, ge=1, le=65535)
-    n_candidates: int = Field(100, ge=1, le=10_000)  # FAISS top-N handed to the ranker and the rules
+    n_candidates: int = Field(100, ge=1, le=10_000)  # retrieval depth handed to the rules when no ranker runs;
+    # a ranker always gets the list length it was trained with (ranker/config.json), never this number
     max_k: int = Field(200, ge=1, le=1000)  # largest k a request may ask for
-    exclude_seen: bool = True  # drop every item already in the user's history
+    exclude_seen: bool = True  # drop every item already in the user's history (the model's candidate lists
+    # never hold history items, as in training; False lets seen items back in only through the popular fill)
     exclude_purchased: bool = True  # drop purchased items (matters when exclude_seen is False)
     max_per_category: Optional[int] = Field(None, ge=1)  # diversity cap per "category:" token; None = no cap
+    drop_out_of_stock: bool = True  # never recommend items whose catalogue row says in_stock=False
     blocked_items: tuple[str, ...] = ()  # item ids never recommended (legal, brand safety)
     history_db: str = "towerline_history.sqlite"  # SQLite file of the online history store
     history_redis_url: Optional[str] = None  # redis://host:6379/0: the history store shared by several
@@ -44,8 +47,9 @@ class ServeSettings(BaseModel):
     stage_placement: Literal["ingress", "deployments"] = "ingress"  # ingress: user tower, FAISS and ranker run
     # batched inside the ingress replica (no actor hop: fastest on one machine); deployments: through the
     # Retriever and Ranker deployments, which scale out on their own across a cluster
-    rank_stage: Literal["auto", "always", "never"] = "auto"  # auto: call the Ranker deployment only when
-    # the bundle has a trained ranker (ranker/); until then the retrieval score ranks, without the extra hop
+    rank_stage: Literal["auto", "always", "never"] = "auto"  # auto: rank when the bundle has a trained ranker
+    # (ranker/), else the retrieval score ranks without a rank hop; always: call the rank stage anyway; never: the
+    # retrieval score ranks even with a ranker. Decided once per loaded version (recommender.ModelState)
     retriever_batch_size: int = Field(32, ge=1, le=1024)  # serve.batch max_batch_size of the retriever
     ranker_batch_size: int = Field(32, ge=1, le=1024)  # serve.batch max_batch_size of the ranker
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)  # how long a batch waits to fill; 0 = take what

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from support import start_redis, train_tiny
+from support import RANKER_OVERRIDES, start_redis, train_tiny
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -31,6 +31,13 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 def tiny_run(tmp_path_factory):
     """One tiny training run shared by the tests that only read its bundle and MLflow records."""
     return train_tiny(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="session")
+def ranked_run(tmp_path_factory):
+    """A tiny retriever trained by ``towerline train`` with the ranker enabled (one real MLflow store),
+    shared by the ranker tests and the serving parity tests."""
+    return train_tiny(tmp_path_factory.mktemp("ranked_run"), RANKER_OVERRIDES)
 
 
 @pytest.fixture(scope="session")

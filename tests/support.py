@@ -32,6 +32,18 @@ def tiny_overrides(tracking_uri: str | None = None) -> list[str]:
     return out
 
 
+RANKER_OVERRIDES = [  # the tiny config with a trained ranker (`towerline train --set ranker.enabled=true`)
+    "ranker.enabled=true",
+    "ranker.n_candidates=20",
+    "ranker.hidden=16",
+    "ranker.history_len=12",
+    "ranker.max_epochs=2",
+    "ranker.batch_size=64",
+    "ranker.lr=0.005",
+    "ranker.bootstrap_samples=200",
+]
+
+
 def train_tiny(root: Path, extra_overrides: list[str] | tuple[str, ...] = ()):
     """Train the tiny config in ``root`` with its own SQLite MLflow store; returns the TrainResult.
 

@@ -38,7 +38,7 @@ def test_profile_writes_parquet_and_report_and_logs_them_to_the_model_run(tracke
 
 
 def test_audience_writes_csv_without_past_buyers(tracked, tmp_path):
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
 
     bundle = load_bundle(tracked.bundle_dir)
     h = bundle.histories

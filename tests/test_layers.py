@@ -59,10 +59,7 @@ def _modules(folder: str) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("folder", LAYERS + (
-    pytest.param("core", marks=pytest.mark.xfail(strict=True, reason="core/bundle.py still builds vocabularies and "
-                                                 "networks; its loader moves to training (issue #13)")),
-))
+@pytest.mark.parametrize("folder", LAYERS + ("core",))
 def test_folder_imports_only_the_layers_below_it(folder):
     bad = [
         f"{path.relative_to(REPO)}:{line} imports {name}"

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from towerline.features.sequences import Sequences, left_padded_windows
+from towerline.features.sequences import Sequences
 from towerline.features.splits import EvalTargets, Split
 from towerline.features.vocab import N_RESERVED, PAD_IDX
-from towerline.training.data import trim_left_padding
-from towerline.training.metrics import mask_scores, target_ranks
+from towerline.training import inference
+from towerline.training.metrics import target_ranks
 from towerline.training.model import TwoTowerNet
 
 log = logging.getLogger(__name__)
@@ -153,14 +153,13 @@ def retrieve_candidates(
 ) -> CandidateSet:
     """One batched retrieval pass: the top-``n_candidates`` items for every position.
 
-    Scores use the net in eval mode against ``net.item_vectors()`` computed once. The user's history
-    (the whole prefix, not only the window) and ``pos.heldout`` are masked, the target is kept (the
-    evaluation protocol of ``target_ranks``), and ``retrieval_rank`` is the positive's full-catalogue
-    rank under that same mask.
+    The lists are ``inference``'s (the ones serving hands the ranker): the net in eval mode over
+    fixed windows, scores against ``net.item_vectors()`` computed once, the user's whole history and
+    ``pos.heldout`` masked, the target kept (the evaluation protocol of ``target_ranks``);
+    ``retrieval_rank`` is the positive's full-catalogue rank under that same mask.
     """
     was_training = net.training
     net.eval()
-    device = next(net.parameters()).device
     table = net.item_vectors()  # (V, D)
     V = table.shape[0]
     n = min(n_candidates, V - N_RESERVED)
@@ -168,33 +167,27 @@ def retrieve_candidates(
     cand = np.zeros((P, n), dtype=np.int64)
     cand_scores = np.zeros((P, n), dtype=np.float32)
     ranks = np.zeros(P, dtype=np.int64)
-    max_len = net.cfg.max_len
+    hist = inference.Histories.from_sequences(full, pos.rows, pos.end)
     for lo in tqdm(range(0, P, batch_size), desc=desc, disable=not progress, leave=False):
         sl = slice(lo, min(lo + batch_size, P))
-        s, e = pos.start[sl], pos.end[sl]
-        items = torch.from_numpy(left_padded_windows(full.item_idx, s, e, max_len)).to(device)
-        types = torch.from_numpy(left_padded_windows(full.event_type_idx, s, e, max_len)).to(device)
-        items, types = trim_left_padding(items, types)  # (B, T')
-        users = net.user_vector(items, types, item_table=table)  # (B, D)
-        scores = (users @ table.T).float()  # (B, V)
-        width = max(int((e - s).max()), 1)
-        prefix = left_padded_windows(full.item_idx, s, e, width)  # (B, H) whole history, for masking
-        masked_items = torch.from_numpy(np.concatenate([prefix, pos.heldout[sl]], axis=1)).to(device)
-        target = torch.from_numpy(pos.target[sl]).to(device)
-        masked = mask_scores(scores, masked_items, keep=target)  # (B, V)
-        top = masked.topk(n, dim=1)  # (B, n) each, best first; reserved rows are -inf, never on top
-        missing = torch.isinf(top.values)  # fewer than n items left after masking: pad the list
-        cand[sl] = top.indices.masked_fill(missing, PAD_IDX).cpu().numpy()
-        cand_scores[sl] = top.values.masked_fill(missing, 0.0).cpu().numpy()
-        ranks[sl] = target_ranks(scores, target, masked_items).cpu().numpy()
+        sub = hist.take(sl)
+        scores = inference.history_scores(net, table, sub)  # (B, V)
+        masked = inference.masked_scores(scores, sub, extra_masked=pos.heldout[sl], keep=pos.target[sl])  # (B, V)
+        idx, val = inference.top_candidates(masked, n)  # (B, n) each, best first
+        cand[sl] = idx.cpu().numpy()
+        cand_scores[sl] = val.float().cpu().numpy()
+        seen = np.concatenate([sub.seen(), pos.heldout[sl]], axis=1)
+        target = torch.from_numpy(pos.target[sl]).to(scores.device)
+        ranks[sl] = target_ranks(scores, target, torch.from_numpy(seen).to(scores.device)).cpu().numpy()
     net.train(was_training)
 
     hit = cand == pos.target[:, None]  # (P, n)
     target_pos = np.where(hit.any(1), hit.argmax(1), -1).astype(np.int64)
+    hist_items, hist_types, hist_ts = hist.windows(history_len)  # the ranker's view, as serving builds it
     return CandidateSet(
-        hist=left_padded_windows(full.item_idx, pos.start, pos.end, history_len).astype(np.int64),
-        hist_types=left_padded_windows(full.event_type_idx, pos.start, pos.end, history_len).astype(np.int64),
-        hist_ts=left_padded_windows(full.timestamp, pos.start, pos.end, history_len).astype(np.int64),
+        hist=hist_items,
+        hist_types=hist_types,
+        hist_ts=hist_ts,
         cand=cand,
         cand_scores=cand_scores,
         target_pos=target_pos,

@@ -1,8 +1,9 @@
 """The ranker: re-scores the retriever's top-N candidates of one user with richer signals.
 
-A plain ``nn.Module`` (the Lightning system in ``ranker_system.py`` adds the loss); serving imports
-this module alone and rebuilds the net from ``ranker/config.json`` (``Ranker.meta()``) plus
-``ranker/weights.safetensors``, then calls ``rank_candidates``.
+A plain ``nn.Module`` (the Lightning system in ``ranker_system.py`` adds the loss); serving rebuilds
+the net from ``ranker/config.json`` (``Ranker.meta()``) plus ``ranker/weights.safetensors``
+(``training/bundle.py``) and scores through ``training/inference.py``, which builds its inputs the
+way training does (fixed ``history_len`` window with real timestamps, ``cfg.n_candidates`` per list).
 
 Per (user, candidate) pair the ranker sees:
 
@@ -34,9 +35,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,11 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from towerline.config import RankerConfig
+from towerline.features.sequences import Sequences
 from towerline.features.vocab import N_RESERVED, PAD_IDX, Vocab
 from towerline.training.model import config_from_meta
-
-if TYPE_CHECKING:
-    from towerline.features.sequences import Sequences
 
 log = logging.getLogger(__name__)
 
@@ -438,82 +436,3 @@ def build_ranker(meta: dict[str, Any]) -> Ranker:
         n_profile_features=int(meta.get("n_profile_features", 0)),
         n_users=int(meta.get("n_users", 0)),
     )
-
-
-# ----------------------------------------------------------------------------- serving entry point
-
-
-def left_pad(rows: Sequence[np.ndarray], width: int, fill: int = PAD_IDX) -> np.ndarray:
-    """(B, width) int64: the newest ``width`` values of each row, right-aligned, ``fill`` on the left."""
-    out = np.full((len(rows), width), fill, dtype=np.int64)
-    for b, r in enumerate(rows):
-        r = np.asarray(r, dtype=np.int64).reshape(-1)[-width:]
-        if len(r):
-            out[b, width - len(r) :] = r
-    return out
-
-
-@torch.no_grad()
-def rank_candidates(
-    bundle: Any,
-    history_items: np.ndarray | Sequence[np.ndarray],
-    history_types: np.ndarray | Sequence[np.ndarray] | None,
-    history_ts: np.ndarray | Sequence[np.ndarray] | None,
-    candidate_idx: np.ndarray,
-    retrieval_scores: np.ndarray,
-    profile: np.ndarray | None = None,
-    user_idx: np.ndarray | int | None = None,
-) -> np.ndarray:
-    """Ranker scores of retrieved candidates, numpy in and numpy out; serving's ranker step.
-
-    Works for one user (1-D arrays: history (L,), candidates (N,)) or a batch (lists of B histories,
-    candidates (B, N)). Candidates below ``N_RESERVED`` (PAD/UNK, or FAISS's ``-1`` for "not enough
-    results") score ``-inf``. Without a ranker in the bundle the retrieval scores come back as they
-    are, so callers need no special case.
-
-    Args:
-        bundle: a loaded ``towerline.bundle.Bundle`` (uses ``bundle.ranker``).
-        history_items: oldest-first item indices per user.
-        history_types: event-type indices per user, or None (all PAD: "unknown type").
-        history_ts: timestamps per user (epoch seconds), or None (positions 0..L-1: gaps in steps).
-        candidate_idx: (N,) or (B, N) int item indices, best retrieval first.
-        retrieval_scores: same shape, float retrieval scores.
-        profile: (P,) or (B, P) float user profile features, or None.
-        user_idx: the user's (or (B,) users') vocabulary index: the profile comes from the
-            ranker's own table when ``profile`` is None.
-
-    Returns:
-        float32 scores, same shape as ``candidate_idx``; sort descending for the ranked order.
-    """
-    cand = np.asarray(candidate_idx)
-    single = cand.ndim == 1
-    scores = np.asarray(retrieval_scores, dtype=np.float32)
-    ranker: Ranker | None = getattr(bundle, "ranker", None)
-    if ranker is None:
-        return scores.copy()
-    if single:
-        history_items = [history_items]
-        history_types = None if history_types is None else [history_types]
-        history_ts = None if history_ts is None else [history_ts]
-        cand, scores = cand[None], scores[None]
-        profile = None if profile is None else np.asarray(profile)[None]
-    T = ranker.cfg.history_len
-    hists = [np.asarray(h, dtype=np.int64).reshape(-1) for h in history_items]
-    hist = left_pad(hists, T)
-    types = left_pad(history_types, T) if history_types is not None else np.zeros_like(hist)
-    ts = left_pad(history_ts, T, fill=0) if history_ts is not None else left_pad([np.arange(len(h)) for h in hists], T, 0)
-    device = ranker.item_vectors.device
-    cand_t = torch.as_tensor(np.where(cand < 0, PAD_IDX, cand).astype(np.int64), device=device)
-    prof = None if profile is None else torch.as_tensor(np.asarray(profile, dtype=np.float32), device=device)
-    if prof is None and user_idx is not None:
-        prof = ranker.profile_of(torch.as_tensor(np.atleast_1d(np.asarray(user_idx, dtype=np.int64)), device=device))
-    out = ranker(
-        cand_t,
-        torch.as_tensor(scores, device=device),
-        torch.as_tensor(hist, device=device),
-        torch.as_tensor(types, device=device),
-        torch.as_tensor(ts, device=device),
-        prof,
-    )  # (B, N)
-    out = out.float().cpu().numpy()
-    return out[0] if single else out

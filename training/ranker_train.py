@@ -32,19 +32,23 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from towerline.bundle import MANIFEST, write_manifest
-from towerline.config import TowerlineConfig, flatten, to_dict
+from towerline.config import TowerlineConfig, apply_overrides, flatten, from_dict, to_dict
 from towerline.errors import ConfigError
 from towerline.features.contracts import Dataset
 from towerline.features.user_features import build_profiles, profile_features
+from towerline.features.sequences import build_sequences
 from towerline.features.splits import Split
 from towerline.features.vocab import N_RESERVED, PAD_IDX, Vocabs
+from towerline.training import inference
+from towerline.training.bundle import load_bundle
 from towerline.training.candidates import CandidateSet, RankerData, build_ranker_data
+from towerline.training.data import load_data, make_split
 from towerline.training.export import item_embeddings
 from towerline.training.metrics import ranking_metrics
 from towerline.training.model import TwoTowerNet
 from towerline.training.ranker_model import Ranker, build_ranker_features
 from towerline.training.ranker_system import RankerSystem, pipeline_ranks
-from towerline.training.tracking import BUNDLE_ARTIFACT_PATH
+from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, register_bundle, use_tracking
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +110,7 @@ def paired_bootstrap_lift(
 
 @torch.no_grad()
 def score_candidates(ranker: Ranker, data: CandidateSet, batch_size: int = 1024) -> np.ndarray:
-    """(P, N) ranker scores of a candidate set, eval mode."""
+    """(P, N) ranker scores of a candidate set in eval mode, through ``inference.rank_scores`` (serving's call)."""
     was_training = ranker.training
     ranker.eval()
     device = ranker.item_vectors.device
@@ -114,7 +118,7 @@ def score_candidates(ranker: Ranker, data: CandidateSet, batch_size: int = 1024)
     tensors = data.tensors()
     for lo in range(0, len(data), batch_size):
         hist, types, ts, cand, cand_scores, users = (t[lo : lo + batch_size].to(device) for t in tensors[:5] + tensors[7:8])
-        out.append(ranker(cand, cand_scores, hist, types, ts, ranker.profile_of(users)).float().cpu())
+        out.append(inference.rank_scores(ranker, hist, types, ts, cand, cand_scores, users).float().cpu())
     ranker.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, data.cand.shape[1]), dtype=np.float32)
 
@@ -390,13 +394,8 @@ def train_ranker_for_bundle(
     was trained on. With a ``run_id`` in the manifest the ranker is logged into that run, and the
     updated bundle becomes a new registered version (``register``).
     """
-    from towerline.bundle import load_bundle
-    from towerline.config import apply_overrides, from_dict
-    from towerline.training.data import load_data, make_split
-    from towerline.training.tracking import register_bundle, use_tracking
-
     bundle = load_bundle(uri)
-    data = dict(bundle.config)
+    data = to_dict(bundle.config)
     if ranker_section is not None:
         data["ranker"] = ranker_section
     cfg: TowerlineConfig = from_dict(TowerlineConfig, apply_overrides(data, overrides or []))
@@ -405,8 +404,6 @@ def train_ranker_for_bundle(
     if bundle.histories is not None:
         seqs = bundle.histories
     else:
-        from towerline.features.sequences import build_sequences
-
         seqs = build_sequences(load_data(cfg.data).events, bundle.vocabs)
     split = make_split(seqs, cfg.data)
 

@@ -17,6 +17,7 @@ The config holds the experiment:
   experiments:
     - name: home-feed
       control: control
+      currency: EUR          # money in the report is labelled with it
       arms:
         - {name: control, share: 0.5}
         - {name: challenger, share: 0.5, model: "models:/towerline-retriever@challenger"}"""
@@ -43,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = ex.add_parser("report", help="print and write (HTML + JSON) the experiment's report",
                       description="Per arm: users, impressions, CTR, conversion and revenue per user with 95% "
-                      "intervals, and each arm's lift over control with a bootstrap interval.",
+                      "intervals, and each arm's lift over control with a bootstrap interval; a sample-ratio "
+                      "mismatch check (chi-square vs the configured shares, flagged at p < 0.001) and a verdict "
+                      "line per arm. Simulated feedback is marked as such.",
                       epilog=REPORT_EXAMPLE, formatter_class=fmt)
     _common(r)
     r.set_defaults(func=cmd_report)

@@ -108,7 +108,7 @@ def build_model_index(
     import numpy as np
     import torch
 
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.config import IndexConfig
     from towerline.serving.index import benchmark_index, build_index, save_index
     from towerline.serving.recommender import training_histories, user_vectors
@@ -158,7 +158,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _sample_user(model: str) -> str:
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
 
     b = load_bundle(model)
     if b.histories is not None and len(b.histories):
@@ -243,18 +243,19 @@ def serve_locally(
 def cmd_serve(args: argparse.Namespace) -> int:
     from towerline.bundle import check_model
     from towerline.serving.ingress import use_ingress
-
-    _tracking(args.tracking_uri)
-    check_model(args.model)  # first, before Ray: a wrong --model is one line, not a replica's traceback
-    use_ingress(args.ingress, args.host)  # before anything imports ray.serve: Ray reads it at import time
-    from towerline.config import load_config, to_dict
-    from towerline.serving.app import AppArgs
     from towerline.serving.settings import settings_from
 
-    # validated here so that a bad flag is one line naming it (ConfigError), not a pydantic trace
+    # flags first, then the model, both before Ray: a bad flag or a wrong --model is one line naming
+    # it (ConfigError/BundleError), not a pydantic trace or a replica's traceback
     settings = settings_from(host=args.host, port=args.port, history_db=args.history_db, feedback_db=args.feedback_db,
                              history_redis_url=args.history_redis_url, retriever_replicas=args.replicas,
                              ranker_replicas=args.replicas, max_per_category=args.max_per_category)
+    _tracking(args.tracking_uri)
+    check_model(args.model)
+    use_ingress(args.ingress, args.host)  # before anything imports ray.serve: Ray reads it at import time
+    from towerline.config import load_config, to_dict
+    from towerline.serving.app import AppArgs
+
     experiments = to_dict(load_config(args.config))["experiments"] if args.config else []
     app_args = AppArgs(model=args.model, index_dir=args.index_dir, tracking_uri=args.tracking_uri, settings=settings,
                        experiments=experiments, experiment=args.experiment, profiles=args.profiles)

@@ -17,7 +17,8 @@ Compare runs in the MLflow UI:  mlflow ui --backend-store-uri sqlite:///mlflow.d
 EVALUATE_EXAMPLE = """example:
   towerline evaluate --model runs/latest/bundle
   towerline evaluate --model models:/towerline-retriever@champion
-  towerline evaluate --model runs:/<run_id>/bundle --data ../shared/data/s3rec/LastFM.txt --format s3rec"""
+  towerline evaluate --model runs:/<run_id>/bundle --data ../shared/data/s3rec/LastFM.txt --format s3rec
+  towerline evaluate --model runs/latest/bundle --rules serving   # NDCG@10 the serving rules cost"""
 
 PROMOTE_EXAMPLE = """example:
   towerline promote --name towerline-retriever --version 3 --alias champion
@@ -52,6 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE", help="override data.* settings")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--rules", choices=["protocol", "serving"], default="protocol",
+                   help="protocol (default): the published full-ranking protocol; serving: also serve every test "
+                   "user through the serving rules (default serve settings) and report the NDCG@10 they cost")
+    p.add_argument("--users", type=int, default=None, help="--rules serving: evaluate the first N test users only")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("promote", help="point a registry alias (e.g. champion) at a model version",
@@ -106,6 +111,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overrides.append(f"data.path={args.data}")
     if args.format:
         overrides.append(f"data.format={args.format}")
+    if args.rules == "serving":
+        return _evaluate_serving_rules(args, overrides)
     report = evaluate_bundle(args.model, overrides)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -113,6 +120,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"model {report['model']} (version {report['model_version'] or '-'}) on {report['dataset']}")
     for prefix in ("valid", "test", "test_unmasked"):
         print(format_metrics(report["metrics"], prefix))
+    return 0
+
+
+def _evaluate_serving_rules(args: argparse.Namespace, overrides: list[str]) -> int:
+    from towerline.serving.offline import evaluate_serving_rules
+
+    r = evaluate_serving_rules(args.model, data_overrides=overrides, max_users=args.users)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    rel = r["difference_ndcg_10"] / r["protocol_ndcg_10"] * 100 if r["protocol_ndcg_10"] else float("nan")
+    print(f"model {r['model']} (version {r['model_version'] or '-'}) on {r['dataset']}: {r['users']} test users, {r['stage']}")
+    print(f"  NDCG@10 evaluation protocol (history masked, target kept): {r['protocol_ndcg_10']:.4f}")
+    print(f"  NDCG@10 through the serving rules (serve defaults):       {r['serving_rules_ndcg_10']:.4f}"
+          f"  ({r['fallback_users']} users served popular items)")
+    print(f"  serving rules cost: {r['difference_ndcg_10']:+.4f} NDCG@10 ({rel:+.1f}%)")
     return 0
 
 

@@ -11,7 +11,7 @@ from towerline.errors import DataValidationError
 @pytest.fixture(scope="module")
 def tiny(tiny_run):
     import torch
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.marketing.audience import log_partition, user_vectors
     torch.set_num_threads(1)
     bundle = load_bundle(tiny_run.bundle_dir)

@@ -137,3 +137,94 @@ def test_delta_method_ctr_interval_accounts_for_user_clustering():
 def test_report_without_feedback_says_how_to_get_some(store):
     with pytest.raises(DataValidationError, match="simulate"):
         experiment_report(store, TWO)
+
+
+# trust checks: sample ratio, verdict, simulated marker, coverage
+
+
+def test_sample_ratio_mismatch_is_flagged_and_leads_the_verdict():
+    from towerline.marketing.experiment_report import report_from_users
+    from towerline.marketing.simulation import simulate_per_user
+
+    users = simulate_per_user(TWO, 6000, {"control": (0.05, 0.05, 30.0), "treatment": (0.05, 0.05, 30.0)}, seed=2)
+    ok = report_from_users(users, TWO, n_boot=200)
+    assert not ok["sample_ratio"]["mismatch"] and ok["sample_ratio"]["p_value"] > 0.001
+    lost = users.drop(users[users["arm"] == "treatment"].index[:400])  # a logging bug loses 400 treated users
+    bad = report_from_users(lost, TWO, n_boot=200)
+    assert bad["sample_ratio"]["mismatch"] and bad["sample_ratio"]["p_value"] < 0.001
+    assert bad["verdict"][0].startswith("Sample-ratio mismatch") and "do not trust" in bad["verdict"][0]
+
+
+def test_verdict_names_the_metric_that_moved_and_the_ones_that_did_not():
+    from towerline.marketing.experiment_report import _metric, verdict
+
+    def lift(v, lo, hi):
+        return {"relative": _metric(v, lo, hi)}
+
+    report = {"control": "control", "sample_ratio": {"mismatch": False}, "arms": {
+        "control": {},
+        "treatment": {"lift": {"ctr": lift(0.01, -0.02, 0.04), "conversion": lift(0.041, 0.012, 0.070),
+                               "revenue_per_user": lift(0.02, -0.03, 0.07)}},
+        "b": {"lift": {"ctr": lift(-0.05, -0.08, -0.02), "conversion": lift(0.0, -0.1, 0.1),
+                       "revenue_per_user": lift(0.0, -0.1, 0.1)}},
+    }}
+    v = verdict(report)
+    assert v[0] == ("treatment raises conversion by +4.1% (95% CI +1.2% to +7.0%) over control; "
+                    "click-through rate not significantly different, revenue per user not significantly different.")
+    assert v[1].startswith("b lowers click-through rate by -5.0% (95% CI -8.0% to -2.0%) over control")
+
+
+def test_verdict_on_a_simulated_experiment_finds_the_real_effect():
+    from towerline.marketing.experiment_report import report_from_users
+    from towerline.marketing.simulation import simulate_per_user
+
+    users = simulate_per_user(TWO, 40_000, {"control": (0.05, 0.05, 30.0), "treatment": (0.05, 0.065, 30.0)}, seed=4)
+    v = report_from_users(users, TWO, n_boot=300)["verdict"]
+    assert len(v) == 1 and v[0].startswith("treatment raises conversion by +")
+
+
+def test_simulated_feedback_is_marked_and_money_carries_the_currency(store, tmp_path, assert_valid_html5):
+    exp = ExperimentConfig("home-feed", TWO.arms, currency="GBP")
+    simulate(store, exp, 2000, {"control": (0.1, 0.05, 20.0), "treatment": (0.1, 0.06, 20.0)}, seed=1)
+    report = experiment_report(store, exp, n_boot=200)
+    assert report["simulated"] == "yes" and report["currency"] == "GBP"
+    html_path, _ = write_report(report, tmp_path)
+    page = html_path.read_text()
+    assert "simulated data" in page and "revenue per user, GBP" in page
+    assert "lift in revenue_per_user" not in page and "SIMULATED" in format_report(report)
+    assert_valid_html5(html_path)
+
+
+def test_per_user_simulation_equals_what_the_store_returns(store):
+    from towerline.marketing.simulation import simulate_per_user
+
+    rates = {"control": (0.1, 0.05, 20.0), "treatment": (0.12, 0.06, 25.0)}
+    simulate(store, TWO, 500, rates, seed=9)
+    stored = store.per_user("home-feed").sort_values("user_id").reset_index(drop=True)
+    direct = simulate_per_user(TWO, 500, rates, seed=9).sort_values("user_id").reset_index(drop=True)
+    assert stored[["user_id", "arm", "impressions", "clicks", "purchases"]].equals(
+        direct[["user_id", "arm", "impressions", "clicks", "purchases"]])
+    np.testing.assert_allclose(stored["revenue"], direct["revenue"], atol=1e-9)
+
+
+def test_95_percent_intervals_cover_a_known_lift_in_200_experiments():
+    """200 small experiments with a known +20% lift: each 95% interval (per arm and of the lift) holds the
+    truth in a share of experiments inside the 99.9% binomial band around 0.95 (181-199 of 200)."""
+    from scipy.stats import binom
+    from towerline.marketing.experiment_report import report_from_users
+    from towerline.marketing.simulation import simulate_per_user
+
+    true = {"control": (0.05, 0.05, 40.0), "treatment": (0.06, 0.06, 40.0)}
+    truth = {"ctr": 0.05, "conversion": 0.05, "revenue_per_user": 0.05 * 40.0}
+    n_exp = 200
+    hits = {f"{kind}:{m}": 0 for kind in ("arm", "lift") for m in ("ctr", "conversion", "revenue_per_user")}
+    for k in range(n_exp):
+        report = report_from_users(simulate_per_user(TWO, 4000, true, seed=1000 + k), TWO, n_boot=400, seed=k)
+        for m, t in truth.items():
+            lo, hi = report["arms"]["control"][m]["ci"]
+            hits[f"arm:{m}"] += lo <= t <= hi
+            lo, hi = report["arms"]["treatment"]["lift"][m]["relative"]["ci"]
+            hits[f"lift:{m}"] += lo <= 0.2 <= hi
+    low, high = binom.ppf(0.0005, n_exp, 0.95), binom.ppf(0.9995, n_exp, 0.95)
+    for key, h in hits.items():
+        assert low <= h <= high, f"{key}: {h}/{n_exp} intervals hold the truth, band [{low:.0f}, {high:.0f}]"

@@ -54,7 +54,7 @@ def client(served):
 
 
 def a_known_user(tiny_run) -> str:
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
 
     b = load_bundle(tiny_run.bundle_dir)
     row = int(np.flatnonzero(b.histories.lengths >= 3)[0])
@@ -177,7 +177,7 @@ def test_health_version_and_docs(client, served):
 
 
 def test_corrupt_index_is_refused_and_old_model_keeps_serving(client, served, tmp_path):
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.config import IndexConfig
     from towerline.serving.index import build_index, save_index
 
@@ -240,16 +240,3 @@ def test_serve_yaml_is_a_valid_config_whose_args_build_the_app():
     deployed = {d.name for d in app_cfg.deployments}
     assert deployed == {"Ingress", "Retriever", "Ranker"}
     assert app is not None
-
-
-def test_ranker_deployment_scores_candidates_through_its_handle(served):
-    from ray import serve
-
-    from towerline.serving.recommender import UserHistory
-
-    ranker = serve.get_deployment_handle("Ranker", app_name="towerline")
-    cands = (np.array([5, 3, 9]), np.array([0.9, 0.5, 0.1], dtype=np.float32))
-    hist = UserHistory(np.array([2, 4]), np.array([2, 3]))
-    key = httpx.get(f"{served[0]}/version", timeout=30).json()["model_key"]
-    idx, scores = ranker.rank.remote(((key, None), hist, cands)).result(timeout_s=60)  # no ranker: identity
-    assert idx.tolist() == [5, 3, 9] and scores.tolist() == pytest.approx([0.9, 0.5, 0.1])

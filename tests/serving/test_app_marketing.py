@@ -52,7 +52,7 @@ def ab(served, tmp_path_factory, redis_url):  # noqa: F811
 
 def test_recommend_carries_a_stable_arm_and_the_popular_arm_is_not_personalised(ab):
     client, tiny_run, _ = ab
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
 
     b = load_bundle(tiny_run.bundle_dir)
     users = [str(u) for u in b.vocabs.users.decode(b.histories.user_idx[b.histories.lengths >= 3][:30])]

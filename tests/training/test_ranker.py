@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from support import REPO, tiny_overrides, train_tiny
-from towerline.bundle import load_bundle, verify_bundle, write_manifest
+from support import RANKER_OVERRIDES, REPO, tiny_overrides
+from towerline.bundle import verify_bundle, write_manifest
+from towerline.training.bundle import load_bundle
 from towerline.cli import main
 from towerline.config import TwoTowerConfig, load_config
 from towerline.features.sequences import Sequences
@@ -25,21 +26,12 @@ from towerline.training.candidates import (
     training_positions,
 )
 from towerline.training.model import TwoTowerNet
-from towerline.training.ranker_model import Ranker, item_categories, rank_candidates
+from towerline.features.vocab import UNK_IDX
+from towerline.training import inference
+from towerline.training.inference import rank_candidates
+from towerline.training.ranker_model import Ranker, item_categories
 from towerline.training.ranker_system import listwise_loss, pipeline_ranks
 from towerline.training.ranker_train import build_ranker_for, paired_bootstrap_lift, pipeline_report, score_candidates
-
-RANKER_OVERRIDES = [
-    "ranker.enabled=true",
-    "ranker.n_candidates=20",
-    "ranker.hidden=16",
-    "ranker.history_len=12",
-    "ranker.max_epochs=2",
-    "ranker.batch_size=64",
-    "ranker.lr=0.005",
-    "ranker.bootstrap_samples=200",
-]
-
 
 def hand_made_sequences() -> Sequences:
     """Three users over items 2..11. Items 10 and 11 appear only as user 0's valid/test steps."""
@@ -159,12 +151,6 @@ def test_paired_bootstrap_interval_brackets_the_lift_and_excludes_one_only_for_a
 # ----------------------------------------------------------------------------- training and serving
 
 
-@pytest.fixture(scope="module")
-def ranked_run(tmp_path_factory):
-    """A tiny retriever trained by ``towerline train`` with the ranker enabled (one real MLflow store)."""
-    return train_tiny(tmp_path_factory.mktemp("ranked_run"), RANKER_OVERRIDES)
-
-
 def test_untrained_ranker_keeps_the_retrieval_order_and_training_steps_lower_the_loss(ranked_run):
     bundle = load_bundle(ranked_run.bundle_dir)
     cfg = load_config(REPO / "configs" / "synthetic.yaml", tiny_overrides() + RANKER_OVERRIDES)
@@ -231,16 +217,19 @@ def test_served_ranker_changes_the_order_of_the_retrievers_candidates(ranked_run
         row = test.rows[u]
         lo, hi = split.full.offsets[row], split.test.history_end[u]
         scores = rank_candidates(
-            bundle, split.full.item_idx[lo:hi], split.full.event_type_idx[lo:hi], split.full.timestamp[lo:hi],
+            bundle.ranker, split.full.item_idx[lo:hi], split.full.event_type_idx[lo:hi], split.full.timestamp[lo:hi],
             test.cand[u], test.cand_scores[u],
         )
         assert scores.shape == (20,) and scores.dtype == np.float32
         changed += not np.array_equal(np.argsort(-scores, kind="stable"), np.arange(20))
     assert changed > 0
     # FAISS's -1 ("not enough results") and batches are handled
-    batch = rank_candidates(bundle, [split.full.item_idx[:3], np.zeros(0)], None, None,
-                            np.array([[2, 3, -1], [4, 5, 6]]), np.array([[3.0, 2.0, 1.0], [1.0, 0.5, 0.1]]))
+    two = inference.Histories.from_rows([split.full.item_idx[:3], np.zeros(0)], [np.full(3, 2), np.zeros(0)],
+                                        [np.arange(3), np.zeros(0)], [UNK_IDX, UNK_IDX])
+    batch = inference.score_lists(bundle.ranker, two, np.array([[2, 3, -1], [4, 5, 6]]), np.array([[3.0, 2.0, 1.0], [1.0, 0.5, 0.1]]))
     assert batch.shape == (2, 3) and np.isneginf(batch[0, 2]) and np.isfinite(batch[1]).all()
+    with pytest.raises(ValueError, match="exactly"):  # serving's entry point refuses a list of another length
+        inference.rank(bundle.ranker, two, np.array([[2, 3, 4], [4, 5, 6]]), np.zeros((2, 3)))
 
 
 def test_train_ranker_command_adds_a_ranker_to_a_bundle_and_registers_a_version(ranked_run, tmp_path, monkeypatch, capsys):
@@ -269,18 +258,22 @@ def test_serving_rank_stage_uses_the_bundles_ranker(ranked_run):
     from towerline.serving import recommender as rec
     from towerline.serving.settings import ServeSettings
 
-    settings = ServeSettings(n_candidates=20)
+    settings = ServeSettings(n_candidates=7)  # the retrieval depth without a ranker: not the ranker's list length
     state = rec.load_model(str(ranked_run.bundle_dir), settings)
-    assert state.has_ranker and state.bundle.ranker is not None
+    assert state.has_ranker and state.ranker is not None and state.rank_hop
+    assert state.n_candidates == inference.list_length(state.ranker) == 20  # read from ranker/config.json
     b = state.bundle
     rows = np.flatnonzero(b.histories.lengths >= 3)[:20]
-    histories = [rec.UserHistory(b.histories.items_of(r), b.histories.event_type_idx[b.histories.offsets[r]:b.histories.offsets[r + 1]])
-                 for r in rows]
+    histories = rec.training_histories(b, rows)
     candidates = rec.retrieve(state, settings, histories)
+    assert all(len(i) == 20 for i, _ in candidates)
     ranked = rec.rank(state, histories, candidates)
     assert all(np.array_equal(i, ci) for (i, _), (ci, _) in zip(ranked, candidates))  # same items, new scores
     assert any(not np.allclose(s, cs) for (_, s), (_, cs) in zip(ranked, candidates))
-    assert rec.rank(None, histories, candidates)[0][1].tolist() == pytest.approx(candidates[0][1].tolist())
+    never = rec.load_model(str(ranked_run.bundle_dir), settings.model_copy(update={"rank_stage": "never"}))
+    assert never.ranker is None and not never.rank_hop and never.n_candidates == 7
+    plain = rec.rank(never, histories, candidates)
+    assert plain[0][1].tolist() == pytest.approx(candidates[0][1].tolist())
 
 
 def test_rank_stage_never_serves_retrieval_order_even_with_a_ranker(ranked_run, tmp_path):
@@ -289,20 +282,23 @@ def test_rank_stage_never_serves_retrieval_order_even_with_a_ranker(ranked_run, 
     from towerline.serving.settings import ServeSettings
 
     ranked_settings = ServeSettings(n_candidates=20, exclude_seen=False)
-    never = ranked_settings.model_copy(update={"rank_stage": "never"})
+    never_settings = ranked_settings.model_copy(update={"rank_stage": "never"})
     state = rec.load_model(str(ranked_run.bundle_dir), ranked_settings)
+    never = rec.load_model(str(ranked_run.bundle_dir), never_settings)
     b = state.bundle
     user = str(b.vocabs.users.decode(b.histories.user_idx[np.flatnonzero(b.histories.lengths >= 3)[:1]])[0])
     store = SQLiteHistoryStore(tmp_path / "h.sqlite")
     by_ranker = rec.Recommender(state, ranked_settings, store).recommend(user, k=20)
-    by_retrieval = rec.Recommender(state, never, store).recommend(user, k=20)
-    prep = rec.prepare(state, never, user, ())
-    (cands,) = rec.retrieve(state, never, [prep.history])
-    (rank_scores,) = rec.rank(state, [prep.history], [cands])
+    by_retrieval = rec.Recommender(never, never_settings, store).recommend(user, k=20)
+    prep = rec.prepare(state, never_settings, user, ())
+    (cands,) = rec.retrieve(never, never_settings, [prep.history])
+    (rank_scores,) = rec.rank(state, [prep.history], rec.retrieve(state, ranked_settings, [prep.history]))
     retrieval_scores = dict(zip(b.vocabs.items.decode(cands[0]).tolist(), cands[1].tolist()))
     ranker_scores = dict(zip(b.vocabs.items.decode(rank_scores[0]).tolist(), rank_scores[1].tolist()))
-    assert [s for _, s in by_retrieval.items] == pytest.approx([retrieval_scores[i] for i, _ in by_retrieval.items])
-    assert [s for _, s in by_ranker.items] == pytest.approx([ranker_scores[i] for i, _ in by_ranker.items])
+    personal = [(i, s) for i, s in by_retrieval.items if i in retrieval_scores]
+    assert personal and [s for _, s in personal] == pytest.approx([retrieval_scores[i] for i, _ in personal])
+    personal = [(i, s) for i, s in by_ranker.items if i in ranker_scores]
+    assert personal and [s for _, s in personal] == pytest.approx([ranker_scores[i] for i, _ in personal])
     store.close()
 
 

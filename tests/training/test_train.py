@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from support import REPO, tiny_overrides
-from towerline.bundle import load_bundle
+from towerline.training.bundle import load_bundle
 from towerline.cli import main
 from towerline.config import load_config
 from towerline.errors import BundleError, ConfigError
