@@ -93,7 +93,7 @@ def mlflow_server(postgres_db, tmp_path):
 def test_training_run_and_registered_version_land_in_the_postgres_backed_server(mlflow_server, tmp_path, monkeypatch):
     import mlflow
 
-    from towerline.bundle import load_bundle
+    from towerline.training.bundle import load_bundle
     from towerline.config import load_config
     from towerline.training.train import train
 

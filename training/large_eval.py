@@ -5,6 +5,7 @@ million items that is 4 GB for 1,000 users. Here the item vectors go into an exa
 inner-product index (``IndexFlatIP``: the same scores, every item visited, nothing approximated)
 and each batch of users asks it for its top items, so memory is (B, k') rather than (B, V).
 
+User vectors come from ``inference.user_vectors``, the one path serving and ``evaluate.py`` use.
 History masking stays exact: a user whose history holds h distinct items has at least K non-history
 items among its top K + h, so each batch searches ``K + longest history in the batch`` and drops
 the history items (the target itself stays, as ``metrics.py`` rules); users are batched in order of
@@ -26,6 +27,7 @@ import torch
 from towerline.features.sequences import Sequences, left_padded_windows
 from towerline.features.splits import EvalTargets
 from towerline.features.vocab import N_RESERVED
+from towerline.training import inference
 from towerline.training.model import TwoTowerNet
 
 log = logging.getLogger(__name__)
@@ -69,9 +71,12 @@ def evaluate_with_faiss(
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
+    real = item_matrix(net)  # (V - 2, D)
     index = faiss.IndexFlatIP(net.cfg.dim)
-    index.add(item_matrix(net))
+    index.add(real)
     n_real = index.ntotal
+    reserved = net.item_tower(torch.arange(N_RESERVED, device=device)).float()  # (2, D)
+    table = torch.cat([reserved, torch.from_numpy(real).to(device)])  # (V, D): what inference.user_vectors reads
 
     order = np.arange(len(targets))
     if max_users is not None and max_users < len(order):
@@ -92,7 +97,7 @@ def evaluate_with_faiss(
         tgt = targets.targets[order[lo : lo + batch_size]]
         items = torch.from_numpy(left_padded_windows(full.item_idx, s, e, net.cfg.max_len)).to(device)
         types = torch.from_numpy(left_padded_windows(full.event_type_idx, s, e, net.cfg.max_len)).to(device)
-        users = np.ascontiguousarray(net.user_vector(items, types).float().cpu().numpy())  # (B, D)
+        users = np.ascontiguousarray(inference.user_vectors(net, items, types, table).float().cpu().numpy())  # (B, D)
         depth = min(n_real, k_max + int((e - s).max(initial=0)))
         _, found = index.search(users, depth)  # (B, depth) row numbers, -1 when fewer items exist
         found = np.where(found >= 0, found + N_RESERVED, -1)  # -> item indices

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from towerline.bundle import load_bundle
+from towerline.training.bundle import load_bundle
 from towerline.config import load_config
 from towerline.training.train import train
 

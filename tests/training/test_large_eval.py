@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from towerline.bundle import load_bundle
-from towerline.config import TowerlineConfig, from_dict
+from towerline.training.bundle import load_bundle
 from towerline.training.data import load_data, make_split
 from towerline.training.evaluate import evaluate_targets
 from towerline.training.large_eval import evaluate_with_faiss
@@ -14,7 +13,7 @@ from towerline.features.sequences import build_sequences
 
 def test_faiss_metrics_equal_dense_full_ranking(tiny_run):
     bundle = load_bundle(tiny_run.bundle_dir)
-    cfg = from_dict(TowerlineConfig, bundle.config)
+    cfg = bundle.config
     split = make_split(build_sequences(load_data(cfg.data).events, bundle.vocabs), cfg.data)
     dense = evaluate_targets(bundle.net, split.full, split.test, "test", progress=False)
     faiss_metrics = evaluate_with_faiss(bundle.net, split.full, split.test, "test", batch_size=37)
