@@ -65,6 +65,7 @@ class DataConfig:
     # item_id: sku, timestamp: ts} (`--map user_id=customer`); applies to every table read. Part of
     # the config so a bundle re-reads its data the same way (evaluate, profile).
     columns: FrozenMap = field(default_factory=lambda: FrozenMap())
+    engine: Literal["local", "ray"] = "local"  # feature preparation: one process, or Ray Data over event shards
 
     def __post_init__(self) -> None:
         _check(self.format == "synthetic" or bool(self.path), "data", "path", f"format '{self.format}' needs a path")
@@ -128,6 +129,7 @@ class TrainerConfig:
     num_workers: int = 0  # DataLoader workers
     limit_train_batches: float | int = 1.0  # Lightning's knob, for smoke runs
     log_every_n_steps: int = 20
+    workers: int = 1  # 1: one process (Lightning picks the devices); N > 1: N Ray Train workers running DDP
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "trainer", "max_epochs", "must be >= 1")
@@ -135,6 +137,7 @@ class TrainerConfig:
         _check(self.lr > 0, "trainer", "lr", "must be > 0")
         _check(self.patience >= 1, "trainer", "patience", "must be >= 1")
         _check(self.max_time_s is None or self.max_time_s > 0, "trainer", "max_time_s", "must be > 0")
+        _check(self.workers >= 1, "trainer", "workers", "must be >= 1")
 
 
 @dataclass(frozen=True)

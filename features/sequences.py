@@ -93,20 +93,37 @@ def build_sequences(events: pd.DataFrame, vocabs: Vocabs, collapse_repeats: bool
 
     order = np.lexsort((ts, user))  # stable: equal (user, time) keep their input order
     user, item, etype, ts, value = user[order], item[order], etype[order], ts[order], value[order]
+    if collapse_repeats:
+        user, item, etype, ts, value = fold_repeats(user, item, etype, ts, value)
+    return sequences_from_sorted(user, item, etype, ts, value)
 
-    if collapse_repeats and len(user):
-        new_step = np.ones(len(user), dtype=bool)
-        new_step[1:] = (user[1:] != user[:-1]) | (item[1:] != item[:-1])
-        starts = np.flatnonzero(new_step)
-        n_folded = len(user) - len(starts)
-        etype = np.maximum.reduceat(etype, starts)
-        has_value = ~np.isnan(value)
-        total = np.add.reduceat(np.where(has_value, value, 0.0), starts)
-        value = np.where(np.logical_or.reduceat(has_value, starts), total, np.nan)
-        user, item, ts = user[starts], item[starts], ts[starts]
-        if n_folded:
-            log.info("folded %d repeated same-item events into %d steps", n_folded, len(starts))
 
+def fold_repeats(
+    user: np.ndarray, item: np.ndarray, etype: np.ndarray, ts: np.ndarray, value: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fold runs of one user's consecutive events on one item (arrays sorted by user, time) into one
+    step: the strongest event type, the summed value (NaN when none has one), the first time.
+    Shared with the Ray Data path (``ray_data.py``), which folds each partition of users alike."""
+    if not len(user):
+        return user, item, etype, ts, value
+    new_step = np.ones(len(user), dtype=bool)
+    new_step[1:] = (user[1:] != user[:-1]) | (item[1:] != item[:-1])
+    starts = np.flatnonzero(new_step)
+    n_folded = len(user) - len(starts)
+    etype = np.maximum.reduceat(etype, starts)
+    has_value = ~np.isnan(value)
+    total = np.add.reduceat(np.where(has_value, value, 0.0), starts)
+    value = np.where(np.logical_or.reduceat(has_value, starts), total, np.nan)
+    user, item, ts = user[starts], item[starts], ts[starts]
+    if n_folded:
+        log.info("folded %d repeated same-item events into %d steps", n_folded, len(starts))
+    return user, item, etype, ts, value
+
+
+def sequences_from_sorted(
+    user: np.ndarray, item: np.ndarray, etype: np.ndarray, ts: np.ndarray, value: np.ndarray
+) -> Sequences:
+    """``Sequences`` from flat step arrays already sorted by (user, time)."""
     row_start = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.array([], dtype=np.int64)
     offsets = np.append(row_start, len(user)).astype(np.int64)
     return Sequences(

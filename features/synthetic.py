@@ -34,6 +34,8 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -155,9 +157,10 @@ def generate_dataset(
             rng, depth, activity, active_lo, active_hi, p
         )
         _step(bar, "sessions")
+        sampler, successors = _item_structure(rng, cat_of_item, dept_of_cat, pop, p)
         touch_item = _choose_items(
             rng, touch_user, touch_ts, session_id, active_lo, active_hi, cat_of_item, dept_of_cat,
-            pop, p,
+            pop, p, sampler, successors,
         )
         _step(bar, "items")
         events = _make_events(
@@ -169,6 +172,101 @@ def generate_dataset(
         "synthetic: %d events, %d users, %d items (seed %d)", len(events), n_users, n_items, seed
     )
     return Dataset(name="synthetic", events=events, items=items, users=users)
+
+
+def generate_sharded(
+    out_dir: str | Path,
+    n_users: int,
+    n_items: int,
+    seed: int = 0,
+    *,
+    n_events: int | None = None,
+    rows_per_shard: int = 1_000_000,
+    format: Literal["parquet", "csv"] = "parquet",
+    start: str = "2025-01-01",
+    months: int = 6,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Stream a synthetic shop of any size to disk: ``events/part-*.{parquet,csv}``, ``items.*``, ``users.*``.
+
+    The same shop as ``generate_dataset`` in kind -- catalogue, users, successors (the sequential
+    signal) and popularity are drawn once for the whole shop -- but the events are made for one block
+    of about ``rows_per_shard / events_per_user`` users at a time and written as one shard, so memory
+    is bounded by a block, not by the log (2M users x 20 events = 40M rows in ~1M-row shards). Users
+    are contiguous across shards and each shard is sorted by (user, time), which is the layout
+    ``towerline.features.ray_data`` reads. Not row-for-row the frames ``generate_dataset`` returns
+    for the same seed (the random draws happen in another order); deterministic for a seed.
+
+    Returns:
+        ``{"events": rows written, "users", "items", "shards", "dir"}``.
+    """
+    from towerline.features.contracts import EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA
+    from towerline.features.writers import SUFFIX, shard_path, to_arrow, write_table
+
+    p = SyntheticParams()
+    n_events, t0, t1 = _check_sizes(n_users, n_items, n_events, start, months, p)
+    if rows_per_shard < 1:
+        raise ConfigError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    out = Path(out_dir)
+    (out / "events").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    items, cat_of_item, dept_of_cat, pop, price = _make_items(rng, n_items, p)
+    users, user_codes, active_lo, active_hi, activity = _make_users(rng, n_users, t0, t1, p)
+    sampler, successors = _item_structure(rng, cat_of_item, dept_of_cat, pop, p)
+    item_index = pd.Index(items["item_id"].array)
+    write_table(to_arrow(items, ITEMS_SCHEMA), out / f"items{SUFFIX[format]}", format)
+    write_table(to_arrow(users, USERS_SCHEMA), out / f"users{SUFFIX[format]}", format)
+    del users
+
+    block = max(1, int(rows_per_shard * n_users / max(n_events, 1)))
+    id_width = len(str(max(n_events - 1, 0)))
+    written = shards = 0
+    bar = _progress(progress, total=-(-n_users // block))
+    with bar:
+        for lo in range(0, n_users, block):
+            hi = min(n_users, lo + block)
+            n_block = round(n_events * hi / n_users) - round(n_events * lo / n_users)  # sums to n_events
+            if n_block:
+                depth = _funnel_depths(rng, n_block, p)
+                touch_user, touch_ts, session_id, channel_of_session, offsets = _make_touches(
+                    rng, depth, activity[lo:hi], active_lo[lo:hi], active_hi[lo:hi], p
+                )
+                touch_item = _choose_items(
+                    rng, touch_user, touch_ts, session_id, active_lo[lo:hi], active_hi[lo:hi], cat_of_item,
+                    dept_of_cat, pop, p, sampler, successors,
+                )
+                events = _make_events(
+                    rng, depth, touch_user, touch_item, touch_ts, session_id, channel_of_session, offsets,
+                    price, user_codes[lo:hi], item_index, t0, first_event=written, id_width=id_width,
+                )
+                write_table(to_arrow(events, EVENTS_SCHEMA), shard_path(out, shards, format), format)
+                written += len(events)
+                shards += 1
+                log.debug("synthetic shard %d: users %d-%d, %d events", shards - 1, lo, hi - 1, len(events))
+            _step(bar, f"{written:,} events")
+    log.info("synthetic (sharded): %d events in %d shards, %d users, %d items (seed %d) in %s",
+             written, shards, n_users, n_items, seed, out)
+    return {"events": written, "users": n_users, "items": n_items, "shards": shards, "dir": str(out)}
+
+
+def _check_sizes(
+    n_users: int, n_items: int, n_events: int | None, start: str, months: int, p: SyntheticParams
+) -> tuple[int, int, int]:
+    """Validated (n_events, period start, period end) of ``generate_sharded``'s arguments."""
+    if n_users < 1:
+        raise ConfigError(f"n_users must be >= 1, got {n_users}")
+    if n_items < 2:
+        raise ConfigError(f"n_items must be >= 2 (items need successors), got {n_items}")
+    if months < 1:
+        raise ConfigError(f"months must be >= 1, got {months}")
+    n_events = p.events_per_user * n_users if n_events is None else int(n_events)
+    if n_events < 0:
+        raise ConfigError(f"n_events must be >= 0, got {n_events}")
+    try:
+        t0_ts = pd.Timestamp(start, tz="UTC")
+    except ValueError as e:
+        raise ConfigError(f"start must be an ISO date such as 2025-01-01, got {start!r}") from e
+    return n_events, int(t0_ts.timestamp()), int((t0_ts + pd.DateOffset(months=months)).timestamp())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +469,18 @@ def _make_touches(
 # which item each touch looks at
 
 
+def _item_structure(
+    rng: np.random.Generator, cat_of_item: np.ndarray, dept_of_cat: np.ndarray, pop: np.ndarray, p: SyntheticParams
+) -> tuple["_BlockSampler", np.ndarray]:
+    """The catalogue's popularity sampler and ``(I, K)`` successors: drawn once per shop, shared by
+    every block of users when the shop is generated in blocks (``generate_sharded``)."""
+    sampler = _BlockSampler(cat_of_item, dept_of_cat[cat_of_item], pop)
+    # Successors lean less on popularity (square root), so chains spread over the catalogue.
+    succ_sampler = _BlockSampler(cat_of_item, dept_of_cat[cat_of_item], np.sqrt(pop))
+    successors = _make_successors(rng, succ_sampler, cat_of_item, dept_of_cat, p)  # (I, K)
+    return sampler, successors
+
+
 def _choose_items(
     rng: np.random.Generator,
     touch_user: np.ndarray,
@@ -382,14 +492,12 @@ def _choose_items(
     dept_of_cat: np.ndarray,
     pop: np.ndarray,
     p: SyntheticParams,
+    sampler: "_BlockSampler",
+    successors: np.ndarray,
 ) -> np.ndarray:
     """Item per touch: follow a successor of the previous item, or draw from (drifting) taste."""
     n_touches, n_users = len(touch_user), len(active_lo)
     n_cat = len(dept_of_cat)
-    sampler = _BlockSampler(cat_of_item, dept_of_cat[cat_of_item], pop)
-    # Successors lean less on popularity (square root), so chains spread over the catalogue.
-    succ_sampler = _BlockSampler(cat_of_item, dept_of_cat[cat_of_item], np.sqrt(pop))
-    successors = _make_successors(rng, succ_sampler, cat_of_item, dept_of_cat, p)  # (I, K)
 
     # Follow or jump. The first touch of a user always jumps.
     new_user = np.ones(n_touches, dtype=bool)
@@ -530,10 +638,14 @@ def _make_events(
     offsets: np.ndarray,
     price: np.ndarray,
     user_codes: pd.Index,
-    item_ids: pd.Series,
+    item_ids: pd.Series | pd.Index,
     t0: int,
+    first_event: int = 0,
+    id_width: int | None = None,
 ) -> pd.DataFrame:
-    """Expand touches into funnel events (view, click, cart, purchase) in canonical columns."""
+    """Expand touches into funnel events (view, click, cart, purchase) in canonical columns.
+
+    ``first_event``/``id_width``: event ids continue a numbering started by earlier blocks."""
     n_touches = len(depth)
     ev_touch = np.repeat(np.arange(n_touches, dtype=np.int32), depth)  # (E,)
     first = np.cumsum(depth, dtype=np.int64) - depth
@@ -554,11 +666,13 @@ def _make_events(
     value[is_purchase] = np.round(price[item[is_purchase]] * quantity, 2)
 
     n_events = len(ev_touch)
-    event_id = _ids("e", n_events, width=len(str(max(n_events - 1, 0))))
+    width = id_width if id_width is not None else len(str(max(n_events - 1, 0)))
+    event_id = _ids("e", n_events, width=width, first=first_event)
+    item_index = item_ids if isinstance(item_ids, pd.Index) else pd.Index(item_ids.array)
     return pd.DataFrame(
         {
             "user_id": pd.Categorical.from_codes(user, categories=user_codes),
-            "item_id": pd.Categorical.from_codes(item, categories=pd.Index(item_ids.array)),
+            "item_id": pd.Categorical.from_codes(item, categories=item_index),
             "timestamp": ts.astype(np.int64),
             "event_type": pd.Categorical.from_codes(stage, categories=list(SYNTHETIC_EVENT_TYPES)),
             "value": value,
@@ -575,9 +689,9 @@ def _make_events(
 # helpers
 
 
-def _ids(prefix: str, n: int, width: int) -> pa.ChunkedArray | pa.Array:
-    """``prefix`` + zero-padded 0..n-1 as an Arrow string array (vectorised, no Python strings)."""
-    digits = pc.cast(pa.array(np.arange(n, dtype=np.int64)), pa.string())
+def _ids(prefix: str, n: int, width: int, first: int = 0) -> pa.ChunkedArray | pa.Array:
+    """``prefix`` + zero-padded first..first+n-1 as an Arrow string array (vectorised, no Python strings)."""
+    digits = pc.cast(pa.array(np.arange(first, first + n, dtype=np.int64)), pa.string())
     return pc.binary_join_element_wise(prefix, pc.utf8_lpad(digits, width, padding="0"), "")
 
 

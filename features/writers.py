@@ -26,6 +26,7 @@ from towerline.features.validate import ATTRIBUTE_SEPARATOR
 log = logging.getLogger(__name__)
 
 SUFFIX = {"parquet": ".parquet", "csv": ".csv"}
+EVENT_SHARDS_DIR = "events"  # a sharded data set keeps its event log as events/part-00000.parquet, ...
 
 
 def write_dataset(
@@ -88,3 +89,48 @@ def _csv_ready(table: pa.Table) -> pa.Table:
             joined = pc.binary_join(pc.cast(table.column(i), pa.list_(pa.string())), ATTRIBUTE_SEPARATOR)
             table = table.set_column(i, field.name, pc.fill_null(joined, ""))
     return table
+
+
+def write_table(table: pa.Table, path: str | Path, format: Literal["parquet", "csv"] = "parquet") -> Path:
+    """One contract table to one file (Parquet as is, CSV with list columns joined)."""
+    path = Path(path)
+    if format == "parquet":
+        pq.write_table(table, path)
+    else:
+        pacsv.write_csv(_csv_ready(table), path)
+    return path
+
+
+def shard_path(out_dir: str | Path, shard: int, format: Literal["parquet", "csv"] = "parquet") -> Path:
+    """``<out_dir>/events/part-00042.parquet``: zero-padded, so sorting by name is shard order, which is
+    the order the readers concatenate shards in (ties in time keep it, as they keep file order)."""
+    return Path(out_dir) / EVENT_SHARDS_DIR / f"part-{shard:05d}{SUFFIX[format]}"
+
+
+def write_sharded_dataset(
+    dataset: Dataset,
+    out_dir: str | Path,
+    rows_per_shard: int = 1_000_000,
+    format: Literal["parquet", "csv"] = "parquet",
+) -> dict[str, Path]:
+    """Like ``write_dataset``, but the events go to ``events/part-*.{parquet,csv}`` of at most
+    ``rows_per_shard`` rows each: the layout Ray Data reads one shard per task
+    (``towerline.features.ray_data``), so no reader ever holds the whole log.
+
+    Returns ``{"events": events folder, "items": path, "users": path}``.
+    """
+    if format not in SUFFIX:
+        raise DataValidationError(f"unknown output format {format!r}; use parquet or csv")
+    if rows_per_shard < 1:
+        raise DataValidationError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    out = Path(out_dir)
+    (out / EVENT_SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    events = to_arrow(dataset.events, EVENTS_SCHEMA)
+    n_shards = max(1, -(-events.num_rows // rows_per_shard))
+    for i in range(n_shards):
+        write_table(events.slice(i * rows_per_shard, rows_per_shard), shard_path(out, i, format), format)
+    paths = {"events": out / EVENT_SHARDS_DIR}
+    for name, frame, schema in (("items", dataset.items, ITEMS_SCHEMA), ("users", dataset.users, USERS_SCHEMA)):
+        paths[name] = write_table(to_arrow(frame, schema), out / f"{name}{SUFFIX[format]}", format)
+    log.info("wrote %s events in %d shard(s) under %s", f"{events.num_rows:,}", n_shards, paths["events"])
+    return paths

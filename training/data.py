@@ -237,6 +237,14 @@ class SequenceDataModule(L.LightningDataModule):
             log.warning("data: %s was prepared from other data (%s); rebuilding it", self.work_dir, "; ".join(changes))
             (self.work_dir / PREPARED).unlink()  # first: a rebuild that fails half-way leaves no valid-looking cache
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.data.engine == "ray":  # the same files, built by Ray Data from event shards
+            from towerline.features.ray_data import prepare_features
+
+            summary = prepare_features(self.cfg.data, self.work_dir, self.cfg.model.max_attributes)
+            counts = {k: summary[k] for k in ("events", "users", "items")}
+            (self.work_dir / PREPARED).write_text(json.dumps({"dataset": summary["dataset"], **counts, "cache_key": key}, indent=2))
+            self._prepared = True
+            return
         dataset = self._dataset if self._dataset is not None else load_data(self.cfg.data)
         self._dataset = None  # built into the cache below; not kept alive for the whole fit
         vocabs = build_vocabs(dataset)

@@ -124,6 +124,10 @@ def train(
     log line per epoch (``training.progress``). ``dataset``: ``cfg.data``'s data when the caller has
     read it already (it is not read again).
     """
+    if cfg.trainer.workers > 1:  # Ray Train workers running the same system with DDP
+        from towerline.training.distributed import train_distributed
+
+        return train_distributed(cfg, out_dir, resume=resume, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)

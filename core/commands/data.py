@@ -23,6 +23,7 @@ DATA_EXAMPLE = """examples:
 GENERATE_EXAMPLE = """example:
   towerline data generate --out data/synthetic --users 5000 --items 1000 --seed 0
   towerline data generate --out data/small-csv --users 200 --items 50 --format csv
+  towerline data generate --out data/big --users 2000000 --items 1000000 --shard-events 1000000
 
 Writes events, items and users files (Parquet by default) that 'towerline data validate' accepts."""
 
@@ -35,6 +36,14 @@ VALIDATE_EXAMPLE = """example:
 Exit status 0 when the data is usable (warnings allowed), 2 when it is not; every problem names
 file, row and field, e.g.
   error: events.csv row 1042, field 'timestamp': 'yesterday' is neither epoch seconds nor ISO-8601"""
+
+PREPARE_EXAMPLE = """example:
+  towerline data prepare --config configs/synthetic.yaml --out runs/latest/data
+  towerline data prepare --config configs/synthetic.yaml --set data.format=parquet --set data.path=data/shop --out prepared --engine ray
+
+Writes vocab/, sequences.npz, item_attributes.npy, items.parquet, users.parquet and prepared.json:
+the data cache 'towerline train' reads from <out>/data. Both engines write the same files; ray reads
+events/part-*.parquet (or .csv) shards with Ray Data, bounded memory per worker."""
 
 DESCRIBE_EXAMPLE = """example:
   towerline data describe data/synthetic
@@ -74,6 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--events", type=int, default=None, metavar="E", help="number of events (default: 20 per user)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; the same seed writes the same data (default: 0)")
     p.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="file format (default: parquet)")
+    p.add_argument("--shard-events", type=int, default=None, metavar="ROWS",
+                   help="stream the events to events/part-*.{parquet,csv} shards of about ROWS rows, one block of "
+                   "users at a time, in bounded memory (for shops of millions; what 'data prepare --engine ray' reads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_generate)
 
@@ -101,6 +113,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_describe)
 
+    p = actions.add_parser(
+        "prepare", help="build vocabularies and sequences (the training data cache), locally or with Ray Data",
+        description="Prepare a config's data set once: vocabularies, per-user sequences and the item-attribute "
+        "matrix, as 'towerline train' caches them. --engine ray builds the same files from event shards "
+        "with Ray Data (a local Ray on 127.0.0.1, or the cluster in $RAY_ADDRESS).",
+        epilog=PREPARE_EXAMPLE, formatter_class=fmt,
+    )
+    p.add_argument("--config", type=Path, default=None, help="YAML config (default: built-in synthetic defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override one config value, e.g. --set data.path=data/shop (repeatable)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder to write the prepared files into")
+    p.add_argument("--engine", choices=["local", "ray"], default=None, help="override data.engine (default: the config's)")
+    p.set_defaults(func=cmd_prepare)
+
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from towerline.errors import ConfigError
@@ -108,13 +134,33 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for flag, value, least in (("--users", args.users, 1), ("--items", args.items, 2), ("--events", args.events, 1)):
         if value is not None and value < least:  # the user's flag, not the generator's parameter name
             raise ConfigError(f"{flag} must be >= {least}, got {value}")
-    from towerline.features.synthetic import generate_dataset
+    from towerline.features.synthetic import generate_dataset, generate_sharded
     from towerline.features.writers import write_dataset
+
+    if args.shard_events is not None:
+        r = generate_sharded(args.out, args.users, args.items, args.seed, n_events=args.events,
+                             rows_per_shard=args.shard_events, format=args.format, progress=_progress(args))
+        print(f"wrote {r['dir']}/events/  ({r['events']:,} events in {r['shards']} shards), "
+              f"items ({r['items']:,}), users ({r['users']:,})")
+        return 0
 
     dataset = generate_dataset(args.users, args.items, args.seed, n_events=args.events, progress=_progress(args))
     paths = write_dataset(dataset, args.out, format=args.format)
     for name, path in paths.items():
         print(f"wrote {path}  ({len(getattr(dataset, name)):,} {name})")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from towerline.config import load_config
+    from towerline.training.data import PREPARED, SequenceDataModule
+
+    overrides = list(args.overrides) + ([f"data.engine={args.engine}"] if args.engine else [])
+    cfg = load_config(args.config, overrides)
+    SequenceDataModule(cfg, args.out).prepare_data()
+    summary = json.loads((args.out / PREPARED).read_text())
+    print(f"prepared {summary['dataset']} with engine {cfg.data.engine} in {args.out}: "
+          f"{summary['events']:,} events, {summary['users']:,} users, {summary['items']:,} items")
     return 0
 
 

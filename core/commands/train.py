@@ -13,6 +13,7 @@ TRAIN_EXAMPLE = """example:
   towerline train --data shop/orders.csv --map user_id=customer,item_id=sku,timestamp=ts
   towerline train --config configs/beauty.yaml --set model.dim=128 --set trainer.max_time_s=1000 --out runs/beauty
   towerline train --config configs/beauty.yaml --out runs/beauty --resume
+  towerline train --config configs/lastfm.yaml --workers 2 --out runs/lastfm-ddp   # Ray Train, DDP
 
 Compare runs in the MLflow UI:  mlflow ui --backend-store-uri sqlite:///mlflow.db"""
 
@@ -42,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "events file, or an S3Rec .txt file")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run folder: data cache, checkpoints, bundle (default: runs/latest)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint and MLflow run")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="Ray Train workers running DDP (default: trainer.workers, 1 = one process without Ray)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -91,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # --data/--map first: an explicit --set data.name=... still wins
     overrides = data_overrides(args) + list(args.overrides)
     overrides += [f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
+    overrides += [f"trainer.workers={args.workers}"] if args.workers is not None else []
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"MLflow run: {result.run_id}  (tracking URI {result.tracking_uri})")
