@@ -88,10 +88,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     model_uri = f"models:/{cfg.tracking.model_name}@champion"
     print(f"[3/5] promoted version {version} to {model_uri}")
 
-    from towerline.commands.serve import build_model_index, serve_locally
+    from towerline.commands.serve import serve_locally
+    from towerline.serving.model_index import build_model_index
     from towerline.serving.app import AppArgs
 
-    report = build_model_index(model_uri, "flat", out / "index")
+    report = build_model_index(model_uri, out / "index", {"kind": "flat"})
     # the index holds a vector per vocabulary row, the reserved padding/unknown rows included
     print(f"[4/5] exact FAISS index over {report['count'] - N_RESERVED} items written to {report['out']}")
     if args.no_serve:

@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "atomically with manifest.json (dim, metric, count, kind, model name/version, sha256).",
                        epilog=INDEX_EXAMPLE, formatter_class=fmt)
     p.add_argument("--model", required=True, help="bundle directory, runs:/<run_id>/bundle or models:/<name>@<alias>")
-    p.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default="flat", help="flat = exact (default)")
+    p.add_argument("--kind", choices=["flat", "hnsw", "ivf"], default=None,
+                   help="flat = exact (default: the model config's index.kind, flat unless set)")
     p.add_argument("--out", type=Path, default=None,
                    help="index folder (default: <bundle>/index for a bundle directory, else indexes/<name>-v<version>)")
     p.add_argument("--hnsw-m", type=int, default=None, help="HNSW graph degree (default: index.hnsw_m = 32)")
@@ -93,52 +94,6 @@ def _tracking(uri: str | None) -> None:
         mlflow.set_tracking_uri(uri)
 
 
-def build_model_index(
-    model: str,
-    kind: str = "flat",
-    out: Path | None = None,
-    overrides: dict[str, Any] | None = None,
-    n_queries: int = 1000,
-    threads: int = 1,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Build, measure (approximate kinds) and save an index for ``model``; returns a report."""
-    import dataclasses
-
-    import numpy as np
-    import torch
-
-    from towerline.training.bundle import load_bundle
-    from towerline.config import IndexConfig
-    from towerline.serving.index import benchmark_index, build_index, save_index
-    from towerline.serving.recommender import training_histories, user_vectors
-
-    torch.set_num_threads(threads)
-    bundle = load_bundle(model)
-    cfg = dataclasses.replace(IndexConfig(kind=kind), **(overrides or {}))
-    emb = bundle.item_embeddings  # (V, D)
-    t0 = time.perf_counter()
-    index = build_index(emb, cfg, threads=threads)
-    build_s = time.perf_counter() - t0
-    report: dict[str, Any] = {"kind": kind, "count": int(emb.shape[0]), "dim": bundle.dim, "build_s": round(build_s, 3)}
-    if kind != "flat" and bundle.histories is not None and len(bundle.histories):
-        rng = np.random.default_rng(seed)
-        rows = rng.choice(len(bundle.histories), size=min(n_queries, len(bundle.histories)), replace=False)
-        queries = np.concatenate([user_vectors(bundle, training_histories(bundle, chunk))
-                                  for chunk in np.array_split(rows, max(1, len(rows) // 256))])  # (Q, D)
-        exact = build_index(emb, IndexConfig(kind="flat"))
-        bench = benchmark_index(index, exact, queries, k=10, threads=threads)
-        report.update({k: bench[k] for k in ("recall_at_10", "qps", "exact_qps", "speedup", "n_queries")})
-    if out is None:
-        local = not str(model).startswith(("runs:/", "models:/"))
-        out = Path(model) / "index" if local else Path("indexes") / f"{bundle.model_name}-v{bundle.model_version}"
-    manifest = {"model_name": bundle.model_name, "model_version": bundle.model_version, "model_uri": str(model),
-                **{k: report[k] for k in ("recall_at_10", "qps", "exact_qps") if k in report}}
-    save_index(index, out, manifest)
-    report["out"] = str(out)
-    return report
-
-
 def cmd_index(args: argparse.Namespace) -> int:
     from towerline.bundle import check_model
 
@@ -148,8 +103,13 @@ def cmd_index(args: argparse.Namespace) -> int:
                                                  ("hnsw_storage", args.hnsw_storage),
                                                  ("ivf_nlist", args.nlist), ("ivf_nprobe", args.nprobe))
                  if value is not None}
-    report = build_model_index(args.model, args.kind, args.out, overrides, args.queries, args.threads)
-    print(f"{report['kind']} index over {report['count']} items (dim {report['dim']}) built in {report['build_s']:.2f} s")
+    from towerline.features.vocab import N_RESERVED
+    from towerline.serving.model_index import build_model_index
+
+    if args.kind is not None:
+        overrides["kind"] = args.kind
+    report = build_model_index(args.model, args.out, overrides, args.queries, args.threads)
+    print(f"{report['kind']} index over {report['count'] - N_RESERVED} items (dim {report['dim']}) built in {report['build_s']:.2f} s")
     if "recall_at_10" in report:
         print(f"recall@10 vs exact: {report['recall_at_10']:.4f} on {report['n_queries']} sampled users; "
               f"{report['qps']:.0f} queries/s vs exact {report['exact_qps']:.0f} ({report['speedup']:.1f}x)")

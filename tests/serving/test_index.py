@@ -347,3 +347,20 @@ def test_manifest_that_is_not_json_serialisable_is_refused_before_writing(tmp_pa
         save_index(build_index(items[:10]), directory, {"model_version": object()})
     assert sorted(p.name for p in directory.iterdir()) == ["index.faiss", "manifest.json"]
     assert (directory / "index.faiss").read_bytes() == before_bytes
+
+
+def test_index_command_follows_the_models_index_section_and_flags_override_it(tmp_path, capsys):
+    """``towerline index`` reads the ``index:`` section the model was trained with; a flag changes one field."""
+    from support import train_tiny
+    from towerline.cli import main
+
+    run = train_tiny(tmp_path, ["index.kind=hnsw", "index.hnsw_m=8", "index.hnsw_ef_search=32"])
+    assert main(["index", "--model", str(run.bundle_dir), "--out", str(tmp_path / "a"), "--queries", "50"]) == 0
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["kind"] == "hnsw" and manifest["params"]["efSearch"] == 32
+    assert main(["index", "--model", str(run.bundle_dir), "--out", str(tmp_path / "b"), "--ef-search", "64"]) == 0
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["params"]["efSearch"] == 64
+    assert main(["index", "--model", str(run.bundle_dir), "--out", str(tmp_path / "c"), "--kind", "flat"]) == 0
+    assert json.loads((tmp_path / "c" / "manifest.json").read_text())["kind"] == "flat"
+    out = capsys.readouterr().out
+    assert "over 60 items" in out  # the catalogue's items, not the two reserved rows
