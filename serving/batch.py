@@ -22,6 +22,7 @@ import asyncio
 import logging
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -189,14 +190,29 @@ def recommend_frames(
     stages = GatherStages(recommender.settings)
     batched = rec.Recommender(recommender.state, recommender.settings, recommender.store, stages)
     loop = asyncio.new_event_loop()
+    # inside a running loop (a notebook's kernel, an async server) the batch loop runs in a worker thread
+    worker = ThreadPoolExecutor(1, thread_name_prefix="towerline-batch") if _loop_running() else None
     try:
         for chunk in _chunks(user_ids, batch_size):
-            results = loop.run_until_complete(_answer_chunk(batched, stages, chunk, k))
+            if worker is None:
+                results = loop.run_until_complete(_answer_chunk(batched, stages, chunk, k))
+            else:
+                results = worker.submit(loop.run_until_complete, _answer_chunk(batched, stages, chunk, k)).result()
             yield result_frame(chunk, results)
             if on_chunk is not None:
                 on_chunk(len(chunk))
     finally:
+        if worker is not None:
+            worker.shutdown()
         loop.close()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class _Progress:

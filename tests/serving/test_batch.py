@@ -165,3 +165,18 @@ def test_batch_export_equals_the_served_answers_over_http(tiny_run, tmp_path_fac
             or body["model_version"] is None
     assert served[users[-1]]["fallback"] is False  # a new visitor's clicks personalise both answers
     assert not any(i in items for i, _ in got[users[0]])  # the posted items count as seen in the export too
+
+
+def test_batch_works_inside_a_running_event_loop(tiny_state, recommender):
+    """A notebook kernel or an async server already runs a loop in this thread."""
+    import asyncio
+
+    from towerline.serving.batch import recommend_all
+
+    users = _users(tiny_state, 5)
+
+    async def inside() -> pd.DataFrame:
+        return recommend_all(tiny_state, users, k=4)
+
+    df = asyncio.run(inside())
+    assert _as_lists(df) == _per_user(recommender, users, 4)
