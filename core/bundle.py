@@ -144,7 +144,27 @@ def resolve_bundle_uri(uri: str, cache_dir: str | Path | None = None) -> tuple[P
         local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst))
     except MlflowException as e:
         raise BundleError(f"{uri}: could not download the bundle ({e.message})") from None
-    return Path(local), info
+    return pyfunc_bundle_dir(Path(local)), info
+
+
+def pyfunc_bundle_dir(path: Path) -> Path:
+    """The bundle inside an MLflow pyfunc model directory (registered versions point at one:
+    ``training/tracking.py``), or ``path`` itself when it is not a model directory (older versions
+    registered the bundle folder directly, and ``runs:/<run>/bundle`` is the bundle)."""
+    mlmodel = path / "MLmodel"
+    if not mlmodel.is_file():
+        return path
+    import yaml
+
+    try:
+        flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+        rel = flavor.get("artifacts", {}).get("bundle", {}).get("path", "artifacts/bundle")
+    except (yaml.YAMLError, AttributeError) as e:
+        raise BundleError(f"{mlmodel}: unreadable MLflow model file ({e})") from None
+    inner = path / rel
+    if not (inner / MANIFEST).is_file():
+        raise BundleError(f"{path} is an MLflow model without a Towerline bundle artifact ({rel}/{MANIFEST} is missing)")
+    return inner
 
 
 def check_model(uri: str | Path, cache_dir: str | Path | None = None) -> Path:

@@ -70,3 +70,9 @@ def test_notebook_is_stored_without_outputs(path: Path):
 
 def test_quickstart_notebook_exists():
     assert (NOTEBOOK_DIR / "quickstart.ipynb") in NOTEBOOKS
+
+
+def test_every_stage_has_a_notebook():
+    """data, training + comparing runs, serving, marketing: each walkthrough is executed above."""
+    names = {p.name for p in NOTEBOOKS}
+    assert {"quickstart.ipynb", "train_and_track.ipynb", "serving.ipynb", "marketing.ipynb"} <= names

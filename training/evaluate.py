@@ -12,6 +12,7 @@ score row per user: the metrics do not depend on ``trainer.eval_batch_size``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,30 +22,55 @@ from tqdm.auto import tqdm
 from towerline.config import TowerlineConfig, apply_overrides, from_dict, to_dict
 from towerline.features.sequences import Sequences, build_sequences
 from towerline.features.splits import EvalTargets
+from towerline.features.vocab import Vocab
 from towerline.training import inference
 from towerline.training.bundle import Bundle, load_bundle
 from towerline.training.candidates import eval_positions, retrieve_candidates
 from towerline.training.data import load_data, make_split
 from towerline.training.metrics import RankingAccumulator, mask_scores, target_ranks, top_k_items
 from towerline.training.model import TwoTowerNet
+from towerline.training.ranker_model import item_categories
 from towerline.training.ranker_train import pipeline_report, score_candidates
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class ItemFacts:
+    """What the beyond-accuracy metrics read per item: novelty needs popularity, diversity categories."""
+
+    popularity: torch.Tensor | None = None  # (V,) training interactions per item
+    category: torch.Tensor | None = None  # (V,) long category index (PAD: none)
+
+    def accumulator(self) -> RankingAccumulator:
+        return RankingAccumulator(item_popularity=self.popularity, item_category=self.category)
+
+
+def item_facts(net: TwoTowerNet, attributes: Vocab | None, popularity: np.ndarray | None) -> ItemFacts:
+    """``ItemFacts`` of a net's catalogue: categories from its attribute table (``item_categories``)."""
+    table = getattr(net.item_tower, "item_attributes", None)
+    category = None
+    if table is not None and attributes is not None:
+        category = torch.from_numpy(item_categories(table.cpu().numpy(), attributes))
+    pop = None if popularity is None else torch.as_tensor(np.asarray(popularity, dtype=np.float64))
+    return ItemFacts(pop, category)
+
+
 def accumulate_batch(
-    accs: dict[str, RankingAccumulator], net: TwoTowerNet, item_table: torch.Tensor, batch: dict[str, torch.Tensor], prefix: str
+    accs: dict[str, RankingAccumulator], net: TwoTowerNet, item_table: torch.Tensor, batch: dict[str, torch.Tensor], prefix: str,
+    facts: ItemFacts = ItemFacts(),
 ) -> None:
     """Score one batch of users against the whole catalogue and add its ranks to ``accs``.
 
     ``batch``: ``items``/``types`` (B, T) left-padded windows, ``target`` (B,), ``history`` (B, H).
+    ``facts``: with popularity and categories, ``novelty_10`` and ``diversity_10`` join ``coverage_10``.
     """
     users = inference.user_vectors(net, batch["items"], batch["types"], item_table)  # (B, D)
     scores = inference.item_scores(users, item_table)  # (B, V)
     for masked, name in ((True, prefix), (False, f"{prefix}_unmasked")):
         ranks = target_ranks(scores, batch["target"], batch["history"], mask_history=masked)
         topk = top_k_items(mask_scores(scores, batch["history"]) if masked else scores, 10)
-        accs.setdefault(name, RankingAccumulator()).update(ranks, topk)
+        accs.setdefault(name, facts.accumulator()).update(ranks, topk)
 
 
 def summarise(accs: dict[str, RankingAccumulator], n_items: int) -> dict[str, float]:
@@ -54,7 +80,8 @@ def summarise(accs: dict[str, RankingAccumulator], n_items: int) -> dict[str, fl
 
 @torch.no_grad()
 def evaluate_targets(
-    net: TwoTowerNet, full: Sequences, targets: EvalTargets, prefix: str = "test", batch_size: int = 256, progress: bool = True
+    net: TwoTowerNet, full: Sequences, targets: EvalTargets, prefix: str = "test", batch_size: int = 256, progress: bool = True,
+    facts: ItemFacts = ItemFacts(),
 ) -> dict[str, Any]:
     """Full-ranking metrics of ``targets`` (each user's history is ``full`` before the target)."""
     was_training = net.training
@@ -68,7 +95,7 @@ def evaluate_targets(
         sub = hist.take(slice(lo, lo + batch_size))
         items, types, _ = sub.windows(net.cfg.max_len)
         batch = {"items": items, "types": types, "target": target[lo : lo + batch_size], "history": sub.seen()}
-        accumulate_batch(accs, net, table, {k: torch.from_numpy(v).to(device) for k, v in batch.items()}, prefix)
+        accumulate_batch(accs, net, table, {k: torch.from_numpy(v).to(device) for k, v in batch.items()}, prefix, facts)
     net.train(was_training)
     return summarise(accs, net.n_items)
 
@@ -112,8 +139,9 @@ def evaluate_bundle(
     bundle = load_bundle(uri)
     cfg, split = bundle_split(bundle, data_overrides)
     bs = batch_size or cfg.trainer.eval_batch_size
-    metrics = evaluate_targets(bundle.net, split.full, split.test, "test", bs, progress)
-    metrics.update(evaluate_targets(bundle.net, split.full, split.valid, "valid", bs, progress))
+    facts = item_facts(bundle.net, bundle.vocabs.attributes, bundle.item_popularity)
+    metrics = evaluate_targets(bundle.net, split.full, split.test, "test", bs, progress, facts)
+    metrics.update(evaluate_targets(bundle.net, split.full, split.valid, "valid", bs, progress, facts))
     if bundle.ranker is not None:
         metrics.update(evaluate_pipeline(bundle, split.full, split.test, "test", bs, progress))
     return {"model": uri, "model_version": bundle.model_version, "dataset": cfg.data.name, "metrics": metrics}

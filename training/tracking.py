@@ -1,15 +1,21 @@
 """MLflow: where runs go, how a run's bundle becomes a registered model version, and aliases.
 
-The bundle is logged as plain artifacts (JSON, safetensors, npy) and registered with
-``create_model_version(source=<run artifact dir>)`` rather than as an MLflow "flavor", because
-flavors that serialise Python objects would make loading a model mean unpickling it.
+The bundle is logged as plain artifacts (JSON, safetensors, npy) under the run's ``bundle/``. A
+registered version points at an MLflow ``pyfunc`` model logged *from code*
+(``serving/pyfunc_model.py``, the bundle as its ``bundle`` artifact): MLflow stores that file's
+source, not a pickle, so ``mlflow.pyfunc.load_model("models:/<name>@<alias>")`` and
+``mlflow models serve`` unpickle nothing and answer through the service's request path, while
+``towerline.bundle.resolve_bundle_uri`` finds the bundle inside the model for everything else.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 BUNDLE_ARTIFACT_PATH = "bundle"
+PYFUNC_NAME = "pyfunc"  # the logged model's name (MLflow 3 LoggedModel), registered as each version's source
+PYFUNC_CODE = "towerline.serving.pyfunc_model"  # the model-from-code file, found by name: training imports no serving
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -102,13 +110,70 @@ def version_description(run: Any, metrics: dict[str, float]) -> str:
     )
 
 
-def register_bundle(run_id: str, model_name: str) -> str:
+def pyfunc_requirements() -> list[str]:
+    """The installed versions of what the model code imports (``mlflow models serve`` with a conda or
+    virtualenv env manager installs these; towerline itself must be installed, e.g. ``--env-manager local``).
+    Listed explicitly because inferring them would load the model in a subprocess at every registration."""
+    out = []
+    for dist in ("torch", "faiss-cpu", "numpy", "pandas", "pyarrow", "safetensors", "pydantic", "mlflow"):
+        try:
+            out.append(f"{dist}=={importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _pyfunc_signature():  # noqa: ANN202 - mlflow types, imported lazily with mlflow.models
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "user_id")]),
+        outputs=Schema([ColSpec("string", "user_id"), ColSpec("integer", "rank"), ColSpec("string", "item_id"),
+                        ColSpec("float", "score"), ColSpec("string", "model_version", required=False),
+                        ColSpec("boolean", "fallback")]),
+        params=ParamSchema([ParamSpec("k", "long", 10)]),
+    )
+
+
+def log_pyfunc(run_id: str, bundle_dir: str | Path, model_name: str, model_version: str) -> "mlflow.models.model.ModelInfo":
+    """Log the bundle as a pyfunc model from code in run ``run_id``; ``model_config`` records the
+    registered name and version it is about to become (a bundle's manifest is written before both)."""
+    spec = importlib.util.find_spec(PYFUNC_CODE)
+    if spec is None or spec.origin is None:
+        raise TowerlineError(f"{PYFUNC_CODE} is not installed; reinstall towerline (pip install -e .)")
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id != run_id:
+        raise TowerlineError(f"cannot log the pyfunc model into run {run_id}: run {active.info.run_id} is active")
+    with mlflow.start_run(run_id=run_id) if active is None else _nullcontext():
+        return mlflow.pyfunc.log_model(
+            name=PYFUNC_NAME,
+            python_model=spec.origin,
+            artifacts={"bundle": str(bundle_dir)},
+            model_config={"model_name": model_name, "model_version": model_version},
+            signature=_pyfunc_signature(),
+            pip_requirements=pyfunc_requirements(),
+        )
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def register_bundle(run_id: str, model_name: str, bundle_dir: str | Path | None = None) -> str:
     """Register the run's bundle as a new version of ``model_name``; returns the version number.
 
-    The version carries the run's test metrics as tags (``test/ndcg_10``, ...) and a description
-    (``version_description``), so the registry page answers "how good is version 3?" without
-    opening the run. Metrics are read from the run itself, so every caller (train, train-ranker)
-    gets them.
+    The version's source is a pyfunc model holding the bundle (``log_pyfunc``); ``bundle_dir`` is the
+    local bundle (default: the run's ``bundle/`` artifact, downloaded). The version number is
+    reserved by reading the newest one first; if another process registers in between, the model's
+    recorded version is off by one and a warning says so. The version carries the run's test metrics
+    as tags (``test/ndcg_10``, ...) and a description (``version_description``), so the registry page
+    answers "how good is version 3?" without opening the run; metrics are read from the run itself,
+    so every caller (train, train-ranker) gets them.
     """
     client = mlflow.MlflowClient()
     try:
@@ -117,12 +182,19 @@ def register_bundle(run_id: str, model_name: str) -> str:
         client.create_registered_model(model_name, description="Towerline two-tower retriever bundles")
     run = client.get_run(run_id)
     metrics = dict(run.data.metrics)
-    source = f"{run.info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
     tags = {k: f"{v:.6g}" for k, v in sorted(metrics.items()) if k.startswith("test/")}
-    mv = client.create_model_version(
-        model_name, source=source, run_id=run_id, tags=tags, description=version_description(run, metrics)
-    )
-    log.info("registered %s version %s", model_name, mv.version)
+    known = [int(v.version) for v in client.search_model_versions(f"name = '{model_name}'")]
+    expected = str(max(known, default=0) + 1)
+    with tempfile.TemporaryDirectory(prefix="towerline-register-") as tmp:
+        if bundle_dir is None:
+            bundle_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=BUNDLE_ARTIFACT_PATH, dst_path=tmp)
+        info = log_pyfunc(run_id, bundle_dir, model_name, expected)
+    mv = client.create_model_version(model_name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                                     tags=tags, description=version_description(run, metrics))
+    if str(mv.version) != expected:
+        log.warning("%s: registered as version %s while the pyfunc model records %s (a concurrent registration)",
+                    model_name, mv.version, expected)
+    log.info("registered %s version %s (pyfunc model %s)", model_name, mv.version, info.model_uri)
     return str(mv.version)
 
 

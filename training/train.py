@@ -222,7 +222,7 @@ def train(
     result = TrainResult(run_id=run_id, tracking_uri=uri, bundle_dir=bundle, metrics=metrics, curve=curve.points)
     if cfg.tracking.register:
         result.model_name = cfg.tracking.model_name
-        result.model_version = register_bundle(run_id, cfg.tracking.model_name)
+        result.model_version = register_bundle(run_id, cfg.tracking.model_name, bundle)
         client.set_tag(run_id, "model_version", result.model_version)
     logger.finalize("success")
     return result

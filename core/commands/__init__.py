@@ -7,7 +7,7 @@ import importlib
 
 # Areas in the order ``towerline --help`` lists them. A module that is not written yet is skipped,
 # so areas can land one at a time.
-AREAS = ["quickstart", "data", "train", "ranker", "baseline", "serve", "profile", "experiment", "campaign"]
+AREAS = ["quickstart", "data", "train", "ranker", "baseline", "serve", "recommend", "profile", "experiment", "campaign"]
 
 
 def register_all(sub: argparse._SubParsersAction) -> None:

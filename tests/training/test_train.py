@@ -93,6 +93,9 @@ def test_evaluate_command_reproduces_the_run_test_metrics(tiny_run, capsys):
     report = json.loads(capsys.readouterr().out)
     for key in ("test/ndcg_10", "test/hr_10", "test_unmasked/mrr"):
         assert report["metrics"][key] == pytest.approx(tiny_run.metrics[key], abs=1e-6)
+    # beyond accuracy, beside coverage: novelty in bits (> 0 for any list), diversity a share of the list
+    assert report["metrics"]["test/novelty_10"] > 0
+    assert 0.1 <= report["metrics"]["test/diversity_10"] <= 1.0
 
 
 def test_same_seed_gives_the_same_metrics(tiny_run, mlflow_store, tmp_path):

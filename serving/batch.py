@@ -1,0 +1,336 @@
+"""Batch recommendations: ``/recommend``'s request path for many users at once.
+
+``recommend_all`` answers every user with ``Recommender.recommend_async`` — the coroutine the HTTP
+endpoint awaits: history (bundle + online store), consent, rules, popular fallback — so an export
+never disagrees with the service. What changes is only where the model stages run: ``GatherStages``
+holds each request at its ``retrieve``/``rank`` await until every request of the chunk is waiting,
+then runs ``recommender.retrieve``/``recommender.rank`` once over all of them, as ``serve.batch``
+does in the ingress (``serving/stages.py``). Those functions compute each request independently of
+its batch (``training/inference.py``), so the batch size changes the speed, never an answer.
+
+Why a stage object of its own rather than ``stages.BatchedStages``: ``serve.batch`` runs its
+batches on a Serve replica's event loop; here one plain ``asyncio`` loop drives a chunk, and the
+batch is "everyone in the chunk", known exactly, with no wait timeout.
+
+Output rows: ``user_id, rank (1 = best), item_id, score, model_version, fallback`` — k rows per user
+(fewer only when the catalogue has fewer allowed items).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from towerline.errors import TowerlineError
+from towerline.serving import recommender as rec
+from towerline.serving.history import HistoryEvent
+from towerline.serving.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["user_id", "rank", "item_id", "score", "model_version", "fallback"]
+DEFAULT_BATCH_SIZE = 512  # users per model call: large enough for BLAS, small enough for memory
+
+
+class NoOnlineHistory:
+    """A history store without events: each user's history is the bundle's training history."""
+
+    def recent(self, user_id: str, limit: int) -> list[HistoryEvent]:
+        return []
+
+
+class GatherStages:
+    """``recommender.Stages`` that batch every request of a chunk into one call per stage.
+
+    Each ``retrieve``/``rank`` call parks its request and a future; ``flush`` (called by
+    ``_answer_chunk`` once every request of the chunk is parked or done) computes the whole batch
+    with the functions the service's stages end in and resolves the futures.
+    """
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self._retrieve: list[tuple[rec.ModelState, rec.UserHistory, asyncio.Future]] = []
+        self._rank: list[tuple[rec.ModelState, rec.UserHistory, rec.Candidates, asyncio.Future]] = []
+
+    @property
+    def parked(self) -> int:
+        return len(self._retrieve) + len(self._rank)
+
+    async def retrieve(self, state: rec.ModelState, history: rec.UserHistory) -> rec.Candidates:
+        fut = asyncio.get_running_loop().create_future()
+        self._retrieve.append((state, history, fut))
+        return await fut
+
+    async def rank(self, state: rec.ModelState, history: rec.UserHistory, candidates: rec.Candidates) -> rec.Candidates:
+        fut = asyncio.get_running_loop().create_future()
+        self._rank.append((state, history, candidates, fut))
+        return await fut
+
+    def flush(self) -> None:
+        """Run the parked requests, one call per stage and model version."""
+        retrieve, self._retrieve = self._retrieve, []
+        for group in _by_version(retrieve):
+            state = group[0][0]
+            for (_, _, fut), cands in zip(group, rec.retrieve(state, self.settings, [r[1] for r in group])):
+                fut.set_result(cands)
+        rank, self._rank = self._rank, []
+        for group in _by_version(rank):
+            state = group[0][0]
+            for (*_, fut), ranked in zip(group, rec.rank(state, [r[1] for r in group], [r[2] for r in group])):
+                fut.set_result(ranked)
+
+
+def _by_version(parked: list[Any]) -> list[list[Any]]:
+    groups: dict[str, list[Any]] = {}
+    for item in parked:
+        groups.setdefault(item[0].key, []).append(item)
+    return list(groups.values())
+
+
+async def _answer_chunk(recommender: rec.Recommender, stages: GatherStages, user_ids: Sequence[str], k: int
+                        ) -> list[rec.RecommendResult]:
+    """``recommend_async`` for every user of the chunk, concurrently, the model stages gathered."""
+    tasks = [asyncio.ensure_future(recommender.recommend_async(u, k)) for u in user_ids]
+    idle = 0
+    while True:
+        await asyncio.sleep(0)  # every runnable request advances to its next stage await (or finishes)
+        done = sum(t.done() for t in tasks)
+        if done == len(tasks):
+            break
+        if stages.parked + done == len(tasks):
+            stages.flush()
+            idle = 0
+        elif (idle := idle + 1) > 10_000:  # a request awaits something other than a stage: not ours to drive
+            for t in tasks:
+                t.cancel()
+            raise RuntimeError("batch recommendations: a request waits on something other than its model stages")
+    return [t.result() for t in tasks]
+
+
+def read_user_ids(source: str | Path) -> list[str]:
+    """User ids from a CSV/Parquet file with a ``user_id`` column, or a text file with one id a line.
+
+    Raises ``TowerlineError`` naming the file (and the row of an empty id)."""
+    path = Path(source)
+    if not path.is_file():
+        raise TowerlineError(f"--users {path}: file not found (give a CSV/Parquet/txt of user ids, or 'all')")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif suffix == ".csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            lines = path.read_text().splitlines()
+            ids = [line.strip() for line in lines]
+            if ids and ids[0] == "user_id":  # a header line is allowed
+                ids = ids[1:]
+            df = pd.DataFrame({"user_id": [i for i in ids if i]})
+    except (OSError, ValueError) as e:
+        raise TowerlineError(f"--users {path}: unreadable ({e})") from None
+    if "user_id" not in df.columns:
+        raise TowerlineError(f"--users {path}: no user_id column (columns: {', '.join(map(str, df.columns))})")
+    ids = df["user_id"].astype(str).str.strip()
+    empty = np.flatnonzero((ids == "") | df["user_id"].isna().to_numpy())
+    if len(empty):
+        raise TowerlineError(f"--users {path}: row {int(empty[0]) + 1} has an empty user_id")
+    return list(dict.fromkeys(ids))  # first occurrence order, no duplicates
+
+
+def known_users(state: rec.ModelState) -> list[str]:
+    """Every user the model knows (its user vocabulary), in vocabulary order."""
+    return [str(u) for u in state.bundle.vocabs.users.ids]
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for lo in range(0, len(items), size):
+        yield items[lo : lo + size]
+
+
+def result_frame(user_ids: Sequence[str], results: Sequence[rec.RecommendResult]) -> pd.DataFrame:
+    """One row per (user, recommended item) in ``COLUMNS`` order."""
+    users, ranks, items, scores, versions, fallbacks = [], [], [], [], [], []
+    for u, r in zip(user_ids, results):
+        n = len(r.items)
+        users.extend([u] * n)
+        ranks.extend(range(1, n + 1))
+        items.extend(i for i, _ in r.items)
+        scores.extend(s for _, s in r.items)
+        versions.extend([r.model_version] * n)
+        fallbacks.extend([r.fallback] * n)
+    return pd.DataFrame({
+        "user_id": pd.Series(users, dtype=str), "rank": pd.Series(ranks, dtype="int32"),
+        "item_id": pd.Series(items, dtype=str), "score": pd.Series(scores, dtype="float32"),
+        "model_version": pd.Series(versions, dtype=object).astype("string"),
+        "fallback": pd.Series(fallbacks, dtype=bool),
+    }, columns=COLUMNS)
+
+
+def recommend_frames(
+    recommender: rec.Recommender,
+    user_ids: Sequence[str],
+    k: int = 20,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_chunk: Callable[[int], None] | None = None,
+) -> Iterator[pd.DataFrame]:
+    """``result_frame`` of each chunk of ``batch_size`` users, answered through ``recommender``'s
+    request path with gathered stages (``recommender.stages`` is replaced for the duration)."""
+    if batch_size < 1:
+        raise TowerlineError(f"--batch-size must be >= 1, got {batch_size}")
+    rec.check_k(k, recommender.settings)
+    stages = GatherStages(recommender.settings)
+    batched = rec.Recommender(recommender.state, recommender.settings, recommender.store, stages)
+    loop = asyncio.new_event_loop()
+    # inside a running loop (a notebook's kernel, an async server) the batch loop runs in a worker thread
+    worker = ThreadPoolExecutor(1, thread_name_prefix="towerline-batch") if _loop_running() else None
+    try:
+        for chunk in _chunks(user_ids, batch_size):
+            if worker is None:
+                results = loop.run_until_complete(_answer_chunk(batched, stages, chunk, k))
+            else:
+                results = worker.submit(loop.run_until_complete, _answer_chunk(batched, stages, chunk, k)).result()
+            yield result_frame(chunk, results)
+            if on_chunk is not None:
+                on_chunk(len(chunk))
+    finally:
+        if worker is not None:
+            worker.shutdown()
+        loop.close()
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _Progress:
+    """A bar on a terminal, else one log line every ``every`` users (and at the end)."""
+
+    def __init__(self, total: int, every: int, bar: bool | None) -> None:
+        self.total, self.every, self.done, self.next_line = total, max(every, 1), 0, max(every, 1)
+        self.t0 = time.perf_counter()
+        use_bar = sys.stderr.isatty() if bar is None else bar
+        self.bar = None
+        if use_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc="recommend", unit="user")
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.done >= self.next_line or self.done == self.total:
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+            log.info("recommended %d/%d users (%.0f users/s)", self.done, self.total, rate)
+            while self.next_line <= self.done:
+                self.next_line += self.every
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def write_frames(frames: Iterable[pd.DataFrame], out: str | Path) -> int:
+    """Stream frames into ``out`` (Parquet for ``.parquet``, CSV for ``.csv``), atomically; returns rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(out)
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".csv"):
+        raise TowerlineError(f"--out {path}: use a .parquet or .csv file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    rows = 0
+    writer = None
+    try:
+        for i, frame in enumerate(frames):
+            if suffix == ".csv":
+                frame.to_csv(tmp, mode="w" if i == 0 else "a", header=i == 0, index=False)
+            else:
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+            rows += len(frame)
+        if writer is not None:
+            writer.close()
+            writer = None
+        elif rows == 0 and suffix == ".parquet":
+            result_frame([], []).to_parquet(tmp, index=False)
+        elif rows == 0:
+            result_frame([], []).to_csv(tmp, index=False)
+        tmp.replace(path)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return rows
+
+
+def recommend_all(
+    model: str | Path | rec.ModelState,
+    users: str | Path | Sequence[str] = "all",
+    k: int = 20,
+    out: str | Path | None = None,
+    settings: ServeSettings | None = None,
+    store: Any = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool | None = None,
+    log_every: int = 5000,
+) -> pd.DataFrame | dict[str, Any]:
+    """Top-``k`` recommendations for ``users`` (a list of ids, a file of ids, or ``"all"`` = every
+    user the model knows) through the service's request path. Example::
+
+        recommend_all("runs/latest/bundle", "all", k=20, out="recs.parquet")
+
+    ``store`` is the online history store the service reads (default: none, so histories are the
+    bundle's); ``settings`` the service's rules (default ``ServeSettings()``, as ``towerline serve``).
+    Without ``out`` the rows come back as one DataFrame; with ``out`` they are streamed to the file
+    and a summary comes back (users, rows, fallback users, seconds, path).
+    """
+    settings = settings or ServeSettings()
+    state = model if isinstance(model, rec.ModelState) else rec.load_model(model, settings)
+    if isinstance(users, str) and users == "all":
+        user_ids = known_users(state)
+    elif isinstance(users, (str, Path)):
+        user_ids = read_user_ids(users)
+    else:
+        user_ids = [str(u) for u in users]
+    recommender = rec.Recommender(state, settings, store if store is not None else NoOnlineHistory())  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    bar = _Progress(len(user_ids), log_every, progress if out is not None else False)
+    fallback_users = 0
+
+    def counted(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        nonlocal fallback_users
+        for f in frames:
+            fallback_users += int(f.loc[f["fallback"], "user_id"].nunique())
+            yield f
+
+    try:
+        frames = counted(recommend_frames(recommender, user_ids, k, batch_size, bar))
+        if out is None:
+            parts = list(frames)
+            return pd.concat(parts, ignore_index=True) if parts else result_frame([], [])
+        rows = write_frames(frames, out)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    log.info("%d users, %d rows (%d users on the popular fallback) in %.1f s -> %s",
+             len(user_ids), rows, fallback_users, seconds, out)
+    return {"users": len(user_ids), "rows": rows, "fallback_users": fallback_users, "seconds": seconds,
+            "out": str(out), "model_version": state.model_version, "model": state.key}
