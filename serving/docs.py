@@ -85,8 +85,19 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 def install_docs(app: FastAPI, title: str) -> None:
-    """``/docs`` (Swagger UI), ``/redoc`` and their assets, all served by the app itself."""
-    folder = asset_dir()
+    """``/docs`` (Swagger UI), ``/redoc`` and their assets, all served by the app itself.
+
+    An environment installed before ``fastapi-offline`` became a dependency still serves: its pages
+    load the assets from FastAPI's CDN, with a warning saying what to install.
+    """
+    try:
+        folder = asset_dir()
+    except ImportError:
+        log.warning("fastapi-offline is not installed: /docs and /redoc load their assets from a CDN "
+                    "(pip install fastapi-offline, or reinstall towerline)")
+        app.get("/docs", include_in_schema=False)(_cdn_page(app, title, get_swagger_ui_html))
+        app.get("/redoc", include_in_schema=False)(_cdn_page(app, title, get_redoc_html))
+        return
 
     @app.get(ASSETS_URL + "/{name}", include_in_schema=False)
     async def asset(name: str) -> FileResponse:
@@ -109,6 +120,14 @@ def install_docs(app: FastAPI, title: str) -> None:
         return get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title=f"{title} - ReDoc",
                               redoc_js_url=f"{root}{ASSETS_URL}/redoc.standalone.js",
                               redoc_favicon_url=f"{root}{ASSETS_URL}/favicon.png", with_google_fonts=False)
+
+
+def _cdn_page(app: FastAPI, title: str, page: Callable[..., HTMLResponse]) -> Callable[[Request], Any]:
+    async def show(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return page(openapi_url=f"{root}{app.openapi_url}", title=title)
+
+    return show
 
 
 def install_openapi(app: FastAPI, schemas: dict[str, type],
