@@ -52,7 +52,7 @@ from towerline.errors import BundleError, IndexMismatchError, TowerlineError
 from towerline.features.contracts import Event
 from towerline.marketing.feedback import Feedback
 from towerline.marketing.routes import MarketingService, batch_openapi, batch_too_large, marketing_router
-from towerline.problems import PROBLEM, Rejections, problem, store_reason
+from towerline.problems import PROBLEM, Rejections, problem, store_reason  # noqa: F401  (PROBLEM, problem: the names app.py exported)
 from towerline.serving import recommender as rec
 from towerline.serving.admin import BadSource, TempCopies, allowed_source, default_models_root
 from towerline.serving.auth import TOKEN_ENV, check_exposure, token_dependency
@@ -61,7 +61,7 @@ from towerline.serving.errors import HttpGuard, install_error_handlers
 from towerline.serving.history import open_history_store
 from towerline.serving.http_models import (
     BatchResponse,
-    EventsResponse,
+    EventsResponse,  # noqa: F401  (re-exported: the name app.py had)
     HealthResponse,
     RecommendRequest,
     RecommendResponse,

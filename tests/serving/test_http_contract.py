@@ -6,7 +6,6 @@ The requests here are the ones that answered 500 or were wrongly accepted before
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
