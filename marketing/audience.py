@@ -23,18 +23,19 @@ nobody for past behaviour: past buyers of a category are its best prospects.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from towerline.training.bundle import Bundle
 from towerline.errors import DataValidationError
 from towerline.features.sequences import Sequences
 from towerline.features.vocab import N_RESERVED
 from towerline.training import inference
+from towerline.text import Text
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +307,12 @@ def _search(index_vecs: np.ndarray, query: np.ndarray, eligible: np.ndarray, k: 
 class AudienceRequest(BaseModel):
     """``POST /audiences`` body: an item or a set of attribute tokens, an audience size, a segment."""
 
-    item_id: str | None = Field(default=None, min_length=1, max_length=256)
-    attributes: list[str] | None = Field(default=None, min_length=1, max_length=16)
-    size: int = Field(default=100, ge=1, le=100_000)
-    segment: str | None = Field(default=None, max_length=64)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"item_id": "i00042", "size": 500}]})
+
+    item_id: Optional[Annotated[Text, Field(min_length=1, max_length=256)]] = None
+    attributes: Optional[list[Annotated[Text, Field(min_length=1, max_length=128)]]] = Field(default=None, min_length=1, max_length=16)
+    size: StrictInt = Field(default=100, ge=1, le=100_000)
+    segment: Optional[Annotated[Text, Field(min_length=1, max_length=64)]] = None
 
     @model_validator(mode="after")
     def _one_query(self) -> "AudienceRequest":

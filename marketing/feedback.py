@@ -8,13 +8,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from towerline.config import ExperimentConfig
+from towerline.text import Money, Text, Timestamp
 from towerline.sqlite import open_sqlite
 from towerline.marketing.assignment import assign_arm
 
@@ -27,18 +28,19 @@ FEEDBACK_KINDS = ("impression", "click", "purchase")
 
 
 class Feedback(BaseModel):
-    """One impression, click or purchase, as ``POST /feedback`` receives it."""
+    """One impression, click or purchase, as ``POST /feedback`` receives it (typed by ``towerline.text``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    experiment: str = Field(min_length=1, max_length=128)
-    arm: str | None = Field(default=None, max_length=128, description="the arm that served it; derived from the user when absent")
-    user_id: str = Field(min_length=1, max_length=256)
-    item_id: str | None = Field(default=None, max_length=256)
+    experiment: Annotated[Text, Field(min_length=1, max_length=128)]
+    arm: Optional[Annotated[Text, Field(min_length=1, max_length=128)]] = Field(
+        default=None, description="the arm that served it; derived from the user when absent")
+    user_id: Annotated[Text, Field(min_length=1, max_length=256)]
+    item_id: Optional[Annotated[Text, Field(min_length=1, max_length=256)]] = None
     kind: Literal["impression", "click", "purchase"]
-    value: float | None = Field(default=None, ge=0, description="money, for purchases")
-    timestamp: int | None = Field(default=None, ge=0, description="epoch seconds; the server's clock when absent")
-    event_id: str | None = Field(default=None, max_length=256, description="deduplication key")
+    value: Optional[Money] = Field(default=None, description="money, for purchases")
+    timestamp: Optional[Timestamp] = Field(default=None, description="epoch seconds or ISO-8601 (1970..2100); the server's clock when absent")
+    event_id: Optional[Annotated[Text, Field(min_length=1, max_length=256)]] = Field(default=None, description="deduplication key")
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ the ingress that includes this router is shipped to its replica by value.
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Annotated, Any, Callable, Optional, Sequence
 
 import numpy as np
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Path as PathParam
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
@@ -27,7 +27,8 @@ from towerline.marketing.assignment import assign_arm, find_experiment
 from towerline.marketing.audience import AudienceRequest, AudienceResponse, audience_response, log_partition, user_vectors
 from towerline.marketing.feedback import Feedback, FeedbackResult, FeedbackStore, record_feedback
 from towerline.marketing.profiles import UserProfile, load_profiles, profile_of, profile_thresholds, segment_definitions, segment_summary
-from towerline.problems import record_problems
+from towerline.problems import Rejections, problem, store_reason
+from towerline.text import Text
 
 log = logging.getLogger(__name__)
 
@@ -91,32 +92,81 @@ class MarketingService:
         return record_feedback(self.feedback, events, self.experiments) if events else FeedbackResult()
 
 
-def marketing_router(service: MarketingService, current_bundle: Callable[[], Bundle]) -> APIRouter:
-    """``GET /users/{id}/profile``, ``GET /segments``, ``POST /audiences``, ``POST /feedback``."""
-    router = APIRouter()
+def batch_openapi(item: str, max_items: int, example: list[dict[str, Any]]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a batch body as ``item`` objects (a components schema) while the
+    endpoint takes a plain list and validates row by row, so that one bad row rejects only itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}, "maxItems": max_items},
+        "examples": {"batch": {"summary": "a small batch", "value": example}},
+    }}}}
 
-    @router.get("/users/{user_id}/profile", response_model=UserProfile)
-    async def profile(user_id: str) -> Any:
+
+def batch_too_large(n: int, max_batch: int, what: str) -> Any:
+    """413 for a batch with more records than ``max_batch``; the problem body says the limit."""
+    return problem(413, "Content Too Large", f"a batch of {n} {what} exceeds the limit of {max_batch} per request; "
+                   "send smaller batches", limit=max_batch)
+
+
+FEEDBACK_EXAMPLE = [
+    {"experiment": "home-feed", "user_id": "u000001", "item_id": "i00042", "kind": "impression", "event_id": "imp-1"},
+    {"experiment": "home-feed", "arm": "treatment", "user_id": "u000001", "item_id": "i00042", "kind": "purchase",
+     "value": 19.9, "timestamp": "2024-05-01T12:00:00Z", "event_id": "buy-1"},
+]
+
+
+def marketing_router(
+    service: MarketingService,
+    current_bundle: Callable[[], Bundle],
+    *,
+    read: Sequence[Any] = (),
+    write: Sequence[Any] = (),
+    max_batch: int = 10_000,
+) -> APIRouter:
+    """``GET /users/{id}/profile``, ``GET /segments``, ``POST /audiences``, ``POST /feedback``.
+
+    ``read`` and ``write`` are the FastAPI dependencies (``Depends(...)``) the service puts before
+    reads and writes (the bearer token, ``serving.auth``); ``max_batch`` caps a feedback batch.
+    """
+    router = APIRouter(tags=["marketing"])
+
+    @router.get("/users/{user_id}/profile", response_model=UserProfile, dependencies=list(read),
+                summary="A user's marketing profile",
+                description="RFM scores and groups, lifecycle segment, interest tags and cluster of one user "
+                            "(from `towerline profile`); 404 for an unknown user or one without consent.")
+    async def profile(user_id: Annotated[Text, PathParam(min_length=1, max_length=256, examples=["u000001"])]) -> Any:
         return service.profile(user_id)
 
-    @router.get("/segments")
+    @router.get("/segments", dependencies=list(read), summary="Lifecycle segments: definitions and sizes",
+                description="How each lifecycle segment is defined (the thresholds the profiles were built with) "
+                            "and how many users each holds.")
     async def segments() -> Any:
         return service.segments()
 
-    @router.post("/audiences", response_model=AudienceResponse)
+    @router.post("/audiences", response_model=AudienceResponse, dependencies=list(write),
+                 summary="The users most likely to buy an item next",
+                 description="Searches the user vectors with an item's vector (or the mean of items carrying the "
+                             "attributes); past buyers and users without consent are left out. Needs the API token.")
     async def audiences(req: AudienceRequest) -> Any:
         return await asyncio.to_thread(service.audience, current_bundle(), req)
 
-    @router.post("/feedback")
-    async def feedback(body: list[dict[str, Any]] = Body(..., max_length=100_000)) -> Any:
+    @router.post("/feedback", dependencies=list(write), summary="Record A/B impressions, clicks and purchases",
+                 description="A batch (at most max_batch records) of feedback per experiment arm, idempotent on "
+                             "event_id; each record is validated on its own, so bad ones are rejected (summarised "
+                             "by reason) and the rest stored. Needs the API token.",
+                 openapi_extra=batch_openapi("Feedback", max_batch, FEEDBACK_EXAMPLE))
+    async def feedback(body: list[Any] = Body(...)) -> Any:
+        if len(body) > max_batch:
+            return batch_too_large(len(body), max_batch, "feedback records")
         valid: list[Feedback] = []
-        rejected: list[str] = []
+        rejections = Rejections()
         for pos, raw in enumerate(body):
             try:
                 valid.append(Feedback.model_validate(raw))
             except ValidationError as e:
-                rejected.append(record_problems(pos, e))
+                rejections.add_invalid(pos, e, "feedback")
         result = await asyncio.to_thread(service.record, valid)
-        return {"accepted": result.accepted, "duplicate": result.duplicate, "rejected": rejected + result.rejected}
+        for message in result.rejected:
+            rejections.add([store_reason(message)], message)
+        return {"accepted": result.accepted, "duplicate": result.duplicate, **rejections.as_response()}
 
     return router

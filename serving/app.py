@@ -36,32 +36,48 @@ k out of range 422, bodies over ``max_body_bytes`` 413, a non-JSON content type 
 import asyncio
 import logging
 import os
+import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
-from fastapi import Body, FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import Body, Depends, FastAPI, Path as PathParam, Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from ray.serve import Application
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from towerline.errors import TowerlineError
-from towerline.features.contracts import Event
 from towerline.config import ExperimentConfig, from_dict
-from towerline.marketing.routes import MarketingService, marketing_router
-from towerline.problems import field_path, record_problems
+from towerline.errors import BundleError, IndexMismatchError, TowerlineError
+from towerline.features.contracts import Event
+from towerline.marketing.feedback import Feedback
+from towerline.marketing.routes import MarketingService, batch_openapi, batch_too_large, marketing_router
+from towerline.problems import PROBLEM, Rejections, problem, store_reason  # noqa: F401  (PROBLEM, problem: the names app.py exported)
 from towerline.serving import recommender as rec
+from towerline.serving.admin import BadSource, TempCopies, allowed_source, default_models_root
+from towerline.serving.auth import TOKEN_ENV, check_exposure, token_dependency
+from towerline.serving.docs import install_docs, install_openapi, problems
+from towerline.serving.errors import HttpGuard, install_error_handlers
 from towerline.serving.history import open_history_store
+from towerline.serving.http_models import (
+    BatchResponse,
+    EventsResponse,  # noqa: F401  (re-exported: the name app.py had)
+    HealthResponse,
+    RecommendRequest,
+    RecommendResponse,
+    ReloadedVersion,
+    ReloadRequest,
+    ReloadResponse,
+    ScoredItem,
+    SimilarResponse,
+    VersionResponse,
+)
 from towerline.serving.settings import ServeSettings
 from towerline.serving.stages import BatchedStages, HandleStages
+from towerline.text import Text, install_safe_logging
 
 log = logging.getLogger(__name__)
 
-PROBLEM = "application/problem+json"
 ModelRef = tuple[str, Optional[str]]  # (URI pinning one version, index directory or None)
 KEEP_VERSIONS = 3  # model versions a stage replica keeps: current, previous, one being loaded
 
@@ -103,7 +119,12 @@ class AppArgs(BaseModel):
             tracking = "sqlite:///" + str(Path(tracking[len("sqlite:///") :]).resolve())
         db = str(Path(self.settings.history_db).expanduser().resolve())
         feedback = str(Path(self.settings.feedback_db).expanduser().resolve())
-        settings = self.settings.model_copy(update={"history_db": db, "feedback_db": feedback})
+        paths = {"history_db": db, "feedback_db": feedback}
+        for name in ("api_token_file", "models_root"):  # read in the replica, which may run elsewhere
+            value = getattr(self.settings, name)
+            if value is not None:
+                paths[name] = str(Path(value).expanduser().resolve())
+        settings = self.settings.model_copy(update=paths)
         return self.model_copy(update={"tracking_uri": tracking, "settings": settings})
 
 
@@ -131,12 +152,15 @@ class _Versions:
         self.settings = settings
         self.states: OrderedDict[ModelRef, rec.ModelState] = OrderedDict()
         self.locks: dict[ModelRef, asyncio.Lock] = {}
+        self.copies = TempCopies()  # registry downloads, deleted with their version and at shutdown
 
     def add(self, ref: ModelRef, state: rec.ModelState) -> None:
         self.states[ref] = state
         self.states.move_to_end(ref)
+        self.copies.keep(state.bundle.path)
         while len(self.states) > KEEP_VERSIONS:
-            old, _ = self.states.popitem(last=False)
+            old, dropped = self.states.popitem(last=False)
+            self.copies.drop(dropped.bundle.path)
             log.info("dropped model %s", old)
 
     async def get(self, ref: ModelRef) -> rec.ModelState:
@@ -180,6 +204,12 @@ class Retriever:
         self.settings = args.settings
         self.versions = _stage_versions(args)
 
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: the registry copies it downloaded go with it."""
+        versions = getattr(self, "versions", None)
+        if versions is not None:
+            versions.copies.close()
+
     def reconfigure(self, config: dict[str, Any]) -> None:
         """``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``), changeable without a restart."""
         if "max_batch_size" in config:
@@ -210,6 +240,12 @@ class Ranker:
         self.settings = args.settings
         self.versions = _stage_versions(args)
 
+    def __del__(self) -> None:
+        """Serve calls this when the replica stops: the registry copies it downloaded go with it."""
+        versions = getattr(self, "versions", None)
+        if versions is not None:
+            versions.copies.close()
+
     def reconfigure(self, config: dict[str, Any]) -> None:
         if "max_batch_size" in config:
             self.rank.set_max_batch_size(int(config["max_batch_size"]))
@@ -233,169 +269,155 @@ class Ranker:
 
 
 # ----------------------------------------------------------------------------- HTTP contract
+# Request/response models: serving/http_models.py; errors and the one status table: serving/errors.py;
+# bearer tokens: serving/auth.py; what a reload may load: serving/admin.py; docs: serving/docs.py.
+
+BodyGuard = HttpGuard  # the middleware's earlier name
+
+EVENTS_EXAMPLE = [
+    {"user_id": "u000001", "item_id": "i00042", "event_type": "view", "timestamp": 1714564800, "event_id": "e-1"},
+    {"user_id": "u000001", "item_id": "i00042", "event_type": "purchase", "value": 19.9,
+     "timestamp": "2024-05-01T12:05:00Z", "event_id": "e-2"},
+]
+RELOAD_EXAMPLES = {
+    "alias": {"summary": "the version an alias points to now", "value": {"model": "models:/towerline-retriever@champion"}},
+    "again": {"summary": "the URI the app started with, again (a moved alias)", "value": {}},
+}
+SECURED_STATUSES = (401, 403)
 
 
-class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    user_id: str = Field(min_length=1, max_length=256)
-    k: int = Field(10, ge=1, le=200, description="number of items, 1-200")
-    exclude: list[str] = Field(default_factory=list, max_length=10_000, description="item ids never to return")
-    context: dict[str, Any] = Field(default_factory=dict, description='request context, e.g. {"consent": false}')
-
-
-class ScoredItem(BaseModel):
-    item_id: str
-    score: float
-
-
-class RecommendResponse(BaseModel):
-    items: list[ScoredItem]
-    model_version: Optional[str]
-    arm: str = Field(description='the experiment arm that served the request; "default" without an experiment')
-    fallback: bool = Field(description="true: popular items, the user could not be personalised")
+def _statuses(path: str, method: str, secured: bool) -> tuple[int, ...]:
+    """The problem statuses an operation can answer (what the OpenAPI document lists for it)."""
+    out = [422, 500, 503]
+    if method == "post":
+        out += [413, 415]
+    if secured:
+        out += list(SECURED_STATUSES)
+    if path in ("/items/{item_id}/similar", "/users/{user_id}/profile", "/audiences"):
+        out.append(404)
+    if path == "/admin/reload":
+        out.append(409)
+    return tuple(sorted(set(out)))
 
 
-class SimilarResponse(BaseModel):
-    item_id: str
-    items: list[ScoredItem]
-    model_version: Optional[str]
+def _document_problems(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every operation's problem+json responses, from ``_statuses``."""
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            responses.pop("422", None)  # FastAPI's HTTPValidationError: the real 422 is a Problem
+            for status, entry in problems(*_statuses(path, method, bool(op.get("security")))).items():
+                responses[str(status)] = entry
+    return doc
 
 
-class EventsResponse(BaseModel):
-    accepted: int
-    duplicate: int
-    rejected: list[str]
+def build_http_app(replica: "IngressReplica") -> FastAPI:
+    """The FastAPI app of one ingress replica: routes, auth, errors and docs closed over ``replica``.
 
-
-class VersionResponse(BaseModel):
-    model_name: Optional[str]
-    model_version: Optional[str]
-    model_alias: Optional[str]
-    model_key: str
-    index_kind: str
-    item_count: int
-
-
-class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: Optional[str] = Field(None, description="default: the URI the app started with (follows a moved alias)")
-    index_dir: Optional[str] = None
-
-
-def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
-    """An RFC 9457 problem details response."""
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM)
-
-
-class BodyGuard:
-    """ASGI middleware: 413 for bodies over ``max_bytes``, 415 for a non-JSON body on POST.
-
-    It reads the whole body before the app sees it (at most ``max_bytes``), so a chunked upload
-    without Content-Length is cut off just as a declared one is, and the app's own parser never
-    holds more than the limit.
+    A plain function of a plain object, so tests build the same app in-process (``TestClient``)
+    that Serve runs in the replica.
     """
+    settings = replica.settings
+    app = FastAPI(
+        title="Towerline",
+        description="Two-tower retrieval, ranking and business rules over a trained bundle. Errors are RFC 9457 "
+                    "problem+json; writes and admin need `Authorization: Bearer <token>` when the server has a token "
+                    f"({TOKEN_ENV} or api_token_file).",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.add_middleware(HttpGuard, max_bytes=settings.max_body_bytes)
+    check = token_dependency(replica.token)
+    write = [Depends(check)]
+    read = [Depends(check)] if settings.require_token_for_reads else []
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
+    @app.post("/recommend", response_model=RecommendResponse, tags=["recommendations"], dependencies=read,
+              summary="Top-k items for a user",
+              description="User tower over the user's history (training history + events posted since) -> top-N -> "
+                          "ranker -> business rules. Unknown or non-consenting users get popular items with "
+                          "fallback: true (not an error).")
+    async def recommend(req: RecommendRequest) -> Any:
+        return await replica.recommend(req)
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        declared = headers.get("content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
-            await self._reply(scope, receive, send, 413, "Content Too Large",
-                              f"request body of {int(declared)} bytes exceeds the limit of {self.max_bytes} bytes; "
-                              "send smaller batches")
-            return
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
-                await self._reply(scope, receive, send, 413, "Content Too Large",
-                                  f"request body exceeds the limit of {self.max_bytes} bytes; send smaller batches")
-                return
-        media = headers.get("content-type", "").split(";")[0].strip().lower()
-        if body and not (media == "application/json" or media.endswith("+json")):
-            await self._reply(scope, receive, send, 415, "Unsupported Media Type",
-                              f"content type {media or '(none)'!r} is not accepted; send the body as "
-                              "application/json")
-            return
-        sent = False
+    @app.get("/items/{item_id}/similar", response_model=SimilarResponse, tags=["recommendations"], dependencies=read,
+             summary="Items similar to an item", description="Nearest items by the item tower; 404 for an unknown item.")
+    async def similar(item_id: Annotated[Text, PathParam(min_length=1, max_length=256, examples=["i00003"])],
+                      k: int = Query(10, ge=1, le=200, description="number of items, 1-200")) -> Any:
+        state = replica.state
+        items = rec.similar_items(state, settings, item_id, min(k, settings.max_k))
+        return SimilarResponse(item_id=item_id, items=[ScoredItem(item_id=i, score=s) for i, s in items],
+                               model_version=state.model_version)
 
-        async def replay() -> dict:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
+    @app.post("/events", response_model=BatchResponse, tags=["events"], dependencies=write,
+              summary="Append behaviour events to the online history",
+              description=f"A batch of at most max_batch ({settings.max_batch}) events, idempotent on event_id. Each "
+                          "event is validated and stored on its own: bad ones are rejected (the first few spelled "
+                          "out, all counted by reason) and the others stored. The next /recommend sees them.",
+              openapi_extra=batch_openapi("Event", settings.max_batch, EVENTS_EXAMPLE))
+    async def events(body: list[Any] = Body(...)) -> Any:
+        return await replica.events(body)
 
-        await self.app(scope, replay, send)
+    @app.get("/healthz", response_model=HealthResponse, tags=["admin"], summary="Liveness",
+             description="ok and the model version serving now; never needs a token.")
+    async def healthz() -> Any:
+        return HealthResponse(status="ok", model_version=replica.state.model_version, model_key=replica.state.key)
 
-    @staticmethod
-    async def _reply(scope: dict, receive: Any, send: Any, status: int, title: str, detail: str) -> None:
-        await problem(status, title, detail, instance=scope.get("path"))(scope, receive, send)
+    @app.get("/version", response_model=VersionResponse, tags=["admin"], dependencies=read,
+             summary="The model serving now", description="Model name, version, alias, index kind and item count.")
+    async def version() -> Any:
+        state = replica.state
+        b = state.bundle
+        return VersionResponse(model_name=b.model_name, model_version=b.model_version, model_alias=b.model_alias,
+                               model_key=state.key, index_kind=state.index_kind, item_count=state.n_items - 2)
 
+    app.include_router(marketing_router(replica.marketing, lambda: replica.state.bundle, read=read, write=write,
+                                        max_batch=settings.max_batch))
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = []
-        for err in exc.errors():
-            if err["type"] == "json_invalid":  # loc is ("body", <character offset>)
-                at = err["loc"][1] if len(err["loc"]) > 1 else "?"
-                reason = (err.get("ctx") or {}).get("error", "")
-                errors.append({"field": "body", "location": "body", "message": f"invalid JSON at character {at}: {reason}"})
-            else:
-                errors.append({"field": field_path(err["loc"][1:]) or field_path(err["loc"]), "location": field_path(err["loc"]),
-                               "message": err["msg"]})
-        detail = "; ".join(f"{e['location']}: {e['message']}" for e in errors)
-        return problem(422, "Unprocessable Content", detail, errors=errors, instance=request.url.path)
+    @app.post("/admin/reload", response_model=ReloadResponse, tags=["admin"], dependencies=write,
+              summary="Load a model version and swap it in",
+              description="Loads a registry version (models:/, runs:/) or a bundle folder under models_root beside "
+                          "the one serving and swaps them with no failed request. Any other path is 422 (one answer "
+                          "for every reason); a version that fails to load is 409 and the old one keeps serving.")
+    async def reload(req: Optional[ReloadRequest] = Body(None, openapi_examples=RELOAD_EXAMPLES)) -> Any:
+        return await replica.reload(req or ReloadRequest())
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(exc.status_code, str(exc.detail), str(exc.detail), instance=request.url.path)
-
-    @app.exception_handler(rec.UnknownItemError)
-    async def _unknown_item(request: Request, exc: rec.UnknownItemError) -> JSONResponse:
-        return problem(404, "Not Found", str(exc), instance=request.url.path)
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return problem(500, "Internal Server Error", f"{type(exc).__name__}: {exc}", instance=request.url.path)
+    install_docs(app, app.title)
+    install_openapi(app, {"Event": Event, "Feedback": Feedback}, _document_problems)
+    return app
 
 
 # ----------------------------------------------------------------------------- ingress
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
-@serve.ingress()
-class Ingress:
-    """HTTP in, JSON out: the ``Recommender`` with batched local stages or deployment handles."""
+class IngressReplica:
+    """HTTP in, JSON out: the ``Recommender`` with batched local stages or deployment handles.
 
-    def __init__(self, args: AppArgs, retriever: Any = None, ranker: Any = None) -> None:
+    A plain class (the ``Ingress`` deployment below is this class under Serve's decorators), so the
+    FastAPI app it builds can be tested in-process with ``stages=LocalStages(...)``: ``serve.batch``
+    needs a replica context.
+    """
+
+    def __init__(self, args: AppArgs, retriever: Any = None, ranker: Any = None, *, stages: Any = None) -> None:
+        install_safe_logging()  # before anything logs a request's content
         _use_tracking(args.tracking_uri)
         _limit_threads(args.settings.threads)
         self.args = args
         self.settings = args.settings
-        if args.settings.stage_placement == "deployments":
+        self.token = check_exposure(args.settings)  # the replica refuses to start exposed, as the CLI does
+        self.models_root = args.settings.models_root or default_models_root(args.model)
+        self.copies = TempCopies()
+        if stages is not None:
+            self.stages = stages
+        elif args.settings.stage_placement == "deployments":
             if retriever is None:
                 raise ValueError("stage_placement='deployments' needs the Retriever deployment bound (build_app does it)")
-            self.stages: BatchedStages | HandleStages = HandleStages(retriever, ranker)
+            self.stages = HandleStages(retriever, ranker)
         else:
             self.stages = BatchedStages(args.settings)
         state = rec.load_model(args.model, args.settings, args.index_dir)
+        self.copies.keep(state.bundle.path)
         self.recommender = rec.Recommender(state, args.settings, open_history_store(args.settings), self.stages)
         self.store = self.recommender.store
         self.reload_lock = asyncio.Lock()
@@ -405,67 +427,25 @@ class Ingress:
         self.arm_models: dict[str, rec.ModelState] = {
             arm.name: rec.load_model(arm.model, args.settings, None) for arm in self.marketing.arms_with_models()
         }
+        for arm_state in self.arm_models.values():
+            self.copies.keep(arm_state.bundle.path)
 
     @property
     def state(self) -> rec.ModelState:
         """The version serving now (swapped whole by reload)."""
         return self.recommender.state
 
-    def __serve_build_asgi_app__(self) -> Any:
-        """The FastAPI app, built per replica so routes close over this replica's state."""
-        app = FastAPI(
-            title="Towerline",
-            description="Two-tower retrieval, ranking and business rules over a trained bundle.",
-            version="1",
-        )
-        _install_error_handlers(app)
-        app.add_middleware(BodyGuard, max_bytes=self.settings.max_body_bytes)
+    def asgi_app(self) -> FastAPI:
+        return build_http_app(self)
 
-        @app.post("/recommend", response_model=RecommendResponse)
-        async def recommend(req: RecommendRequest) -> Any:
-            return await self.recommend(req)
+    def close(self) -> None:
+        """Delete the registry copies this replica made (Serve calls ``__del__`` at shutdown)."""
+        self.copies.close()
 
-        @app.get("/items/{item_id}/similar", response_model=SimilarResponse)
-        async def similar(item_id: str, k: int = Query(10, ge=1, le=200)) -> Any:
-            state = self.state
-            items = rec.similar_items(state, self.settings, item_id, min(k, self.settings.max_k))
-            return SimilarResponse(item_id=item_id, items=[ScoredItem(item_id=i, score=s) for i, s in items],
-                                   model_version=state.model_version)
-
-        @app.post("/events", response_model=EventsResponse)
-        async def events(body: list[dict[str, Any]] = Body(..., max_length=100_000)) -> Any:
-            valid: list[Event] = []
-            rejected: list[str] = []
-            for pos, raw in enumerate(body):
-                try:
-                    valid.append(Event.model_validate(raw))
-                except ValidationError as e:
-                    rejected.append(record_problems(pos, e))
-            result = await asyncio.to_thread(self.store.append, valid) if valid else None
-            return EventsResponse(
-                accepted=result.accepted if result else 0,
-                duplicate=result.duplicate if result else 0,
-                rejected=rejected + (result.rejected if result else []),
-            )
-
-        @app.get("/healthz")
-        async def healthz() -> dict[str, Any]:
-            return {"status": "ok", "model_version": self.state.model_version, "model_key": self.state.key}
-
-        @app.get("/version", response_model=VersionResponse)
-        async def version() -> Any:
-            b = self.state.bundle
-            return VersionResponse(model_name=b.model_name, model_version=b.model_version, model_alias=b.model_alias,
-                                   model_key=self.state.key, index_kind=self.state.index_kind,
-                                   item_count=self.state.n_items - 2)
-
-        app.include_router(marketing_router(self.marketing, lambda: self.state.bundle))
-
-        @app.post("/admin/reload")
-        async def reload(req: Optional[ReloadRequest] = None) -> Any:
-            return await self.reload(req or ReloadRequest())
-
-        return app
+    def __del__(self) -> None:
+        copies = getattr(self, "copies", None)
+        if copies is not None:
+            copies.close()
 
     async def recommend(self, req: RecommendRequest) -> Any:
         if req.k > self.settings.max_k:
@@ -473,7 +453,7 @@ class Ingress:
                            errors=[{"field": "k", "location": "body.k", "message": f"must be at most {self.settings.max_k}"}])
         arm = self.marketing.arm_of(req.user_id)
         result = await self.recommender.recommend_async(
-            req.user_id, req.k, req.exclude, req.context,
+            req.user_id, req.k, req.exclude, req.context.model_dump(exclude_none=True),
             state=self.arm_models.get(arm.name) if arm else None,
             popular_only=arm is not None and arm.rules == "popular",  # the non-personalised arm of an experiment
         )
@@ -484,24 +464,77 @@ class Ingress:
             fallback=result.fallback,
         )
 
+    async def events(self, body: list[Any]) -> Any:
+        """Validate each event on its own, store the valid ones, summarise the rest."""
+        if len(body) > self.settings.max_batch:
+            return batch_too_large(len(body), self.settings.max_batch, "events")
+        valid: list[Event] = []
+        rejections = Rejections()
+        for pos, raw in enumerate(body):
+            try:
+                valid.append(Event.model_validate(raw))
+            except ValidationError as e:
+                rejections.add_invalid(pos, e)
+        result = await asyncio.to_thread(self.store.append, valid) if valid else None
+        for message in result.rejected if result else ():
+            rejections.add([store_reason(message)], message)
+        return BatchResponse(accepted=result.accepted if result else 0, duplicate=result.duplicate if result else 0,
+                             **rejections.as_response())
+
     async def reload(self, req: ReloadRequest) -> Any:
-        uri = req.model or self.args.model
-        index_dir = AppArgs._absolute(req.index_dir)
+        try:
+            uri = allowed_source(req.model, self.models_root) if req.model else self.args.model
+            index_dir = allowed_source(req.index_dir, self.models_root, index=True) if req.index_dir else None
+        except BadSource as e:
+            return problem(422, "Unprocessable Content", str(e), instance="/admin/reload")
         async with self.reload_lock:
             old = self.state
+            new: Optional[rec.ModelState] = None
             try:
                 new = await asyncio.to_thread(rec.load_model, uri, self.settings, index_dir)
-                await self.stages.prepare(new)
-            except TowerlineError as e:
-                log.warning("reload of %s failed, still serving %s: %s", uri, old.key, e)
-                return problem(409, "Reload Failed", f"{e}; still serving {old.key}", model_key=old.key)
-            except Exception as e:  # a stage failed to load it: same outcome, the old version stays
-                log.exception("reload of %s failed in a model stage", uri)
-                return problem(409, "Reload Failed", f"{type(e).__name__}: {e}; still serving {old.key}", model_key=old.key)
+                prepare = getattr(self.stages, "prepare", None)  # LocalStages (tests) has nothing to warm
+                if prepare is not None:
+                    await prepare(new)
+            except Exception as e:  # TowerlineError (bad bundle, index) or a stage failing: the old version stays
+                error_id = uuid.uuid4().hex[:16]
+                if isinstance(e, TowerlineError):
+                    log.warning("reload %s of %a failed, still serving %s: %s", error_id, uri, old.key, e)
+                else:
+                    log.exception("reload %s of %a failed in a model stage, still serving %s", error_id, uri, old.key)
+                if new is not None:
+                    self.copies.drop(new.bundle.path)
+                return problem(409, "Conflict", f"the model could not be loaded ({_reload_reason(e)}); still serving "
+                               f"{old.key}; the server log has the cause under error id {error_id}",
+                               model_key=old.key, error_id=error_id, instance="/admin/reload")
+            self.copies.keep(new.bundle.path)
             self.recommender.state = new
+        if new.bundle.path != old.bundle.path:
+            self.copies.drop(old.bundle.path)  # every artifact is in memory: in-flight requests are unaffected
         log.info("reloaded: %s -> %s", old.key, new.key)
-        return {"previous": {"model_key": old.key, "model_version": old.model_version},
-                "current": {"model_key": new.key, "model_version": new.model_version, "index_kind": new.index_kind}}
+        return ReloadResponse(previous=ReloadedVersion(model_key=old.key, model_version=old.model_version),
+                              current=ReloadedVersion(model_key=new.key, model_version=new.model_version,
+                                                      index_kind=new.index_kind))
+
+
+def _reload_reason(error: BaseException) -> str:
+    """A reload failure in words that name no path, PID or tracking URI."""
+    if isinstance(error, IndexMismatchError):
+        return "its index does not match its manifest or the model"
+    if isinstance(error, BundleError):
+        return "it is not in the registry, or its files are missing or fail their checksums"
+    if isinstance(error, TowerlineError):
+        return "it breaks the bundle format"
+    return "a model stage could not load it"
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress()
+class Ingress(IngressReplica):
+    """The ingress deployment: ``IngressReplica`` in a Serve replica."""
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """The FastAPI app, built per replica so routes close over this replica's state."""
+        return self.asgi_app()
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol, Sequence
 
 from towerline.features.contracts import Event
 from towerline.sqlite import open_sqlite
+from towerline.text import safe_text
 if TYPE_CHECKING:
     from towerline.serving.settings import ServeSettings
 
@@ -99,8 +101,21 @@ def identify(e: Event, now: int) -> Identified:
     return Identified(e.event_id or f"sha256:{event_digest(e)}", digest, e)
 
 
+# What one row's values can raise while being bound or encoded (an int past 64 bits, text that does
+# not encode, a NOT NULL or type constraint); a disk or lock error is not a row's fault and still
+# fails the batch.
+ROW_ERRORS = (OverflowError, ValueError, TypeError, UnicodeError, sqlite3.IntegrityError, sqlite3.InterfaceError,
+              sqlite3.DataError)
+
+
+def unstorable_reason(pos: int, error: BaseException) -> str:
+    """The rejection line of an event the store could not write (the cause is logged, not echoed)."""
+    log.warning("history store: event %d of a batch not stored: %s", pos, type(error).__name__)
+    return f"event {pos} of the valid events could not be stored ({type(error).__name__}); the others were"
+
+
 def conflict_reason(event_id: str) -> str:
-    return f"event_id {event_id!r} was already used for a different event; give each event its own event_id"
+    return f"event_id {safe_text(event_id, 260)!r} was already used for a different event; give each event its own event_id"
 
 
 def open_history_store(settings: "ServeSettings") -> HistoryStore:
@@ -153,12 +168,17 @@ class SQLiteHistoryStore:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for event_id, digest, e in (identify(e, now) for e in events):
-                    cur = self._conn.execute(
-                        "INSERT OR IGNORE INTO events (event_id, digest, user_id, item_id, event_type, timestamp, value, "
-                        "channel, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (event_id, digest, e.user_id, e.item_id, e.event_type, e.timestamp, e.value, e.channel, now),
-                    )
+                for pos, e in enumerate(events):
+                    try:  # one event that cannot be stored is rejected alone; the batch goes on
+                        event_id, digest, e = identify(e, now)
+                        cur = self._conn.execute(
+                            "INSERT OR IGNORE INTO events (event_id, digest, user_id, item_id, event_type, timestamp, "
+                            "value, channel, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (event_id, digest, e.user_id, e.item_id, e.event_type, e.timestamp, e.value, e.channel, now),
+                        )
+                    except ROW_ERRORS as err:
+                        rejected.append(unstorable_reason(pos, err))
+                        continue
                     if cur.rowcount == 1:
                         accepted += 1
                         continue

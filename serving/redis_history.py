@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from towerline.errors import TowerlineError
 from towerline.features.contracts import Event
-from towerline.serving.history import AppendResult, HistoryEvent, conflict_reason, identify
+from towerline.serving.history import ROW_ERRORS, AppendResult, HistoryEvent, conflict_reason, identify, unstorable_reason
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +96,36 @@ class RedisHistoryStore:
         if not events:
             return AppendResult()
         now = int(time.time())
-        ids = [identify(e, now) for e in events]
         seq_key, count_key = f"{self.prefix}seq", f"{self.prefix}count"
         pipe = self._redis.pipeline(transaction=False)
-        for event_id, digest, e in ids:
-            keys = [f"{self.prefix}event:{event_id}", self._history_key(e.user_id), seq_key, count_key]
-            self._append(keys=keys, args=[digest, e.timestamp, e.event_type, e.item_id, self.keep_per_user],
-                         client=pipe)
-        outcomes = pipe.execute()
-        rejected = [conflict_reason(i.event_id) for i, o in zip(ids, outcomes) if o == -1]
+        queued: list[tuple[int, str]] = []  # (position, event_id) of each script call in the pipeline
+        rejected: list[str] = []
+        for pos, e in enumerate(events):
+            try:  # encode here, row by row: one unencodable value would otherwise fail the whole pipeline
+                event_id, digest, e = identify(e, now)
+                keys = [f"{self.prefix}event:{event_id}", self._history_key(e.user_id), seq_key, count_key]
+                args = [digest, int(e.timestamp), e.event_type, e.item_id, self.keep_per_user]
+                for part in (*keys, *args):
+                    str(part).encode("utf-8")
+            except ROW_ERRORS as err:
+                rejected.append(unstorable_reason(pos, err))
+                continue
+            self._append(keys=keys, args=args, client=pipe)
+            queued.append((pos, event_id))
+        outcomes = pipe.execute(raise_on_error=False) if queued else []
+        accepted = duplicate = 0
+        for (pos, event_id), outcome in zip(queued, outcomes):
+            if isinstance(outcome, Exception):  # that script failed; the others ran
+                rejected.append(unstorable_reason(pos, outcome))
+            elif outcome == 1:
+                accepted += 1
+            elif outcome == 0:
+                duplicate += 1
+            else:
+                rejected.append(conflict_reason(event_id))
         if rejected:
-            log.info("history store: %d rejected of %d", len(rejected), len(ids))
-        return AppendResult(accepted=outcomes.count(1), duplicate=outcomes.count(0), rejected=rejected)
+            log.info("history store: %d rejected of %d", len(rejected), len(events))
+        return AppendResult(accepted=accepted, duplicate=duplicate, rejected=rejected)
 
     def recent(self, user_id: str, n: int) -> list[HistoryEvent]:
         if n <= 0:

@@ -55,6 +55,12 @@ class ServeSettings(BaseModel):
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=1.0)  # how long a batch waits to fill; 0 = take what
     # queued while the previous batch ran (under load batches fill by themselves, idle requests don't wait)
     max_body_bytes: int = Field(MIB, ge=1024)  # larger request bodies get 413
+    max_batch: int = Field(10_000, ge=1, le=100_000)  # records per POST /events or /feedback; more: 413
+    api_token_file: Optional[str] = None  # file holding the bearer token of writes and admin; $TOWERLINE_API_TOKEN
+    # wins when set. Without either the server starts on a loopback host only, with writes open (serving/auth.py)
+    require_token_for_reads: bool = False  # True: /recommend, /similar, profiles, segments, /version need it too
+    models_root: Optional[str] = None  # folder POST /admin/reload may load bundles from (besides the registry);
+    # None = the folder holding the bundle the app started with (none when it came from the registry)
     retriever_replicas: int = Field(1, ge=1)
     ranker_replicas: int = Field(1, ge=1)
 
@@ -67,6 +73,10 @@ class ServeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
+        from towerline.serving.auth import check_exposure, is_loopback
+
+        if not is_loopback(self.host):  # ConfigError now, before Ray: a host beyond loopback without a token
+            check_exposure(self)  # (the replica checks again, loopback too, when it starts)
         if self.history_redis_url and self.history_keep_per_user < self.history_recent:
             log.warning("history_keep_per_user=%d < history_recent=%d: requests read at most %d online events",
                         self.history_keep_per_user, self.history_recent, self.history_keep_per_user)

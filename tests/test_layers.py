@@ -17,7 +17,7 @@ import pytest
 from support import REPO
 
 LAYERS = ("features", "training", "marketing", "serving")  # bottom to top
-CORE_MODULES = ("towerline.bundle", "towerline.config", "towerline.errors", "towerline.problems", "towerline.sqlite")
+CORE_MODULES = ("towerline.bundle", "towerline.config", "towerline.errors", "towerline.problems", "towerline.sqlite", "towerline.text")
 # core modules that may reach into the layers: the CLI, which parses flags and calls them
 CLI = ("core/cli.py", "core/commands/")
 

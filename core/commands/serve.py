@@ -59,7 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Start Ray locally and run the Towerline application (ingress, retriever, "
                        "ranker) on --host:--port until Ctrl-C.", epilog=SERVE_EXAMPLE, formatter_class=fmt)
     p.add_argument("--model", required=True, help="bundle directory, runs:/<run_id>/bundle or models:/<name>@<alias>")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default: 127.0.0.1). Any other host needs an API token, which writes and "
+                   "/admin/* then require as 'Authorization: Bearer <token>': TOWERLINE_API_TOKEN in the environment "
+                   "(or api_token_file in configs/serve.yaml for serve run); without one, writes are open to this machine only")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--index", dest="index_dir", default=None, help="index folder (default: the bundle's index/, else exact)")
     p.add_argument("--history-db", default="towerline_history.sqlite", help="SQLite file of the online event history")

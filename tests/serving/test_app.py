@@ -20,6 +20,7 @@ from support import free_port
 pytestmark = pytest.mark.serve
 
 PROBLEM = "application/problem+json"
+TOKEN = "t0k3n-for-the-real-serve-tests-42"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,9 @@ def served(tiny_run, tmp_path_factory):
         args = AppArgs(
             model=str(tiny_run.bundle_dir),
             tracking_uri=tiny_run.tracking_uri,
-            settings={"history_db": str(tmp / "history.sqlite"), "feedback_db": str(tmp / "feedback.sqlite")},
+            # reloads may load bundle folders anywhere under pytest's temp root (the tests copy bundles there)
+            settings={"history_db": str(tmp / "history.sqlite"), "feedback_db": str(tmp / "feedback.sqlite"),
+                      "models_root": str(tmp_path_factory.getbasetemp())},
         )
         serve.run(build_app(args), name="towerline", route_prefix="/")
         yield f"http://127.0.0.1:{port}", tiny_run
@@ -97,7 +100,8 @@ def test_posted_event_changes_next_recommendation(client, served):
     before = client.post("/recommend", json={"user_id": user, "k": 10}).json()["items"]
     top = before[0]["item_id"]
     event = {"user_id": user, "item_id": top, "event_type": "purchase", "timestamp": 2_000_000_000, "event_id": "p-1"}
-    assert client.post("/events", json=[event]).json() == {"accepted": 1, "duplicate": 0, "rejected": []}
+    assert client.post("/events", json=[event]).json() == {"accepted": 1, "duplicate": 0, "rejected": [],
+                                                           "rejected_count": 0, "rejected_by_reason": {}}
     after = client.post("/recommend", json={"user_id": user, "k": 10}).json()["items"]
     assert top not in [i["item_id"] for i in after]
     assert [i["score"] for i in after] != [i["score"] for i in before]
@@ -112,7 +116,7 @@ def test_duplicate_event_ids_are_counted_and_invalid_events_rejected_with_reason
     ]
     body = client.post("/events", json=events).json()
     assert (body["accepted"], body["duplicate"]) == (1, 1)
-    assert len(body["rejected"]) == 2
+    assert len(body["rejected"]) == 2 and body["rejected_count"] == 2
     assert "event 2" in body["rejected"][0] and "item_id" in body["rejected"][0]
     assert "event 3" in body["rejected"][1] and "timestamp" in body["rejected"][1]
     again = client.post("/events", json=events[:1]).json()
@@ -188,7 +192,8 @@ def test_corrupt_index_is_refused_and_old_model_keeps_serving(client, served, tm
     raw[-5] ^= 0xFF
     (bundle / "index" / "index.faiss").write_bytes(bytes(raw))
     before = client.get("/version").json()
-    assert_problem(client.post("/admin/reload", json={"model": str(bundle)}), 409, "sha256")
+    body = assert_problem(client.post("/admin/reload", json={"model": str(bundle)}), 409, "still serving")
+    assert str(tmp_path) not in body["detail"] and body["error_id"]  # the cause is in the log, not the answer
     assert client.get("/version").json() == before
     assert client.post("/recommend", json={"user_id": "u"}).status_code == 200
 
@@ -240,3 +245,50 @@ def test_serve_yaml_is_a_valid_config_whose_args_build_the_app():
     deployed = {d.name for d in app_cfg.deployments}
     assert deployed == {"Ingress", "Retriever", "Ranker"}
     assert app is not None
+
+
+def test_no_input_of_issue_14_gets_a_500_over_real_http(client):
+    """The requests that answered 500 before, through Ray Serve's proxy (the in-process suite has the rest)."""
+    json_headers = {"content-type": "application/json"}
+    for path, text in [
+        ("/recommend", '{"user_id":"u000001","exclude":["\\ud800"]}'),
+        ("/admin/reload", '{"model":"\\ud800"}'),
+        ("/admin/reload", '{"index_dir":"/tmp\\u0000"}'),
+        ("/admin/reload", '{"index_dir":"\\ud800"}'),
+    ]:
+        assert_problem(client.post(path, content=text.encode("ascii"), headers=json_headers), 422)
+    big = '[{"user_id":"u000001","item_id":"i00001","timestamp":9223372036854775808,"event_id":"x"},' \
+          '{"user_id":"u000001","item_id":"i00001","timestamp":1700000000,"event_id":"y"}]'
+    body = client.post("/events", content=big, headers=json_headers).json()
+    assert (body["accepted"] + body["duplicate"], body["rejected_count"]) == (1, 1)
+
+
+@pytest.fixture(scope="module")
+def secured(served, tmp_path_factory):
+    """A second app in the same Serve instance with an API token (api_token_file), under /secure."""
+    from ray import serve
+
+    from towerline.serving.app import AppArgs, build_app
+
+    base, tiny_run = served
+    tmp = tmp_path_factory.mktemp("secure")
+    (tmp / "token").write_text(TOKEN)
+    args = AppArgs(model=str(tiny_run.bundle_dir), settings={
+        "history_db": str(tmp / "h.sqlite"), "feedback_db": str(tmp / "f.sqlite"), "api_token_file": str(tmp / "token")})
+    serve.run(build_app(args), name="secure", route_prefix="/secure")
+    with httpx.Client(base_url=f"{base}/secure", timeout=30) as c:
+        yield c
+    serve.delete("secure")
+
+
+def test_writes_need_the_bearer_token_over_real_http(secured):
+    event = [{"user_id": "u000001", "item_id": "i00001", "event_id": "secure-1"}]
+    resp = secured.post("/events", json=event)
+    assert_problem(resp, 401)
+    assert resp.headers["www-authenticate"].startswith("Bearer")
+    assert_problem(secured.post("/events", json=event, headers={"authorization": "Bearer wrong-token"}), 403)
+    assert_problem(secured.post("/admin/reload", json={}), 401)
+    ok = secured.post("/events", json=event, headers={"authorization": f"Bearer {TOKEN}"})
+    assert ok.status_code == 200 and ok.json()["accepted"] == 1
+    assert secured.post("/recommend", json={"user_id": "u000001", "k": 3}).status_code == 200  # reads stay open
+    assert secured.get("/docs/assets/swagger-ui-bundle.js").status_code == 200

@@ -130,3 +130,13 @@ def test_serve_command_rejects_a_bad_history_url_in_one_line_before_starting(tmp
     assert main(["serve", "--model", str(tmp_path), "--history-redis-url", "localhost:6379"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: serve setting 'history_redis_url'") and "Traceback" not in err
+
+
+def test_an_event_the_store_cannot_write_is_rejected_alone(store):
+    # model_construct skips validation: what a bug upstream (or a future field) could hand the store
+    bad = Event.model_construct(user_id="u1", item_id="\ud800", timestamp=10, event_type="view", value=None,
+                                event_id="bad-1", channel=None)
+    res = store.append([ev("i1", 9, event_id="ok-1"), bad, ev("i2", 11, event_id="ok-2")])
+    assert (res.accepted, res.duplicate, len(res.rejected)) == (2, 0, 1)
+    assert "event 1" in res.rejected[0]
+    assert [e.item_id for e in store.recent("u1", 10)] == ["i1", "i2"]
