@@ -46,6 +46,10 @@ from towerline.features.contracts import EVENT_TYPES, ITEM_COLUMNS
 from towerline.features.sequences import SEQUENCE_ARRAYS, fold_repeats
 from towerline.features.vocab import Vocab, Vocabs, build_vocab, item_attribute_matrix
 from towerline.features.writers import EVENT_SHARDS_DIR, SUFFIX, write_sharded_dataset
+from towerline.features.readers import read_table
+from towerline.features.validate import validate_items, validate_users
+from towerline.features.validate import validate_events
+from towerline.features.synthetic import generate_dataset
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +131,6 @@ def _side_table(root: Path, stem: str, fmt: Format) -> Path | None:
 
 def _read_side_tables(root: Path, fmt: Format) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
     """The catalogue and users tables (small next to the log: read in the driver, validated as locally)."""
-    from towerline.features.readers import read_table
-    from towerline.features.validate import validate_items, validate_users
-
     out: list[pd.DataFrame | None] = []
     for stem, validate in (("items", validate_items), ("users", validate_users)):
         path = _side_table(root, stem, fmt)
@@ -148,9 +149,6 @@ def _read_side_tables(root: Path, fmt: Format) -> tuple[pd.DataFrame | None, pd.
 
 def _read_valid_shard(path: str, fmt: Format) -> pd.DataFrame:
     """One shard, read and validated as the local reader reads a file; index = the file's row."""
-    from towerline.features.readers import read_table
-    from towerline.features.validate import validate_events
-
     p = Path(path)
     frame, report = validate_events(read_table(p, "events", fmt), p.name)
     report.raise_if_invalid()
@@ -256,8 +254,6 @@ def prepare_features(
     out.mkdir(parents=True, exist_ok=True)
     name = cfg.name
     if cfg.format == "synthetic":
-        from towerline.features.synthetic import generate_dataset
-
         dataset = generate_dataset(cfg.synthetic_users, cfg.synthetic_items, seed=cfg.seed)
         root = out / SOURCE_DIR
         write_sharded_dataset(dataset, root, rows_per_shard=max(1, len(dataset.events) // 4 + 1))

@@ -44,6 +44,8 @@ import pyarrow.compute as pc
 
 from towerline.errors import ConfigError
 from towerline.features.contracts import EVENT_COLUMNS, ITEM_COLUMNS, Dataset
+from towerline.features.contracts import EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA
+from towerline.features.writers import SUFFIX, shard_path, to_arrow, write_table
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +202,6 @@ def generate_sharded(
     Returns:
         ``{"events": rows written, "users", "items", "shards", "dir"}``.
     """
-    from towerline.features.contracts import EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA
-    from towerline.features.writers import SUFFIX, shard_path, to_arrow, write_table
-
     p = SyntheticParams()
     n_events, t0, t1 = _check_sizes(n_users, n_items, n_events, start, months, p)
     if rows_per_shard < 1:

@@ -50,6 +50,8 @@ from towerline.errors import DataValidationError
 from towerline.marketing import report_html as H
 from towerline.marketing.attribution import MODEL_LABELS, MODELS, attribute, build_paths
 from towerline.marketing.statistics import mean_difference_interval, proportion_difference_interval, wilson_interval
+from towerline.features.readers import read_table
+from towerline.features.validate import validate_events
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +96,6 @@ def read_outbox(path: str | Path) -> pd.DataFrame:
 
 def read_campaign_events(path: str | Path) -> pd.DataFrame:
     """Events (a data folder with ``events.*`` or one events file), validated, ``message_id`` kept if present."""
-    from towerline.features.readers import read_table
-    from towerline.features.validate import validate_events
-
     p = Path(path)
     if p.is_dir():
         found = sorted(p.glob("events.*"))

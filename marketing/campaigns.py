@@ -47,6 +47,12 @@ from towerline.features.contracts import Dataset
 from towerline.marketing.assignment import assignment_unit
 from towerline.marketing.campaign_config import CampaignConfig, OfferConfig, QuietHoursConfig
 from towerline.marketing.outbox import Outbox, as_messages
+from towerline.features.vocab import N_RESERVED
+from towerline.marketing.audience import find_audience, user_vectors
+from towerline.features.readers import load_dataset
+from towerline.features.user_features import build_profiles
+from towerline.training.bundle import load_bundle
+from towerline.marketing.profiles import load_profiles
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +393,6 @@ def similar_items(bundle: Any, item_ids: Sequence[str], k: int) -> list[list[str
     for a few thousand anchors per run, which exact search answers in milliseconds."""
     import faiss
 
-    from towerline.features.vocab import N_RESERVED
 
     vocab = bundle.vocabs.items
     emb = np.ascontiguousarray(bundle.item_embeddings, dtype=np.float32)  # (V, D)
@@ -593,8 +598,6 @@ def events_after_training(bundle: Any, data: Dataset, as_of: int) -> pd.DataFram
 
 def launch_audience(bundle: Any, users: pd.DataFrame, item_id: str, size: int) -> list[str]:
     """The ``size`` users most likely to buy ``item_id`` (``find_audience``), consenting users only."""
-    from towerline.marketing.audience import find_audience, user_vectors
-
     ids, vectors = user_vectors(bundle)
     consent = pd.DataFrame({"user_id": users["user_id"].astype(str),
                             "consent": users["consent"].fillna(False).astype(bool) if "consent" in users else True})
@@ -735,18 +738,11 @@ def load_inputs(
     Profiles come from ``profiles_path`` (a ``towerline profile`` export) or are built from the
     events up to ``as_of`` with the model's thresholds, so segments are those of the run's time.
     """
-    from towerline.features.readers import load_dataset
-    from towerline.features.user_features import build_profiles
-
     dataset = load_dataset(data, format)[0]
     bundle = None
     if model:
-        from towerline.training.bundle import load_bundle
-
         bundle = load_bundle(model)
     if profiles_path:
-        from towerline.marketing.profiles import load_profiles
-
         profiles = load_profiles(profiles_path)
     else:
         past = dataset.events.loc[dataset.events["timestamp"].to_numpy(np.int64) <= as_of]

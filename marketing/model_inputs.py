@@ -27,6 +27,7 @@ from towerline.config import ProfileConfig
 from towerline.features.contracts import Dataset
 from towerline.features.synthetic import AGE_BANDS  # ordinal code 0..5
 from towerline.features.user_features import LIFECYCLE_SEGMENTS, build_profiles
+from towerline.marketing.audience import user_vectors
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,4 @@ def feature_frame(
 
 def bundle_user_vectors(bundle: Any) -> tuple[np.ndarray, np.ndarray]:
     """(user ids (U,), vectors (U, D) float32) from the bundle's user tower: the one call site."""
-    from towerline.marketing.audience import user_vectors  # moving to training/inference.py
-
     return user_vectors(bundle)

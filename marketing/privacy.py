@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from towerline.errors import ConfigError
+from towerline.features.user_features import RFM_GROUP_DESCRIPTIONS, SEGMENTS, UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,6 @@ def release_segment_sizes(
     segments are non-empty is not itself leaked. Counts are clamped at 0 after the noise
     (post-processing keeps the guarantee).
     """
-    from towerline.features.user_features import RFM_GROUP_DESCRIPTIONS, SEGMENTS, UNKNOWN
-
     p = profiles[profiles["consent"].astype(bool)] if "consent" in profiles else profiles
     known = {"segment": (*SEGMENTS, UNKNOWN), "rfm_group": (*RFM_GROUP_DESCRIPTIONS, UNKNOWN)}
     cells = list(categories) if categories is not None else list(known.get(column, ()))

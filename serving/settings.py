@@ -15,6 +15,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from towerline.errors import ConfigError
+from towerline.serving.auth import check_exposure, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ class ServeSettings(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
-        from towerline.serving.auth import check_exposure, is_loopback
-
         if not is_loopback(self.host):  # ConfigError now, before Ray: a host beyond loopback without a token
             check_exposure(self)  # (the replica checks again, loopback too, when it starts)
         if self.history_redis_url and self.history_keep_per_user < self.history_recent:

@@ -49,6 +49,7 @@ from towerline.training.export import export_bundle
 from towerline.training.system import TwoTowerSystem
 from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, register_bundle, use_tracking
 from towerline.training.train import MONITOR, LearningCurve, TrainResult, best_epoch_metrics, run_name
+from towerline.training.ranker_train import train_ranker
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,6 @@ def train_distributed(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest",
     if plot:
         client.log_artifact(run_id, str(plot))
     if cfg.ranker.enabled:
-        from towerline.training.ranker_train import train_ranker
-
         metrics.update(train_ranker(system.net, dm.vocabs, dm.split, cfg, bundle, run_id=run_id, tracking_uri=uri, progress=progress).metrics)
     out_result = TrainResult(run_id=run_id, tracking_uri=uri, bundle_dir=bundle, metrics=metrics, curve=curve_points)
     if cfg.tracking.register:

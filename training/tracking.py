@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from towerline.config import DataConfig, TrackingConfig
 from towerline.errors import TowerlineError
+from towerline import __version__
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,6 @@ def use_tracking(cfg: TrackingConfig) -> str:
 
 def code_version() -> str:
     """Git commit of the source tree when there is one (tagged on every run), else the package version."""
-    from towerline import __version__
-
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,

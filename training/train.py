@@ -27,6 +27,7 @@ from towerline.training.export import export_bundle
 from towerline.training.progress import EpochLine, show_bar
 from towerline.training.system import TwoTowerSystem
 from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, log_dataset, register_bundle, use_tracking
+from towerline.training.ranker_train import train_ranker
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,6 @@ def train(
     if plot:
         client.log_artifact(run_id, str(plot))
     if cfg.ranker.enabled:  # before registering, so the registered version includes the ranker
-        from towerline.training.ranker_train import train_ranker
 
         metrics.update(train_ranker(system.net, dm.vocabs, dm.split, cfg, bundle, run_id=run_id, tracking_uri=uri, progress=progress).metrics)
     result = TrainResult(run_id=run_id, tracking_uri=uri, bundle_dir=bundle, metrics=metrics, curve=curve.points)
