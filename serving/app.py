@@ -55,6 +55,7 @@ from towerline.config import ExperimentConfig, from_dict
 from towerline.marketing.routes import MarketingService, marketing_router
 from towerline.problems import field_path, record_problems
 from towerline.serving import recommender as rec
+from towerline.serving.admin_items import admin_items_router
 from towerline.serving.history import open_history_store
 from towerline.serving.settings import ServeSettings
 from towerline.serving.stages import BatchedStages, HandleStages
@@ -461,6 +462,8 @@ class Ingress:
 
         app.include_router(marketing_router(self.marketing, lambda: self.state.bundle))
 
+        app.include_router(admin_items_router(self.add_items))  # admin: add the admin auth dependency (branch http)
+
         @app.post("/admin/reload")
         async def reload(req: Optional[ReloadRequest] = None) -> Any:
             return await self.reload(req or ReloadRequest())
@@ -502,6 +505,16 @@ class Ingress:
         log.info("reloaded: %s -> %s", old.key, new.key)
         return {"previous": {"model_key": old.key, "model_version": old.model_version},
                 "current": {"model_key": new.key, "model_version": new.model_version, "index_kind": new.index_kind}}
+
+    async def add_items(self, rows: list[dict[str, Any]]) -> tuple[rec.AddedItems, int, str]:
+        """Cold-start items into the served version (``rec.add_items``), swapped whole like a reload."""
+        if self.settings.stage_placement == "deployments":
+            raise TowerlineError("cold items live in the ingress's state; the Retriever deployments reload by key "
+                                 "and would not have them: serve with stage_placement='ingress' or retrain")
+        async with self.reload_lock:
+            new, added = await asyncio.to_thread(rec.add_items, self.state, rows)
+            self.recommender.state = new
+        return added, new.n_items - 2, new.key
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:
