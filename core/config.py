@@ -102,6 +102,7 @@ class TrainerConfig:
     num_workers: int = 0  # DataLoader workers
     limit_train_batches: float | int = 1.0  # Lightning's knob, for smoke runs
     log_every_n_steps: int = 20
+    warm_start: str | None = None  # parent model URI (models:/name@alias, runs:/..., bundle or run dir); None = from scratch
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "trainer", "max_epochs", "must be >= 1")

@@ -23,6 +23,7 @@ from towerline.config import TowerlineConfig, save_config, to_dict
 from towerline.errors import ConfigError
 from towerline.training.data import SequenceDataModule
 from towerline.training.export import export_bundle
+from towerline.training import warm_start
 from towerline.training.system import TwoTowerSystem
 from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, register_bundle, use_tracking
 
@@ -127,12 +128,22 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
             f"in {out} belongs to that data. Resume with the original config, or train into a new --out"
         )
     dm.prepare_data()
+    # -- warm start (training/warm_start.py): parent's vocabularies grown, then its weights copied
+    parent = None
+    if cfg.trainer.warm_start:
+        use_tracking(cfg.tracking)  # models:/ and runs:/ parents resolve against the run's tracking store
+        parent = warm_start.load_parent(cfg.trainer.warm_start)
+        warm_start.check_compatible(parent, to_dict(cfg)["model"])
+        warm_start.grow_prepared_data(dm, parent)
     dm.setup()
     stats = dm.stats
     system = TwoTowerSystem(
         stats.n_items, stats.n_attributes, stats.n_event_types, to_dict(cfg),
         item_attributes=dm.item_attributes, item_counts=dm.item_counts,
     )
+    if parent is not None and not resume:
+        warm_start.load_parent_weights(system.net, parent)
+    # -- end of warm start
 
     uri = use_tracking(cfg.tracking)
     run_file = out / "run.json"
@@ -145,7 +156,8 @@ def train(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest", resume: boo
         tracking_uri=uri,
         run_id=resume_run,
         run_name=None if resume_run else run_name(cfg),
-        tags={"dataset": cfg.data.name, "code_version": code_version(), "split": cfg.data.split},
+        tags={"dataset": cfg.data.name, "code_version": code_version(), "split": cfg.data.split,
+              **(warm_start.parent_tags(parent, str(cfg.trainer.warm_start)) if parent is not None else {})},
         log_model=False,
     )
     if resume_run:
