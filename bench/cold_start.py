@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             r = run(p_drop, txt, cold, args.max_time_s, work, args.seed)
             log.info("id_dropout=%s: %s", p_drop, json.dumps(r))
             results.append(r)
-    out = {"command": "python bench/" + Path(__file__).name + " " + " ".join(sys.argv[1:] if argv is None else argv),
-           "dataset": "beauty", "k": K, "held_out_share": args.share, "seed": args.seed,
-           "train_budget_s": args.max_time_s, "target": "model HR@50 >= 2x the best baseline", "results": results}
-    args.out.write_text(json.dumps(out, indent=2))
-    log.info("wrote %s", args.out)
+            out = {"command": "python bench/" + Path(__file__).name + " " + " ".join(sys.argv[1:] if argv is None else argv),
+                   "dataset": "beauty", "k": K, "held_out_share": args.share, "seed": args.seed,
+                   "train_budget_s": args.max_time_s, "target": "model HR@50 >= 2x the best baseline", "results": results}
+            args.out.write_text(json.dumps(out, indent=2))  # after every model: a stopped run keeps what it measured
+            log.info("wrote %s", args.out)
     return 0
 
 
