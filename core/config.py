@@ -91,6 +91,7 @@ class TwoTowerConfig:
     use_attributes: bool = True  # item tower pools attribute embeddings beside the id embedding
     max_attributes: int = 8  # attribute tokens kept per item
     use_event_type: bool = True  # user tower adds an event-type embedding per history step
+    id_dropout: float = 0.1  # training: chance an item occurrence loses its id embedding (DropoutNet), [0, 1)
 
     def __post_init__(self) -> None:
         _check(self.dim > 0, "model", "dim", "must be > 0")
@@ -99,6 +100,7 @@ class TwoTowerConfig:
         _check(self.n_heads >= 1 and self.dim % self.n_heads == 0, "model", "n_heads", f"must divide dim={self.dim}")
         _check(0 <= self.dropout < 1, "model", "dropout", "must be in [0, 1)")
         _check(self.max_attributes >= 1, "model", "max_attributes", "must be >= 1")
+        _check(0 <= self.id_dropout < 1, "model", "id_dropout", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class TrainerConfig:
     limit_train_batches: float | int = 1.0  # Lightning's knob, for smoke runs
     log_every_n_steps: int = 20
     workers: int = 1  # 1: one process (Lightning picks the devices); N > 1: N Ray Train workers running DDP
+    warm_start: str | None = None  # parent model URI (models:/name@alias, runs:/..., bundle or run dir); None = from scratch
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "trainer", "max_epochs", "must be >= 1")

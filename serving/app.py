@@ -58,6 +58,7 @@ from towerline.serving.admin import BadSource, TempCopies, allowed_source, defau
 from towerline.serving.auth import TOKEN_ENV, check_exposure, token_dependency
 from towerline.serving.docs import install_docs, install_openapi, problems
 from towerline.serving.errors import HttpGuard, install_error_handlers
+from towerline.serving.admin_items import admin_items_router
 from towerline.serving.history import open_history_store
 from towerline.serving.http_models import (
     BatchResponse,
@@ -374,6 +375,7 @@ def build_http_app(replica: "IngressReplica") -> FastAPI:
 
     app.include_router(marketing_router(replica.marketing, lambda: replica.state.bundle, read=read, write=write,
                                         max_batch=settings.max_batch))
+    app.include_router(admin_items_router(replica.add_items, dependencies=write), tags=["admin"])
 
     @app.post("/admin/reload", response_model=ReloadResponse, tags=["admin"], dependencies=write,
               summary="Load a model version and swap it in",
@@ -535,6 +537,16 @@ class Ingress(IngressReplica):
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built per replica so routes close over this replica's state."""
         return self.asgi_app()
+
+    async def add_items(self, rows: list[dict[str, Any]]) -> tuple[rec.AddedItems, int, str]:
+        """Cold-start items into the served version (``rec.add_items``), swapped whole like a reload."""
+        if self.settings.stage_placement == "deployments":
+            raise TowerlineError("cold items live in the ingress's state; the Retriever deployments reload by key "
+                                 "and would not have them: serve with stage_placement='ingress' or retrain")
+        async with self.reload_lock:
+            new, added = await asyncio.to_thread(rec.add_items, self.state, rows)
+            self.recommender.state = new
+        return added, new.n_items - 2, new.key
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:

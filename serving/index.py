@@ -270,6 +270,44 @@ def search(index: faiss.Index, queries: Any, k: int, *, threads: int | None = No
     return scores, item_idx
 
 
+def add_to_index(index: faiss.Index, vectors: Any, ids: Any, *, threads: int | None = None) -> faiss.Index:
+    """A copy of ``index`` with ``vectors`` (N, D) added under labels ``ids`` (N,); ``index`` is untouched.
+
+    Why a copy: the served ``ModelState`` keeps answering from the old index while the new one is
+    built, and is swapped whole (cold-start items, ``recommender.add_items``). FAISS adds to every
+    kind in place without retraining: flat appends rows, HNSW links the new nodes into the graph,
+    IVF assigns them to the existing centroids (the centroids were trained on the older catalogue,
+    which is fine while the new items are a small share). An index without an ``IndexIDMap``
+    labels rows by position, so ``ids`` must continue its count (``ids[0] == ntotal``, contiguous).
+    """
+    x = _as_matrix(vectors, "vectors")  # (N, D)
+    labels = np.ascontiguousarray(ids, dtype=np.int64)
+    if labels.shape != (x.shape[0],):
+        raise ValueError(f"ids must have shape ({x.shape[0]},) to match vectors, got {labels.shape}")
+    if x.shape[1] != index.d:
+        raise IndexMismatchError(f"new vectors have dim {x.shape[1]} but the index has dim {index.d}; {REBUILD_HINT}")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+        raise DataValidationError(f"new item vectors: rows {bad[:5].tolist()} hold NaN or inf")
+    copy = faiss.deserialize_index(faiss.serialize_index(index))
+    if x.shape[0] == 0:
+        return copy
+    outer = faiss.downcast_index(copy)
+    with _omp_threads(threads):
+        if isinstance(outer, faiss.IndexIDMap):
+            outer.add_with_ids(x, labels)
+        else:
+            expected = np.arange(copy.ntotal, copy.ntotal + x.shape[0], dtype=np.int64)
+            if not np.array_equal(labels, expected):
+                raise ValueError(
+                    f"this index labels rows by position: new ids must be {copy.ntotal}..{copy.ntotal + x.shape[0] - 1}, "
+                    f"got {labels[:3].tolist()}..."
+                )
+            copy.add(x)
+    log.debug("added %d vectors to a %s index (now %d)", x.shape[0], _describe(copy)[0], copy.ntotal)
+    return copy
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -45,10 +45,10 @@ import torch
 
 from towerline.config import IndexConfig
 from towerline.errors import TowerlineError
-from towerline.features.vocab import N_RESERVED, PAD_IDX, UNK_IDX
+from towerline.features.vocab import N_RESERVED, PAD_IDX, UNK_IDX, Vocab
 from towerline.serving import rules
 from towerline.serving.history import HistoryEvent, HistoryStore
-from towerline.serving.index import build_index, load_index, search
+from towerline.serving.index import add_to_index, build_index, load_index, search
 from towerline.serving.settings import ServeSettings
 from towerline.training import inference
 from towerline.training.bundle import Bundle, load_bundle
@@ -214,6 +214,88 @@ def load_model(
     log.info("model %s loaded: %d items, %s index, %s, %d candidates", state.key, state.n_items, state.index_kind,
              "ranker on" if ranker is not None else "no ranker", state.n_candidates)
     return state
+
+
+@dataclass(frozen=True)
+class AddedItems:
+    """What ``add_items`` did: ids appended (cold, attribute-only vectors) and ids it left alone."""
+
+    added: list[str]
+    known: list[str]  # already in the model's vocabulary: they keep their trained vectors
+    without_attributes: list[str]  # added, but no attribute token the model knows (zero vector)
+
+
+def add_items(state: ModelState, items: pd.DataFrame | Sequence[dict[str, Any]]) -> tuple[ModelState, AddedItems]:
+    """A new ``ModelState`` serving ``state``'s catalogue plus cold-start ``items``; ``state`` is untouched.
+
+    ``items`` has the catalogue contract's columns (``features.contracts``: ``item_id``,
+    ``attributes`` list of tokens, optional ``price``, ``in_stock``, ``title``). Each new id gets the
+    next item index (vocabulary rows only grow, so every index already handed out keeps its item),
+    a vector from the item tower's attribute path (``inference.cold_item_vectors``: id part zeroed,
+    which training taught with id dropout, DropoutNet, Volkovs et al., NeurIPS 2017), popularity 0,
+    its stock flag and category in the rules' facts, and a row in a copy of the FAISS index (flat,
+    HNSW or IVF: ``index.add_to_index``). Attribute tokens the model never saw are ignored (their
+    embeddings were never trained). Ids the model already knows are left as they are and reported.
+
+    The returned state has its own ``key`` (``<key>#items=<n>``), so a batch that mixes requests
+    of the old and the new state never answers one with the other's vocabulary. It lives in this
+    process only: a Retriever deployment in another process (``stage_placement="deployments"``)
+    reloads versions by key and would not have the items, and a ranker has per-item tables sized to
+    the trained catalogue, so both are refused with a ``TowerlineError`` rather than served wrong.
+    """
+    if state.ranker is not None:
+        raise TowerlineError(
+            f"model {state.key} ranks with a ranker whose item tables cover the trained catalogue only; "
+            "add cold items to a version served with rank_stage='never', or retrain"
+        )
+    df = pd.DataFrame(list(items)) if not isinstance(items, pd.DataFrame) else items.copy()
+    if "item_id" not in df:
+        raise ValueError("items need an 'item_id' column")
+    df["item_id"] = df["item_id"].astype(str)
+    df = df.drop_duplicates("item_id", keep="last")
+    bundle = state.bundle
+    vocab = bundle.vocabs.items
+    is_known = np.array([i in vocab for i in df["item_id"]], dtype=bool)
+    known = df.loc[is_known, "item_id"].tolist()
+    new = df.loc[~is_known].reset_index(drop=True)
+    if not len(new):
+        return state, AddedItems(added=[], known=known, without_attributes=[])
+    if "attributes" not in new:
+        new["attributes"] = [[] for _ in range(len(new))]
+    new["attributes"] = [list(a) if isinstance(a, (list, tuple, np.ndarray)) else [] for a in new["attributes"]]
+    width = bundle.net.cfg.max_attributes
+    rows = np.full((len(new), width), PAD_IDX, dtype=np.int64)  # (N, A)
+    no_attr: list[str] = []
+    for r, tokens in enumerate(new["attributes"]):
+        idx = bundle.vocabs.attributes.encode(np.asarray([str(t) for t in tokens], dtype=object)) if tokens else np.zeros(0, np.int64)
+        idx = idx[idx >= N_RESERVED][:width]  # unknown tokens (UNK) were never trained: left out
+        rows[r, : len(idx)] = idx
+        if not len(idx):
+            no_attr.append(str(new["item_id"][r]))
+    vectors = inference.cold_item_vectors(bundle.net, rows)  # (N, D)
+    first = state.n_items
+    new_idx = np.arange(first, first + len(new), dtype=np.int64)  # (N,)
+    vocabs = dataclasses.replace(bundle.vocabs, items=Vocab(np.concatenate([vocab.ids, new["item_id"].to_numpy(dtype=object)])))
+    emb = np.concatenate([bundle.item_embeddings, vectors.astype(bundle.item_embeddings.dtype)], axis=0)  # (V + N, D)
+    popularity = np.concatenate([np.asarray(bundle.item_popularity, dtype=np.int64)[:first],
+                                 np.zeros(first - min(first, len(bundle.item_popularity)) + len(new), dtype=np.int64)])
+    catalogue = pd.concat([bundle.items, new], ignore_index=True) if len(bundle.items) else new
+    new_bundle = dataclasses.replace(bundle, vocabs=vocabs, item_embeddings=emb, item_popularity=popularity, items=catalogue)
+    index = add_to_index(state.index, vectors, new_idx)
+    cold = int(state.index_manifest.get("cold_items", 0)) + len(new)
+    new_state = dataclasses.replace(
+        state,
+        key=f"{state.key.split('#items=')[0]}#items={len(vocabs.items)}",
+        bundle=new_bundle,
+        index=index,
+        index_manifest={**state.index_manifest, "count": int(emb.shape[0]), "cold_items": cold},
+        facts=rules.item_facts(vocabs.items, catalogue, popularity),
+        item_table=torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32)),
+    )
+    added = new["item_id"].tolist()
+    log.info("added %d cold items to %s (%d known ids left alone, %d without known attributes); %d items now",
+             len(added), state.key, len(known), len(no_attr), new_state.n_items)
+    return new_state, AddedItems(added=added, known=known, without_attributes=no_attr)
 
 
 def _fold_repeats(items: np.ndarray, etypes: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -244,6 +244,33 @@ def user_vectors_of(net: TwoTowerNet, item_table: np.ndarray, hist: Histories, b
     return out
 
 
+@torch.no_grad()
+def cold_item_vectors(net: TwoTowerNet, attribute_rows: np.ndarray) -> np.ndarray:
+    """(N, A) int64 attribute indices (PAD-padded, ``vocabs.attributes`` indices) -> (N, D) float32
+    item vectors of items the net has never seen: the item tower with the id part zeroed.
+
+    Training drops id embeddings with probability ``cfg.id_dropout`` (DropoutNet, Volkovs et al.,
+    NeurIPS 2017), so this attribute-only vector is one the user tower and the softmax have learned
+    to score; it lives in the same space as ``net.item_vectors()`` and goes into the same index.
+    Columns past ``cfg.max_attributes`` are cut, as training cut them.
+    """
+    rows = np.asarray(attribute_rows, dtype=np.int64)
+    if rows.ndim != 2:
+        raise ValueError(f"attribute_rows must be (N, A) attribute indices, got shape {rows.shape}")
+    rows = rows[:, : net.cfg.max_attributes]
+    if rows.shape[1] == 0:
+        rows = np.full((rows.shape[0], 1), PAD_IDX, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= max(net.n_attributes, N_RESERVED)):
+        raise ValueError(f"attribute_rows hold indices outside [0, {net.n_attributes}); encode with the bundle's vocabulary")
+    tower = net.item_tower
+    device = tower.id_emb.weight.device
+    was_training = net.training
+    net.eval()
+    out = tower.attribute_vectors(torch.from_numpy(rows).to(device))  # (N, D)
+    net.train(was_training)
+    return out.float().cpu().numpy()
+
+
 # ----------------------------------------------------------------------------- ranking
 
 

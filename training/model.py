@@ -117,20 +117,50 @@ class ItemTower(nn.Module):
             self.attr_emb = None
             self.item_attributes: torch.Tensor | None = None
 
-    def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
-        """(...) long item indices -> (..., D) item vectors; PAD gives the zero vector."""
+    def forward(self, item_idx: torch.Tensor, id_dropout: float = 0.0) -> torch.Tensor:
+        """(...) long item indices -> (..., D) item vectors; PAD gives the zero vector.
+
+        ``id_dropout`` > 0 (training only: the system passes ``cfg.id_dropout``) zeroes the id
+        embedding of each occurrence with that probability, so the attribute half alone must
+        already place the item (DropoutNet, Volkovs et al., NeurIPS 2017): that is the vector a
+        cold item, known only by its attributes, gets (``attribute_vectors``).
+        """
         x = self.id_emb(item_idx)  # (..., D)
+        if id_dropout > 0:
+            keep = torch.rand(item_idx.shape, device=x.device) >= id_dropout  # (...,)
+            x = x * keep.unsqueeze(-1).to(x.dtype)
         if self.attr_emb is not None:
             attrs = self.item_attributes[item_idx.reshape(-1)]  # (N, A)
             x = x + self.attr_emb(attrs).view(x.shape)  # (..., D)
         return x
 
-    def all_items(self) -> torch.Tensor:
-        """(n_items, D): every row of the catalogue in one pass (softmax outputs, FAISS vectors)."""
+    def all_items(self, id_dropout: float = 0.0) -> torch.Tensor:
+        """(n_items, D): every row of the catalogue in one pass (softmax outputs, FAISS vectors).
+
+        ``id_dropout`` > 0 drops whole rows' id embeddings for this call (one draw per item per
+        training step; see ``forward``).
+        """
         x = self.id_emb.weight  # (V, D)
+        if id_dropout > 0:
+            keep = torch.rand(x.shape[0], device=x.device) >= id_dropout  # (V,)
+            x = x * keep.unsqueeze(1).to(x.dtype)
         if self.attr_emb is not None:
             x = x + self.attr_emb(self.item_attributes)  # (V, D)
         return x
+
+    def attribute_vectors(self, attributes: torch.Tensor) -> torch.Tensor:
+        """(N, A) long attribute indices (PAD-padded) -> (N, D): the item tower with its id part zeroed.
+
+        The vector of an item the net has never seen (cold start): exactly what ``forward`` gives a
+        known item whose id embedding was dropped, which is how training taught the tower to use it.
+        An item without known attributes gets the zero vector (it cannot be placed; it still is
+        servable by id, scoring 0 against every user).
+        """
+        if attributes.dim() != 2:
+            raise ValueError(f"attributes must be (N, A) attribute indices, got shape {tuple(attributes.shape)}")
+        if self.attr_emb is None:
+            return self.id_emb.weight.new_zeros((attributes.shape[0], self.id_emb.embedding_dim))
+        return self.attr_emb(attributes.long())  # (N, D)
 
 
 def attention_mask(pad_mask: torch.Tensor) -> torch.Tensor:
@@ -325,15 +355,20 @@ class TwoTowerNet(nn.Module):
         history: torch.Tensor,
         event_types: torch.Tensor | None = None,
         item_table: torch.Tensor | None = None,
+        id_dropout: float = 0.0,
     ) -> torch.Tensor:
         """(B, T) left-padded item indices -> (B, T, D) state after each step.
 
         ``item_table`` (n_items, D), when given, is used instead of running the item tower on the
         history: a training step that already computed ``item_vectors()`` for a full softmax then
-        pays for the attribute pooling once.
+        pays for the attribute pooling once. ``id_dropout`` (training, without a table) is passed
+        to the item tower (``ItemTower.forward``).
         """
         pad_mask = history == PAD_IDX  # (B, T)
-        vecs = item_table[history] if item_table is not None else self.item_tower(history)  # (B, T, D)
+        if item_table is not None:
+            vecs = item_table[history]  # (B, T, D)
+        else:
+            vecs = self.item_tower(history, id_dropout)  # (B, T, D)
         return self.user_tower(vecs, event_types, pad_mask)
 
     def user_vector(

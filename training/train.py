@@ -25,6 +25,7 @@ from towerline.features.contracts import Dataset
 from towerline.training.data import SequenceDataModule, cache_key
 from towerline.training.export import export_bundle
 from towerline.training.progress import EpochLine, show_bar
+from towerline.training import warm_start
 from towerline.training.system import TwoTowerSystem
 from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, log_dataset, register_bundle, use_tracking
 from towerline.training.ranker_train import train_ranker
@@ -142,12 +143,22 @@ def train(
             f"in {out} belongs to that data. Resume with the original config, or train into a new --out"
         )
     dm.prepare_data()
+    # -- warm start (training/warm_start.py): parent's vocabularies grown, then its weights copied
+    parent = None
+    if cfg.trainer.warm_start:
+        use_tracking(cfg.tracking)  # models:/ and runs:/ parents resolve against the run's tracking store
+        parent = warm_start.load_parent(cfg.trainer.warm_start)
+        warm_start.check_compatible(parent, to_dict(cfg)["model"])
+        warm_start.grow_prepared_data(dm, parent)
     dm.setup()
     stats = dm.stats
     system = TwoTowerSystem(
         stats.n_items, stats.n_attributes, stats.n_event_types, to_dict(cfg),
         item_attributes=dm.item_attributes, item_counts=dm.item_counts,
     )
+    if parent is not None and not resume:
+        warm_start.load_parent_weights(system.net, parent)
+    # -- end of warm start
 
     uri = use_tracking(cfg.tracking)
     run_file = out / "run.json"
@@ -160,7 +171,8 @@ def train(
         tracking_uri=uri,
         run_id=resume_run,
         run_name=None if resume_run else run_name(cfg),
-        tags={"dataset": cfg.data.name, "code_version": code_version(), "split": cfg.data.split},
+        tags={"dataset": cfg.data.name, "code_version": code_version(), "split": cfg.data.split,
+              **(warm_start.parent_tags(parent, str(cfg.trainer.warm_start)) if parent is not None else {})},
         log_model=False,
     )
     if resume_run:

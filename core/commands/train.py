@@ -14,6 +14,7 @@ TRAIN_EXAMPLE = """example:
   towerline train --config configs/beauty.yaml --set model.dim=128 --set trainer.max_time_s=1000 --out runs/beauty
   towerline train --config configs/beauty.yaml --out runs/beauty --resume
   towerline train --config configs/lastfm.yaml --workers 2 --out runs/lastfm-ddp   # Ray Train, DDP
+  towerline train --config configs/synthetic.yaml --warm-start models:/towerline-retriever@champion --out runs/next
 
 Compare runs in the MLflow UI:  mlflow ui --backend-store-uri sqlite:///mlflow.db"""
 
@@ -45,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint and MLflow run")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="Ray Train workers running DDP (default: trainer.workers, 1 = one process without Ray)")
+    p.add_argument("--warm-start", default=None, metavar="MODEL",
+                   help="continue from a trained version (models:/name@alias, runs:/<id>/bundle, a bundle or run dir) "
+                   "on this config's data: vocabularies grow, known rows keep their weights, the optimiser starts fresh")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
@@ -95,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = data_overrides(args) + list(args.overrides)
     overrides += [f"tracking.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
     overrides += [f"trainer.workers={args.workers}"] if args.workers is not None else []
+    if args.warm_start:
+        overrides.append(f"trainer.warm_start={args.warm_start}")
     cfg = load_config(args.config, overrides)
     result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"MLflow run: {result.run_id}  (tracking URI {result.tracking_uri})")

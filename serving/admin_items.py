@@ -1,0 +1,70 @@
+"""``POST /admin/items``: cold-start items, servable the moment they arrive, without retraining.
+
+A router factory (FastAPI ``APIRouter``) so that the ingress mounts it with one line and the route
+is tested on its own. The body is a list of catalogue rows (the items contract of
+``features.contracts``); each new id gets an attribute-only vector from the item tower and a row in
+the index (``recommender.add_items``), and the ingress swaps the whole ``ModelState`` as a reload
+does, so a request sees either the old catalogue or the new one, never half of each.
+
+Auth: this is an admin (write) endpoint; it must sit behind the admin bearer-token dependency the
+ingress gives ``/admin/reload`` (pass it as ``dependencies=`` to ``admin_items_router``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Optional
+
+from fastapi import APIRouter, Body
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from towerline.errors import TowerlineError
+from towerline.serving.recommender import AddedItems
+
+log = logging.getLogger(__name__)
+
+MAX_ITEMS_PER_CALL = 10_000  # rows per request; a whole catalogue reload goes in several calls
+
+
+class NewItem(BaseModel):
+    """One catalogue row: the items contract (``features.contracts``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: str = Field(min_length=1, max_length=256)
+    attributes: list[str] = Field(default_factory=list, max_length=256)  # tokens, e.g. "category:c3", "brand:b7"
+    price: Optional[float] = Field(default=None, ge=0)
+    in_stock: bool = True
+    title: Optional[str] = Field(default=None, max_length=1000)
+
+
+class AddItemsResponse(BaseModel):
+    added: list[str]  # new ids, servable now
+    known: list[str]  # already in the model: left with their trained vectors
+    without_attributes: list[str]  # added, but no attribute the model knows: scored 0 until retrained
+    item_count: int  # catalogue size now (reserved rows excluded)
+    model_key: str
+
+
+def admin_items_router(
+    add_items: Callable[[list[dict[str, Any]]], Awaitable[tuple[AddedItems, int, str]]],
+    dependencies: Sequence[Any] = (),
+) -> APIRouter:
+    """The ``/admin/items`` route over ``add_items(rows) -> (AddedItems, item_count, model_key)``,
+    the ingress's method that builds the new state and swaps it in (``Ingress.add_items``)."""
+    router = APIRouter(dependencies=list(dependencies))
+
+    @router.post("/admin/items", response_model=AddItemsResponse)
+    async def post_items(body: list[NewItem] = Body(..., max_length=MAX_ITEMS_PER_CALL)) -> Any:
+        try:
+            added, count, key = await add_items([item.model_dump() for item in body])
+        except TowerlineError as e:  # e.g. a ranker or remote stages that cannot hold cold items
+            log.warning("POST /admin/items refused: %s", e)
+            return JSONResponse({"type": "about:blank", "title": "Items Not Added", "status": 409, "detail": str(e)},
+                                status_code=409, media_type="application/problem+json")
+        return AddItemsResponse(added=added.added, known=added.known, without_attributes=added.without_attributes,
+                                item_count=count, model_key=key)
+
+    return router

@@ -1,0 +1,158 @@
+"""Cold-start items: added with attributes only, then similar-item and recommendation answers include them.
+
+In process through ``recommender.add_items`` and ``Recommender`` (flat, HNSW and IVF indexes), and
+over HTTP against a real Serve app on 127.0.0.1 (``POST /admin/items``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from support import free_port
+
+
+def _twin_rows(state, n: int = 3) -> list[dict]:
+    """New items carrying the attributes of the ``n`` most popular trained items."""
+    items = state.bundle.items.set_index("item_id")
+    out = []
+    for i, idx in enumerate(state.facts.popular[:n]):
+        source = str(state.bundle.vocabs.items.decode([idx])[0])
+        out.append({"item_id": f"cold-{i}", "attributes": list(items.loc[source, "attributes"]), "price": 9.5,
+                    "in_stock": True, "title": f"twin of {source}", "_source": source})
+    return out
+
+
+def _best_user(state, item_id: str) -> tuple[str, int]:
+    """(user id, rank) of the trained user whose retrieval scores put ``item_id`` highest."""
+    from towerline.serving import recommender as rec
+
+    hist = state.bundle.histories
+    rows = np.arange(len(hist))
+    idx = state.bundle.vocabs.items.encode_one(item_id)
+    best = (None, 10**9)
+    histories = rec.training_histories(state.bundle, rows)
+    for h, cands in zip(histories, rec.retrieve(state, rec.ServeSettings(), histories)):
+        where = np.flatnonzero(cands[0] == idx)
+        if where.size and where[0] < best[1]:
+            best = (str(state.bundle.vocabs.users.decode([h.user_idx])[0]), int(where[0]))
+    return best
+
+
+def test_cold_item_vectors_are_the_attribute_path_of_the_item_tower(tiny_state):
+    import torch
+
+    from towerline.training.inference import cold_item_vectors
+
+    net = tiny_state.bundle.net
+    idx = int(tiny_state.facts.popular[0])
+    attrs = net.item_tower.item_attributes[idx : idx + 1].numpy()  # (1, A)
+    cold = cold_item_vectors(net, attrs)  # (1, D)
+    with torch.no_grad():
+        full = net.item_tower(torch.tensor([idx]))[0].numpy()
+        id_part = net.item_tower.id_emb.weight[idx].numpy()
+    np.testing.assert_allclose(cold[0], full - id_part, rtol=1e-5, atol=1e-6)
+    assert np.abs(cold).sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_added_item_is_similar_to_its_attribute_twin_and_recommendable(tiny_run, kind):
+    from towerline.config import IndexConfig
+    from towerline.serving import recommender as rec
+    from towerline.serving.history import SQLiteHistoryStore
+    from towerline.serving.index import build_index, search
+
+    state = rec.load_model(tiny_run.bundle_dir)
+    if kind != "flat":
+        cfg = IndexConfig(kind=kind, ivf_nlist=4) if kind == "ivf" else IndexConfig(kind=kind)
+        index = build_index(state.bundle.item_embeddings, cfg)
+        if kind == "ivf":
+            index.nprobe = 4  # every list: the test is about adding, not about IVF recall
+        else:
+            index.hnsw.efSearch = 256  # the whole tiny graph
+        state = rec.dataclasses.replace(state, index=index, index_manifest={**state.index_manifest, "kind": kind},
+                                        exact=False)
+    rows = _twin_rows(state)
+    before_n, before_ntotal = state.n_items, state.index.ntotal
+    new, report = rec.add_items(state, [{k: v for k, v in r.items() if k != "_source"} for r in rows]
+                                + [{"item_id": rows[0]["_source"], "attributes": []}])
+    assert report.added == [r["item_id"] for r in rows] and report.known == [rows[0]["_source"]]
+    assert (state.n_items, state.index.ntotal) == (before_n, before_ntotal), "the served state must not change"
+    assert new.n_items == before_n + 3 and new.index.ntotal == before_ntotal + 3 and new.key != state.key
+    # known rows keep their index and vector
+    np.testing.assert_array_equal(new.bundle.item_embeddings[:before_n], state.bundle.item_embeddings)
+    assert new.bundle.vocabs.items.encode_one(rows[0]["item_id"]) == before_n
+
+    settings = rec.ServeSettings()
+    # the index returns the new rows under their own labels, scored against their own vectors
+    vec = new.bundle.item_embeddings[before_n : before_n + 1]  # (1, D)
+    scores, labels = search(new.index, vec, new.index.ntotal)
+    where = np.flatnonzero(labels[0] == before_n)
+    assert where.size == 1
+    np.testing.assert_allclose(scores[0, where[0]], float(vec[0] @ vec[0]), rtol=1e-3)
+    # the cold item has neighbours, and its twins (same attributes) rank it above most items
+    sim = rec.similar_items(new, settings, "cold-0", 5)
+    assert len(sim) == 5 and "cold-0" not in [i for i, _ in sim]
+    everything = rec.similar_items(new, settings, rows[0]["_source"], new.n_items - 3)
+    position = [i for i, _ in everything].index("cold-0")
+    assert position < len(everything) // 2, f"cold twin ranked {position} of {len(everything)}"
+
+    # recommendable through the one request path
+    user, rank = _best_user(new, "cold-0")
+    assert user is not None, "no user retrieves the cold item at all"
+    store = SQLiteHistoryStore(tiny_run.bundle_dir.parent / f"cold-{kind}.sqlite")
+    k = min(rank + 1 + 10, settings.max_k)
+    got = rec.Recommender(new, settings, store).recommend(user, k=k).items
+    assert "cold-0" in [i for i, _ in got]
+
+
+def test_catalogue_reload_adds_only_new_ids_and_an_empty_call_changes_nothing(tiny_state):
+    from towerline.serving import recommender as rec
+
+    catalogue = tiny_state.bundle.items[["item_id", "attributes"]].to_dict("records")
+    same, report = rec.add_items(tiny_state, catalogue)
+    assert same is tiny_state and report.added == [] and len(report.known) == len(catalogue)
+    new, report = rec.add_items(tiny_state, catalogue + [{"item_id": "cold-x", "attributes": ["never-seen-token"]}])
+    assert report.added == ["cold-x"] and report.without_attributes == ["cold-x"]
+    assert new.facts.in_stock[-1] and new.facts.popularity[-1] == 0
+
+
+@pytest.mark.serve
+def test_post_admin_items_makes_a_cold_item_servable_over_http(tiny_run, tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    import httpx
+    from ray import serve
+
+    from towerline.serving import recommender as rec
+    from towerline.serving.app import AppArgs, build_app
+
+    local = rec.load_model(tiny_run.bundle_dir)
+    rows = [{k: v for k, v in r.items() if k != "_source"} for r in _twin_rows(local, 1)]
+    expected, _ = rec.add_items(local, rows)
+    user, rank = _best_user(expected, "cold-0")
+    assert user is not None
+
+    tmp = tmp_path_factory.mktemp("serve-items")
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = AppArgs(model=str(tiny_run.bundle_dir), tracking_uri=tiny_run.tracking_uri,
+                       settings={"history_db": str(tmp / "history.sqlite"), "feedback_db": str(tmp / "feedback.sqlite")})
+        serve.run(build_app(args), name="towerline", route_prefix="/")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            assert client.get("/items/cold-0/similar").status_code == 404
+            resp = client.post("/admin/items", json=rows)
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            assert body["added"] == ["cold-0"] and body["item_count"] == local.n_items - 2 + 1
+            sim = client.get("/items/cold-0/similar", params={"k": 3})
+            assert sim.status_code == 200 and len(sim.json()["items"]) == 3
+            k = min(rank + 11, 200)
+            got = client.post("/recommend", json={"user_id": user, "k": k}).json()["items"]
+            assert "cold-0" in [i["item_id"] for i in got]
+            bad = client.post("/admin/items", json=[{"attributes": ["x"]}])
+            assert bad.status_code == 422
+    finally:
+        serve.shutdown()
+        ray.shutdown()
