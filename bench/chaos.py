@@ -312,6 +312,8 @@ def rollback(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "without_version": sum(r.status == 200 and not r.version for r in results),
             "versions_in_last_15pct": sorted({str(r.version) for r in tail if r.status == 200}),
             "reload_statuses": [x["status"] for x in reloads],
+            "reload_current_versions": [(x["body"].get("current") or {}).get("model_version")
+                                        if isinstance(x["body"], dict) else None for x in reloads],
         }
     finally:
         log.info("rollback: server stopped in %.1f s", server.stop())
