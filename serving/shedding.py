@@ -1,0 +1,47 @@
+"""How much work an ingress replica takes on, and what everyone else hears: the Serve options of the
+ingress deployment and the HTTP options, derived from ``ServeSettings`` in one place.
+
+Why bounded: a closed queue in front of a CPU-bound replica only adds waiting. Each ingress replica
+works on ``max_ongoing_requests`` requests at once (enough to fill a ``serve.batch`` of the model
+stages), lets ``max_queued_requests`` more wait, and answers the rest at once with 503 and
+``Retry-After`` (Serve's own check, before any application code runs, so a rejection costs
+microseconds, not a request's worth of CPU). Under 64 clients on 2 cores the accepted requests then
+wait behind at most ``ingress_replicas * (max_ongoing + max_queued)`` others instead of 63
+(``bench/chaos.py`` measures both).
+
+Serve writes that 503 (and its 408 for ``request_timeout_s``) as plain text. Through HAProxy, the
+default ingress, ``towerline.serving.ingress`` rewrites them to RFC 9457 problem+json (the timeout as
+504, which is what it is: the gateway gave up on the replica). Serve's Python proxy
+(``--ingress proxy``) has no such hook: there the bodies stay Serve's text, with the same status
+codes and Retry-After, except the timeout, which it reports as 408.
+
+Replica loss: two ingress replicas by default, health-checked every ``health_check_period_s`` by
+Serve's controller (which replaces a dead one) and every second by HAProxy, which also retries a
+request whose connection failed on the other replica (``ray_serve_env``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from towerline.serving.settings import ServeSettings
+
+
+def ingress_options(s: ServeSettings) -> dict[str, Any]:
+    """``Ingress.options(...)``: replicas, bounded queues, health checks, graceful stop."""
+    return {
+        "num_replicas": s.ingress_replicas,
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
+        # a stopping replica checks every half second whether its requests are done, up to the timeout
+        "graceful_shutdown_wait_loop_s": min(0.5, s.graceful_shutdown_timeout_s) or 0.1,
+        "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
+    }
+
+
+def http_options(s: ServeSettings) -> dict[str, Any]:
+    """``serve.start(http_options=...)``: where to listen, and when a request has taken too long."""
+    return {"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s}
