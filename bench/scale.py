@@ -111,7 +111,6 @@ def bench_features(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def bench_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import numpy as np
 
     from towerline.config import load_config
     from towerline.training.data import training_windows
@@ -146,7 +145,7 @@ def bench_million(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Sampled softmax on a streamed 1M-item shop for ``--million-budget-s``, then FAISS evaluation."""
     import lightning as L
 
-    from towerline.config import load_config, to_dict
+    from towerline.config import load_config
     from towerline.features.synthetic import generate_sharded
     from towerline.training.data import SequenceDataModule
     from towerline.training.large_eval import evaluate_with_faiss
@@ -165,7 +164,7 @@ def bench_million(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     dm.setup()
     prep_s = time.perf_counter() - t0
     s = dm.stats
-    system = TwoTowerSystem(s.n_items, s.n_attributes, s.n_event_types, to_dict(cfg), item_attributes=dm.item_attributes, item_counts=dm.item_counts)
+    system = TwoTowerSystem(s.n_items, s.n_attributes, s.n_event_types, cfg, item_attributes=dm.item_attributes, item_counts=dm.item_counts)
     trainer = L.Trainer(max_time={"seconds": args.million_budget_s}, max_epochs=1, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     t1 = time.perf_counter()

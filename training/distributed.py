@@ -46,6 +46,7 @@ from towerline.config import TowerlineConfig, from_dict, save_config, to_dict
 from towerline.errors import ConfigError
 from towerline.training.data import SequenceDataModule, training_windows
 from towerline.training.export import export_bundle
+from towerline.training.ranker_model import item_categories
 from towerline.training.system import TwoTowerSystem
 from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, register_bundle, use_tracking
 from towerline.training.train import MONITOR, LearningCurve, TrainResult, best_epoch_metrics, run_name
@@ -80,8 +81,9 @@ class ShardedDataModule(SequenceDataModule):
 def _build_system(cfg: TowerlineConfig, dm: SequenceDataModule) -> TwoTowerSystem:
     stats = dm.stats
     return TwoTowerSystem(
-        stats.n_items, stats.n_attributes, stats.n_event_types, to_dict(cfg),
+        stats.n_items, stats.n_attributes, stats.n_event_types, cfg,
         item_attributes=dm.item_attributes, item_counts=dm.item_counts,
+        item_category=item_categories(dm.item_attributes, dm.vocabs.attributes),
     )
 
 

@@ -11,17 +11,16 @@ masked as the published leave-one-out protocol does, and the unmasked numbers lo
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 
-from towerline.config import LossConfig, TrainerConfig, TwoTowerConfig, from_dict
+from towerline.config import LossConfig, TowerlineConfig, TrainerConfig, TwoTowerConfig, to_dict
 from towerline.features.vocab import PAD_IDX
 from towerline.training.losses import full_softmax_loss, log_sampling_prob, sample_uniform_negatives, sampled_softmax_loss
 from towerline.training.data import trim_left_padding
-from towerline.training.evaluate import accumulate_batch, summarise
+from towerline.training.evaluate import ItemFacts, accumulate_batch, summarise
 from towerline.training.metrics import RankingAccumulator
 from towerline.training.model import TwoTowerNet
 
@@ -33,11 +32,15 @@ class TwoTowerSystem(L.LightningModule):
 
     Args:
         n_items, n_attributes, n_event_types: vocabulary sizes (reserved rows included).
-        config: the full resolved ``TowerlineConfig`` as a dict (``towerline.config.to_dict``);
-            saved as hyper-parameters, so MLflow shows it as params and checkpoints hold only
-            plain values.
+        config: the full resolved ``TowerlineConfig``; the system reads its typed ``model``,
+            ``loss`` and ``trainer`` sections. It is saved as hyper-parameters in its plain-dict
+            form (``towerline.config.to_dict``), so MLflow shows it as params (``config/model/dim``)
+            and checkpoints hold only plain values.
         item_attributes: (n_items, max_attributes) attribute indices per item, PAD-padded.
-        item_counts: (n_items,) training interactions per item, for the logQ correction.
+        item_counts: (n_items,) training interactions per item, for the logQ correction and the
+            novelty metric.
+        item_category: (n_items,) category index per item (``ranker_model.item_categories``), for
+            the intra-list diversity metric; None leaves that metric out.
     """
 
     def __init__(
@@ -45,21 +48,28 @@ class TwoTowerSystem(L.LightningModule):
         n_items: int,
         n_attributes: int,
         n_event_types: int,
-        config: dict[str, Any],
+        config: TowerlineConfig,
         item_attributes: np.ndarray | None = None,
         item_counts: np.ndarray | None = None,
+        item_category: np.ndarray | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters("n_items", "n_attributes", "n_event_types", "config")
-        self.model_cfg: TwoTowerConfig = from_dict(TwoTowerConfig, config.get("model", {}), "model")
-        self.loss_cfg: LossConfig = from_dict(LossConfig, config.get("loss", {}), "loss")
-        self.trainer_cfg: TrainerConfig = from_dict(TrainerConfig, config.get("trainer", {}), "trainer")
+        # plain values (the config as a dict): MLflow params config/model/dim, a checkpoint without custom classes
+        self.save_hyperparameters(
+            {"n_items": n_items, "n_attributes": n_attributes, "n_event_types": n_event_types, "config": to_dict(config)},
+            ignore=["item_attributes", "item_counts", "item_category"],
+        )
+        self.model_cfg: TwoTowerConfig = config.model
+        self.loss_cfg: LossConfig = config.loss
+        self.trainer_cfg: TrainerConfig = config.trainer
         attrs = torch.as_tensor(item_attributes, dtype=torch.long) if item_attributes is not None else None
         self.net = TwoTowerNet(n_items, n_attributes, n_event_types, self.model_cfg, attrs)
         counts = torch.as_tensor(item_counts if item_counts is not None else np.ones(n_items), dtype=torch.float32)
         self.register_buffer("item_counts", counts, persistent=False)  # training targets per item, for logQ
         self._eval_items: torch.Tensor | None = None
         self._acc: dict[str, RankingAccumulator] = {}
+        self._facts = ItemFacts(torch.as_tensor(item_counts, dtype=torch.float64) if item_counts is not None else None,
+                                torch.as_tensor(item_category, dtype=torch.long) if item_category is not None else None)
 
     def forward(self, history: torch.Tensor, event_types: torch.Tensor) -> torch.Tensor:
         """Inference: (B, T) left-padded histories -> (B, D) user vectors."""
@@ -108,7 +118,7 @@ class TwoTowerSystem(L.LightningModule):
     def _eval_step(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
         if self._eval_items is None:
             self._eval_items = self.net.item_vectors()  # (V, D), once per evaluation epoch
-        accumulate_batch(self._acc, self.net, self._eval_items, batch, prefix)
+        accumulate_batch(self._acc, self.net, self._eval_items, batch, prefix, self._facts)
 
     def _eval_epoch_end(self) -> None:
         for key, value in summarise(self._acc, self.net.n_items).items():

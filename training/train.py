@@ -26,6 +26,7 @@ from towerline.training.data import SequenceDataModule, cache_key
 from towerline.training.export import export_bundle
 from towerline.training.progress import EpochLine, show_bar
 from towerline.training import warm_start
+from towerline.training.ranker_model import item_categories
 from towerline.training.system import TwoTowerSystem
 from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, log_dataset, register_bundle, use_tracking
 from towerline.training.ranker_train import train_ranker
@@ -153,8 +154,9 @@ def train(
     dm.setup()
     stats = dm.stats
     system = TwoTowerSystem(
-        stats.n_items, stats.n_attributes, stats.n_event_types, to_dict(cfg),
+        stats.n_items, stats.n_attributes, stats.n_event_types, cfg,
         item_attributes=dm.item_attributes, item_counts=dm.item_counts,
+        item_category=item_categories(dm.item_attributes, dm.vocabs.attributes),
     )
     if parent is not None and not resume:
         warm_start.load_parent_weights(system.net, parent)

@@ -96,6 +96,10 @@ def test_evaluate_command_reproduces_the_run_test_metrics(tiny_run, capsys):
     # beyond accuracy, beside coverage: novelty in bits (> 0 for any list), diversity a share of the list
     assert report["metrics"]["test/novelty_10"] > 0
     assert 0.1 <= report["metrics"]["test/diversity_10"] <= 1.0
+    # and every training run logs them beside coverage, as the evaluation of its bundle reproduces them
+    for key in ("test/novelty_10", "test/diversity_10"):
+        assert key in tiny_run.metrics, key
+    assert report["metrics"]["test/novelty_10"] == pytest.approx(tiny_run.metrics["test/novelty_10"], rel=1e-4)
 
 
 def test_same_seed_gives_the_same_metrics(tiny_run, mlflow_store, tmp_path):

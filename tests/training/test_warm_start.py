@@ -24,7 +24,7 @@ def test_grow_vocab_keeps_old_ids_first_in_order():
 def test_warm_start_keeps_parent_rows_before_the_first_step_and_trains_new_rows(tiny_run, tmp_path):
     import lightning as L
 
-    from towerline.config import load_config, to_dict
+    from towerline.config import load_config
     from towerline.training import warm_start
     from towerline.training.data import SequenceDataModule
     from towerline.training.system import TwoTowerSystem
@@ -43,7 +43,7 @@ def test_warm_start_keeps_parent_rows_before_the_first_step_and_trains_new_rows(
         old_ids = getattr(parent.vocabs, name).ids
         np.testing.assert_array_equal(getattr(grown, name).ids[: len(old_ids)], old_ids)
 
-    system = TwoTowerSystem(len(grown.items), len(grown.attributes), len(grown.event_types), to_dict(cfg),
+    system = TwoTowerSystem(len(grown.items), len(grown.attributes), len(grown.event_types), cfg,
                             item_attributes=dm.item_attributes, item_counts=dm.item_counts)
     copied = warm_start.load_parent_weights(system.net, parent)
     assert "item_tower.id_emb.weight" in copied
