@@ -1,4 +1,4 @@
-"""A wrong ``--model`` ends ``serve``, ``index`` and ``evaluate`` at once: exit 2, one line, no Ray.
+"""A wrong ``--model`` ends ``serve``, ``index``, ``evaluate``, ``profile`` and ``audience`` at once: exit 2, one line, no Ray.
 
 In-process CLI calls, so ``ray.is_initialized()`` tells whether the command got as far as Ray.
 """
@@ -15,7 +15,8 @@ from towerline.bundle import check_model
 from towerline.cli import main
 from towerline.errors import BundleError
 
-COMMANDS = ["serve", "index", "evaluate"]
+COMMANDS = ["serve", "index", "evaluate", "profile", "audience"]
+EXTRA = {"audience": ["--item", "i00001"], "profile": ["--no-mlflow"]}  # each command's other required flags
 
 
 def _run(capsys, argv: list[str]) -> tuple[int, list[str], float]:
@@ -50,7 +51,10 @@ def test_a_model_that_does_not_resolve_is_one_line_and_exit_2_before_ray(command
     capsys.readouterr()
     assert not ray.is_initialized()
     for name, (model, expected) in _bad_models(tmp_path, tiny_run).items():
-        rc, err, elapsed = _run(capsys, [command, "--model", model, "--tracking-uri", mlflow_store])
+        argv = [command, "--model", model, "--tracking-uri", mlflow_store, *EXTRA.get(command, [])]
+        if command in ("profile", "audience"):
+            argv += ["--out", str(tmp_path / f"{command}.out")]
+        rc, err, elapsed = _run(capsys, argv)
         assert rc == 2, (name, err)
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], (name, err)
         assert not ray.is_initialized(), name

@@ -72,6 +72,9 @@ def _data_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from towerline.bundle import check_model
+
+    _check_model_first(args, check_model)
     from towerline.marketing.jobs import PROFILE_ARTIFACT_PATH, run_profile
 
     result = run_profile(
@@ -88,6 +91,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_audience(args: argparse.Namespace) -> int:
+    from towerline.bundle import check_model
+
+    _check_model_first(args, check_model)
     from towerline.marketing.jobs import run_audience
 
     frame = run_audience(
@@ -101,3 +107,13 @@ def cmd_audience(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _check_model_first(args: argparse.Namespace, check_model: object) -> None:
+    """Resolve and verify ``--model`` before torch, MLflow runs or data loading: a wrong model is one
+    line (exit 2) at once, not a traceback after the profiles are half built."""
+    import os
+
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
+    check_model(args.model)  # type: ignore[operator]
