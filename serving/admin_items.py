@@ -18,10 +18,11 @@ from typing import Any, Optional
 
 from fastapi import APIRouter, Body
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from towerline.errors import TowerlineError
 from towerline.serving.recommender import AddedItems
+from towerline.text import Money, Text
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,11 @@ class NewItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    item_id: str = Field(min_length=1, max_length=256)
-    attributes: list[str] = Field(default_factory=list, max_length=256)  # tokens, e.g. "category:c3", "brand:b7"
-    price: Optional[float] = Field(default=None, ge=0)
-    in_stock: bool = True
-    title: Optional[str] = Field(default=None, max_length=1000)
+    item_id: Text = Field(min_length=1, max_length=256)
+    attributes: list[Text] = Field(default_factory=list, max_length=256)  # tokens, e.g. "category:c3", "brand:b7"
+    price: Optional[Money] = None
+    in_stock: StrictBool = True
+    title: Optional[Text] = Field(default=None, max_length=1000)
 
 
 class AddItemsResponse(BaseModel):
@@ -57,7 +58,7 @@ def admin_items_router(
     router = APIRouter(dependencies=list(dependencies))
 
     @router.post("/admin/items", response_model=AddItemsResponse)
-    async def post_items(body: list[NewItem] = Body(..., max_length=MAX_ITEMS_PER_CALL)) -> Any:
+    async def post_items(body: list[NewItem] = Body(..., min_length=1, max_length=MAX_ITEMS_PER_CALL)) -> Any:
         try:
             added, count, key = await add_items([item.model_dump() for item in body])
         except TowerlineError as e:  # e.g. a ranker or remote stages that cannot hold cold items

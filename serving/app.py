@@ -517,6 +517,16 @@ class IngressReplica:
                               current=ReloadedVersion(model_key=new.key, model_version=new.model_version,
                                                       index_kind=new.index_kind))
 
+    async def add_items(self, rows: list[dict[str, Any]]) -> tuple[rec.AddedItems, int, str]:
+        """Cold-start items into the served version (``rec.add_items``), swapped whole like a reload."""
+        if self.settings.stage_placement == "deployments":
+            raise TowerlineError("cold items live in the ingress's state; the Retriever deployments reload by key "
+                                 "and would not have them: serve with stage_placement='ingress' or retrain")
+        async with self.reload_lock:
+            new, added = await asyncio.to_thread(rec.add_items, self.state, rows)
+            self.recommender.state = new
+        return added, new.n_items - 2, new.key
+
 
 def _reload_reason(error: BaseException) -> str:
     """A reload failure in words that name no path, PID or tracking URI."""
@@ -537,16 +547,6 @@ class Ingress(IngressReplica):
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built per replica so routes close over this replica's state."""
         return self.asgi_app()
-
-    async def add_items(self, rows: list[dict[str, Any]]) -> tuple[rec.AddedItems, int, str]:
-        """Cold-start items into the served version (``rec.add_items``), swapped whole like a reload."""
-        if self.settings.stage_placement == "deployments":
-            raise TowerlineError("cold items live in the ingress's state; the Retriever deployments reload by key "
-                                 "and would not have them: serve with stage_placement='ingress' or retrain")
-        async with self.reload_lock:
-            new, added = await asyncio.to_thread(rec.add_items, self.state, rows)
-            self.recommender.state = new
-        return added, new.n_items - 2, new.key
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:

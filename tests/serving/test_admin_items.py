@@ -138,7 +138,8 @@ def test_post_admin_items_makes_a_cold_item_servable_over_http(tiny_run, tmp_pat
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = AppArgs(model=str(tiny_run.bundle_dir), tracking_uri=tiny_run.tracking_uri,
-                       settings={"history_db": str(tmp / "history.sqlite"), "feedback_db": str(tmp / "feedback.sqlite")})
+                       settings={"history_db": str(tmp / "history.sqlite"), "feedback_db": str(tmp / "feedback.sqlite"),
+                                 "ingress_replicas": 1})  # cold items live in the replica that received them
         serve.run(build_app(args), name="towerline", route_prefix="/")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
             assert client.get("/items/cold-0/similar").status_code == 404
