@@ -124,8 +124,15 @@ class _UserFacing(logging.Filter):
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: object = None, line: str | None = None) -> None:
     """A Python warning as one log line without the library's file path: the user cannot edit
-    site-packages, and the path made a third-party line look like Towerline's failure."""
+    site-packages, and the path made a third-party line look like Towerline's failure. MLflow's
+    advice for hand-written pyfunc models (it forces its warnings "always") does not apply to ours,
+    which is logged from code with a signature: dropped here."""
+    if any(text in str(message) for text in KNOWN_NOISE):
+        return
     logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
+
+
+KNOWN_NOISE = ("Type hint used in the model", "An input example was not provided", "signature.")
 
 
 def configure_logging(verbose: bool = False) -> None:
@@ -161,8 +168,11 @@ def configure_logging(verbose: bool = False) -> None:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not verbose:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # "no AVX2 build" is not news to a user
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        logging.getLogger("lightning.pytorch.loggers.mlflow").setLevel(logging.ERROR)  # "Experiment ... Creating it."  # "no AVX2 build" is not news to a user
         warnings.filterwarnings("ignore", message=".*log_every_n_steps.*")
+        # MLflow's advice for hand-written pyfunc models; ours is logged from code with a signature
+        warnings.filterwarnings("ignore", message=r"(?s).*(Type hint used in the model|An input example was not provided)")
         # Lightning on --resume (or a second run into one --out): the checkpoints there are ours
         warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
         warnings.showwarning = _show_warning

@@ -57,8 +57,14 @@ def admin_items_router(
     the ingress's method that builds the new state and swaps it in (``Ingress.add_items``)."""
     router = APIRouter(dependencies=list(dependencies))
 
-    @router.post("/admin/items", response_model=AddItemsResponse)
-    async def post_items(body: list[NewItem] = Body(..., min_length=1, max_length=MAX_ITEMS_PER_CALL)) -> Any:
+    @router.post("/admin/items", response_model=AddItemsResponse, summary="Add cold-start items to the served catalogue",
+                 description="Each new item id gets the item tower's attribute-only vector and a row in the index, "
+                             "swapped in whole like a reload (no retraining); known ids are left alone and listed. "
+                             "409 for a version with a ranker or remote model stages.")
+    async def post_items(body: list[NewItem] = Body(..., min_length=1, max_length=MAX_ITEMS_PER_CALL, openapi_examples={
+        "one cold item": {"summary": "a new item with attributes only",
+                          "value": [{"item_id": "i99999", "attributes": ["category:c3", "brand:b7"], "price": 19.9}]},
+    })) -> Any:
         try:
             added, count, key = await add_items([item.model_dump() for item in body])
         except TowerlineError as e:  # e.g. a ranker or remote stages that cannot hold cold items

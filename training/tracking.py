@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
+import warnings
 import os
 import subprocess
 import tempfile
@@ -27,6 +28,11 @@ from towerline.errors import TowerlineError
 from towerline import __version__
 
 log = logging.getLogger(__name__)
+
+# MLflow's advice for hand-written pyfunc models (type hints, input examples) does not apply to ours,
+# which carries an explicit signature; it would reach every training log as a warning
+warnings.filterwarnings("ignore", message=r"(?s).*Type hint used in the model")
+warnings.filterwarnings("ignore", message=r"(?s).*An input example was not provided")
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 BUNDLE_ARTIFACT_PATH = "bundle"
@@ -144,7 +150,9 @@ def log_pyfunc(run_id: str, bundle_dir: str | Path, model_name: str, model_versi
     active = mlflow.active_run()
     if active is not None and active.info.run_id != run_id:
         raise TowerlineError(f"cannot log the pyfunc model into run {run_id}: run {active.info.run_id} is active")
-    with mlflow.start_run(run_id=run_id) if active is None else _nullcontext():
+    with mlflow.start_run(run_id=run_id) if active is None else _nullcontext(), warnings.catch_warnings():
+        # MLflow's advice about type hints and input examples is for hand-written models; ours has a signature
+        warnings.simplefilter("ignore", UserWarning)
         return mlflow.pyfunc.log_model(
             name=PYFUNC_NAME,
             python_model=spec.origin,

@@ -129,7 +129,7 @@ class Server:
 
 def _start(tiny_run, tmp_path: Path, *flags: str) -> Server:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_HAPROXY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}  # no ingress choice leaks in from other tests
     cmd = [sys.executable, "-m", "towerline.cli", "serve", "--model", str(tiny_run.bundle_dir), "--port", str(port),
            "--history-db", str(tmp_path / "history.sqlite"), "--feedback-db", str(tmp_path / "feedback.sqlite"), *flags]
     stdout, stderr = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")

@@ -33,6 +33,8 @@ def apps(ranked_run, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("parity")
     settings = evaluation_settings(history_db=str(tmp / "history.sqlite"), feedback_db=str(tmp / "feedback.sqlite"))
+    # 32 concurrent requests must all be answered here (parity, not load shedding): room for all of them
+    settings = settings.model_copy(update={"max_ongoing_requests": 64, "max_queued_requests": -1})
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
