@@ -360,6 +360,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def read_yaml_mapping(path: Path, what: str, keys: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; each way it can fail is one ``ConfigError`` naming the file.
+
+    ``what`` names the kind of file in "not found" (``config``, ``campaign``), ``keys`` what the
+    mapping holds, for the message when the top level is a list or a scalar.
+    """
+    if not path.is_file():
+        raise ConfigError(f"{what} file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of {keys}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TowerlineConfig:
     """YAML file (or the defaults when ``path`` is None) plus ``--set`` overrides -> ``TowerlineConfig``.
 
@@ -370,14 +387,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     base = Path.cwd()
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
+        data = read_yaml_mapping(p, "config", "sections")
         base = p.resolve().parent
     rel = (data.get("data") or {}).get("path") if isinstance(data.get("data"), dict) else None
     if isinstance(rel, str) and rel and not Path(rel).is_absolute():

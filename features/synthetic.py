@@ -131,21 +131,7 @@ def generate_dataset(
         4000
     """
     p = SyntheticParams()
-    if n_users < 1:
-        raise ConfigError(f"n_users must be >= 1, got {n_users}")
-    if n_items < 2:
-        raise ConfigError(f"n_items must be >= 2 (items need successors), got {n_items}")
-    if months < 1:
-        raise ConfigError(f"months must be >= 1, got {months}")
-    n_events = p.events_per_user * n_users if n_events is None else int(n_events)
-    if n_events < 0:
-        raise ConfigError(f"n_events must be >= 0, got {n_events}")
-    try:
-        t0_ts = pd.Timestamp(start, tz="UTC")
-    except ValueError as e:
-        raise ConfigError(f"start must be an ISO date such as 2025-01-01, got {start!r}") from e
-    t0 = int(t0_ts.timestamp())
-    t1 = int((t0_ts + pd.DateOffset(months=months)).timestamp())
+    n_events, t0, t1 = _check_sizes(n_users, n_items, n_events, start, months, p)
 
     rng = np.random.default_rng(seed)
     bar = _progress(progress, total=5)
@@ -251,7 +237,7 @@ def generate_sharded(
 def _check_sizes(
     n_users: int, n_items: int, n_events: int | None, start: str, months: int, p: SyntheticParams
 ) -> tuple[int, int, int]:
-    """Validated (n_events, period start, period end) of ``generate_sharded``'s arguments."""
+    """Validated (n_events, period start, period end) of a generator's arguments (both generators check alike)."""
     if n_users < 1:
         raise ConfigError(f"n_users must be >= 1, got {n_users}")
     if n_items < 2:

@@ -31,9 +31,7 @@ from pathlib import Path
 from typing import Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-
-from towerline.config import from_dict
+from towerline.config import from_dict, read_yaml_mapping
 from towerline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -237,14 +235,7 @@ def _yaml_scalars(data: dict) -> dict:
 def load_campaign(path: str | Path) -> CampaignConfig:
     """One ``configs/campaigns/*.yaml`` file -> ``CampaignConfig``; errors name the file and field."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"campaign file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping (name, trigger, eligibility, content, offer, channels)")
+    data = read_yaml_mapping(p, "campaign", "name, trigger, eligibility, content, offer, channels")
     data.setdefault("name", p.stem)
     try:
         return campaign_from_dict(data)
