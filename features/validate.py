@@ -110,6 +110,22 @@ def _bad_rows(source: str, column: str, raw: pd.Series, mask: np.ndarray, reason
     return lines
 
 
+def _money(
+    raw: pd.DataFrame, column: str, source: str, report: ValidationReport, not_numeric: str, negative: str
+) -> np.ndarray:
+    """An optional money column as float (NaN where empty or absent); non-numbers and negatives are reported.
+
+    Event values and item prices follow one rule (a plain decimal, no currency sign, >= 0); only the
+    advice in the message differs, so each caller passes its two reasons.
+    """
+    if column not in raw.columns:
+        return np.full(len(raw), np.nan)
+    value, bad_number, below_zero = as_number(raw[column])
+    for mask, reason in ((bad_number, not_numeric), (below_zero, negative)):
+        report.problems += _bad_rows(source, column, raw[column], mask, reason)
+    return value
+
+
 def _show(value: object) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
         return "(empty)"
@@ -450,16 +466,11 @@ def validate_events(raw: pd.DataFrame, source: str = "events") -> tuple[pd.DataF
             np.zeros(len(raw), dtype=np.int8), categories=[DEFAULT_EVENT_TYPE]
         )
 
-    if "value" in raw.columns:
-        value, not_numeric, negative = as_number(raw["value"])
-        for mask, reason in (
-            (not_numeric, "is not a number; write money as 12.50 (no currency sign) or leave it empty"),
-            (negative, "is negative; a value is money paid and must be >= 0 (record refunds elsewhere)"),
-        ):
-            report.problems += _bad_rows(source, "value", raw["value"], mask, reason)
-        out["value"] = value
-    else:
-        out["value"] = np.full(len(raw), np.nan)
+    out["value"] = _money(
+        raw, "value", source, report,
+        "is not a number; write money as 12.50 (no currency sign) or leave it empty",
+        "is negative; a value is money paid and must be >= 0 (record refunds elsewhere)",
+    )
 
     for column in ("event_id", "channel"):
         if column in raw.columns:
@@ -531,16 +542,11 @@ def validate_items(raw: pd.DataFrame, source: str = "items") -> tuple[pd.DataFra
     out["attributes"] = (
         _attribute_lists(raw["attributes"]) if "attributes" in raw.columns else [[] for _ in range(len(raw))]
     )
-    if "price" in raw.columns:
-        price, not_numeric, negative = as_number(raw["price"])
-        for mask, reason in (
-            (not_numeric, "is not a number; write prices as 12.50 (no currency sign) or leave it empty"),
-            (negative, "is negative; prices must be >= 0"),
-        ):
-            report.problems += _bad_rows(source, "price", raw["price"], mask, reason)
-        out["price"] = price
-    else:
-        out["price"] = np.full(len(raw), np.nan)
+    out["price"] = _money(
+        raw, "price", source, report,
+        "is not a number; write prices as 12.50 (no currency sign) or leave it empty",
+        "is negative; prices must be >= 0",
+    )
     if "in_stock" in raw.columns:
         in_stock, not_bool = as_bool(raw["in_stock"], default=True)
         report.problems += _bad_rows(
