@@ -4,7 +4,9 @@ A router factory (FastAPI ``APIRouter``) so that the ingress mounts it with one 
 is tested on its own. The body is a list of catalogue rows (the items contract of
 ``features.contracts``); each new id gets an attribute-only vector from the item tower and a row in
 the index (``recommender.add_items``), and the ingress swaps the whole ``ModelState`` as a reload
-does, so a request sees either the old catalogue or the new one, never half of each.
+does, so a request sees either the old catalogue or the new one, never half of each. Every ingress
+replica adds the same rows (``serving/admin_state.py``); a later reload serves that version as
+trained, without the items added before it.
 
 Auth: this is an admin (write) endpoint; it must sit behind the admin bearer-token dependency the
 ingress gives ``/admin/reload`` (pass it as ``dependencies=`` to ``admin_items_router``).
@@ -21,6 +23,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from towerline.errors import TowerlineError
+from towerline.serving.admin_state import AdminStateUnavailable
+from towerline.serving.http_models import ReplicaCount
 from towerline.serving.recommender import AddedItems
 from towerline.text import Money, Text
 
@@ -47,14 +51,16 @@ class AddItemsResponse(BaseModel):
     without_attributes: list[str]  # added, but no attribute the model knows: scored 0 until retrained
     item_count: int  # catalogue size now (reserved rows excluded)
     model_key: str
+    replicas: ReplicaCount  # the ingress replicas that serve the new items now
 
 
 def admin_items_router(
-    add_items: Callable[[list[dict[str, Any]]], Awaitable[tuple[AddedItems, int, str]]],
+    add_items: Callable[[list[dict[str, Any]]], Awaitable[tuple[AddedItems, int, str, ReplicaCount]]],
     dependencies: Sequence[Any] = (),
 ) -> APIRouter:
-    """The ``/admin/items`` route over ``add_items(rows) -> (AddedItems, item_count, model_key)``,
-    the ingress's method that builds the new state and swaps it in (``Ingress.add_items``)."""
+    """The ``/admin/items`` route over ``add_items(rows) -> (AddedItems, item_count, model_key, replicas)``,
+    the ingress's method that builds the new state, swaps it in and has every replica follow
+    (``IngressReplica.add_items``)."""
     router = APIRouter(dependencies=list(dependencies))
 
     @router.post("/admin/items", response_model=AddItemsResponse, summary="Add cold-start items to the served catalogue",
@@ -66,12 +72,13 @@ def admin_items_router(
                           "value": [{"item_id": "i99999", "attributes": ["category:c3", "brand:b7"], "price": 19.9}]},
     })) -> Any:
         try:
-            added, count, key = await add_items([item.model_dump() for item in body])
+            added, count, key, replicas = await add_items([item.model_dump() for item in body])
         except TowerlineError as e:  # e.g. a ranker or remote stages that cannot hold cold items
             log.warning("POST /admin/items refused: %s", e)
-            return JSONResponse({"type": "about:blank", "title": "Items Not Added", "status": 409, "detail": str(e)},
-                                status_code=409, media_type="application/problem+json")
+            status = 503 if isinstance(e, AdminStateUnavailable) else 409  # 503: nothing changed, try again
+            return JSONResponse({"type": "about:blank", "title": "Items Not Added", "status": status, "detail": str(e)},
+                                status_code=status, media_type="application/problem+json")
         return AddItemsResponse(added=added.added, known=added.known, without_attributes=added.without_attributes,
-                                item_count=count, model_key=key)
+                                item_count=count, model_key=key, replicas=replicas)
 
     return router

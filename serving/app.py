@@ -21,9 +21,10 @@ URI that pins the version, plus the index directory) with every stage call. A st
 the few versions it was asked for, loading a missing one on demand, so ``POST /admin/reload`` can
 load the new version in the ingress and warm the stages, then swap one reference: requests in
 flight finish on the version they started with, and a version that fails to load (missing file,
-corrupt index) never replaces the one serving. One ingress replica is the default; with several,
-each reloads on its own ``/admin/reload`` call (or redeploy with ``serve deploy``, which Serve rolls
-out replica by replica).
+corrupt index) never replaces the one serving. Admin writes reach every ingress replica: the one
+that got the call publishes what it now serves to the app's ``AdminState`` deployment, and the
+others (and replicas started later) follow it (``serving/admin_state.py``); the answer says how
+many replicas applied it.
 
 Errors follow RFC 9457 (``application/problem+json``): invalid JSON or fields 422 naming the field,
 k out of range 422, bodies over ``max_body_bytes`` 413, a non-JSON content type 415, an unknown item
@@ -55,6 +56,7 @@ from towerline.marketing.routes import MarketingService, batch_openapi, batch_to
 from towerline.problems import PROBLEM, Rejections, problem, store_reason  # noqa: F401  (PROBLEM, problem: the names app.py exported)
 from towerline.serving import recommender as rec
 from towerline.serving.admin import BadSource, TempCopies, allowed_source, default_models_root
+from towerline.serving.admin_state import AdminState, AdminStateUnavailable, Desired, Follower
 from towerline.serving.auth import TOKEN_ENV, check_exposure, token_dependency
 from towerline.serving.docs import install_docs, install_openapi, problems
 from towerline.serving.errors import HttpGuard, install_error_handlers
@@ -69,6 +71,7 @@ from towerline.serving.http_models import (
     ReloadedVersion,
     ReloadRequest,
     ReloadResponse,
+    ReplicaCount,
     ScoredItem,
     SimilarResponse,
     VersionResponse,
@@ -401,7 +404,8 @@ class IngressReplica:
     needs a replica context.
     """
 
-    def __init__(self, args: AppArgs, retriever: Any = None, ranker: Any = None, *, stages: Any = None) -> None:
+    def __init__(self, args: AppArgs, retriever: Any = None, ranker: Any = None, *, stages: Any = None,
+                 shared: Optional[Follower] = None) -> None:
         install_safe_logging()  # before anything logs a request's content
         _use_tracking(args.tracking_uri)
         _limit_threads(args.settings.threads)
@@ -418,7 +422,11 @@ class IngressReplica:
             self.stages = HandleStages(retriever, ranker)
         else:
             self.stages = BatchedStages(args.settings)
-        state = rec.load_model(args.model, args.settings, args.index_dir)
+        # what the app's admin writes decided so far (a replica started after a reload serves that), else --model
+        self.shared = shared
+        published = shared.state if shared is not None else None
+        state = self._state_for(published) if published else rec.load_model(args.model, args.settings, args.index_dir)
+        self.desired: Desired = published or {"model": state.key, "index_dir": args.index_dir, "items": []}
         self.copies.keep(state.bundle.path)
         self.recommender = rec.Recommender(state, args.settings, open_history_store(args.settings), self.stages)
         self.store = self.recommender.store
@@ -431,6 +439,8 @@ class IngressReplica:
         }
         for arm_state in self.arm_models.values():
             self.copies.keep(arm_state.bundle.path)
+        if shared is not None:  # from now on this replica follows every admin write, wherever it arrived
+            shared.start(self.desired, self._apply, self.reload_lock)
 
     @property
     def state(self) -> rec.ModelState:
@@ -494,9 +504,7 @@ class IngressReplica:
             new: Optional[rec.ModelState] = None
             try:
                 new = await asyncio.to_thread(rec.load_model, uri, self.settings, index_dir)
-                prepare = getattr(self.stages, "prepare", None)  # LocalStages (tests) has nothing to warm
-                if prepare is not None:
-                    await prepare(new)
+                await self._prepare(new)
             except Exception as e:  # TowerlineError (bad bundle, index) or a stage failing: the old version stays
                 error_id = uuid.uuid4().hex[:16]
                 if isinstance(e, TowerlineError):
@@ -508,24 +516,113 @@ class IngressReplica:
                 return problem(409, "Conflict", f"the model could not be loaded ({_reload_reason(e)}); still serving "
                                f"{old.key}; the server log has the cause under error id {error_id}",
                                model_key=old.key, error_id=error_id, instance="/admin/reload")
-            self.copies.keep(new.bundle.path)
-            self.recommender.state = new
-        if new.bundle.path != old.bundle.path:
-            self.copies.drop(old.bundle.path)  # every artifact is in memory: in-flight requests are unaffected
-        log.info("reloaded: %s -> %s", old.key, new.key)
+            desired = {"model": new.key, "index_dir": index_dir, "items": []}  # the version pinned, not the alias
+            if not await self._publish(desired, expected=False):
+                self.copies.drop(new.bundle.path)
+                return problem(503, "Service Unavailable", "the app's admin state is unreachable, so the other replicas "
+                               f"would not follow; nothing changed, still serving {old.key}; try again",
+                               instance="/admin/reload", headers={"Retry-After": str(self.settings.retry_after_s)})
+            self._swap(new, desired)
+        replicas = await self._confirm()
+        log.info("reloaded: %s -> %s (%d of %d replicas)", old.key, new.key, replicas.applied, replicas.replicas)
         return ReloadResponse(previous=ReloadedVersion(model_key=old.key, model_version=old.model_version),
                               current=ReloadedVersion(model_key=new.key, model_version=new.model_version,
-                                                      index_kind=new.index_kind))
+                                                      index_kind=new.index_kind),
+                              replicas=replicas)
 
-    async def add_items(self, rows: list[dict[str, Any]]) -> tuple[rec.AddedItems, int, str]:
-        """Cold-start items into the served version (``rec.add_items``), swapped whole like a reload."""
+    async def add_items(self, rows: list[dict[str, Any]]) -> tuple[rec.AddedItems, int, str, ReplicaCount]:
+        """Cold-start items into the served version (``rec.add_items``), swapped whole like a reload,
+        then added by every replica. The rows are published onto the state this replica serves only
+        (``expected``): when another admin write got there first, it catches up and adds them again."""
         if self.settings.stage_placement == "deployments":
             raise TowerlineError("cold items live in the ingress's state; the Retriever deployments reload by key "
                                  "and would not have them: serve with stage_placement='ingress' or retrain")
-        async with self.reload_lock:
-            new, added = await asyncio.to_thread(rec.add_items, self.state, rows)
-            self.recommender.state = new
-        return added, new.n_items - 2, new.key
+        for _attempt in range(3):
+            async with self.reload_lock:
+                if self.shared is not None:
+                    await self._unless_unreachable(self.shared.catch_up(self._apply))
+                new, added = await asyncio.to_thread(rec.add_items, self.state, rows)
+                if new is self.state:  # every id known already: nothing to publish
+                    break
+                desired = {**self.desired, "items": [*self.desired["items"], rows]}
+                published = await self._publish(desired, expected=True)
+                if published is None:
+                    continue  # another replica's write came first: catch up, then add onto it
+                if not published:
+                    raise AdminStateUnavailable("the app's admin state is unreachable, so the other replicas would "
+                                                "not follow; nothing changed; try again")
+                self._swap(new, desired)
+                break
+        else:
+            raise TowerlineError("other admin writes kept arriving while these items were added; send them again")
+        return added, new.n_items - 2, new.key, await self._confirm()
+
+    # --------------------------------------------------------------- admin state shared by the replicas
+
+    def _state_for(self, desired: Desired) -> rec.ModelState:
+        """The ``ModelState`` serving ``desired`` (blocking: runs in a thread). When it is the version
+        served now plus more item batches, only those are added; otherwise the version is loaded."""
+        served = getattr(self, "desired", None)
+        same = (served is not None and (desired["model"], desired["index_dir"]) == (served["model"], served["index_dir"])
+                and desired["items"][: len(served["items"])] == served["items"])
+        state = self.state if same else rec.load_model(desired["model"], self.settings, desired["index_dir"])
+        try:
+            for rows in desired["items"][len(served["items"]) if same else 0 :]:
+                state, _ = rec.add_items(state, rows)
+        except Exception:
+            if not same:
+                self.copies.drop(state.bundle.path)  # the registry copy just downloaded
+            raise
+        return state
+
+    async def _apply(self, desired: Desired) -> None:
+        """Serve ``desired`` (what another replica published); the follower holds ``reload_lock``."""
+        new = await asyncio.to_thread(self._state_for, desired)
+        if new is not self.state:
+            await self._prepare(new)
+        self._swap(new, desired)
+
+    async def _prepare(self, state: rec.ModelState) -> None:
+        prepare = getattr(self.stages, "prepare", None)  # LocalStages (tests) has nothing to warm
+        if prepare is not None:
+            await prepare(state)
+
+    def _swap(self, new: rec.ModelState, desired: Desired) -> None:
+        """Serve ``new`` from the next request on; the old version's registry copy goes (every artifact
+        is in memory: requests in flight are unaffected)."""
+        old = self.recommender.state
+        self.copies.keep(new.bundle.path)
+        self.recommender.state = new
+        self.desired = desired
+        self.copies.drop(old.bundle.path)
+
+    async def _publish(self, desired: Desired, *, expected: bool) -> Optional[bool]:
+        """True: published (or nothing to publish to); None: another write came first (``expected``);
+        False: the admin state is unreachable."""
+        if self.shared is None:
+            return True
+        try:
+            return True if await self.shared.publish(desired, expected=expected) else None
+        except Exception as e:
+            log.warning("admin state unreachable: %s", e)
+            return False
+
+    async def _unless_unreachable(self, step: Any) -> None:
+        try:
+            await step
+        except Exception as e:
+            raise AdminStateUnavailable("the app's admin state is unreachable or this replica could not catch up "
+                                        "with it; nothing changed; try again") from e
+
+    async def _confirm(self) -> ReplicaCount:
+        """How many live replicas serve this replica's state now (waiting a few seconds for them)."""
+        if self.shared is None:
+            return ReplicaCount(replicas=1, applied=1)
+        try:
+            return ReplicaCount(**await self.shared.confirm())
+        except Exception as e:
+            log.warning("admin state unreachable after publishing: %s", e)
+            return ReplicaCount(replicas=1, applied=1)
 
 
 def _reload_reason(error: BaseException) -> str:
@@ -542,7 +639,13 @@ def _reload_reason(error: BaseException) -> str:
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
 @serve.ingress()
 class Ingress(IngressReplica):
-    """The ingress deployment: ``IngressReplica`` in a Serve replica."""
+    """The ingress deployment: ``IngressReplica`` in a Serve replica, following the app's ``AdminState``."""
+
+    async def __init__(self, args: AppArgs, retriever: Any = None, ranker: Any = None, admin_state: Any = None) -> None:
+        """Async (Serve awaits it): the admin state published so far is read before the model loads."""
+        s = args.settings
+        shared = None if admin_state is None else await Follower.connect(admin_state, s.admin_poll_s, s.admin_sync_timeout_s)
+        IngressReplica.__init__(self, args, retriever, ranker, shared=shared)
 
     def __serve_build_asgi_app__(self) -> Any:
         """The FastAPI app, built per replica so routes close over this replica's state."""
@@ -562,16 +665,17 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     s = args.settings
     # replicas, bounded queues (503 + Retry-After), health checks and the drain on stop: shedding.py
     ingress = Ingress.options(**ingress_options(s))
+    admin = AdminState.bind(max(3.0, 6 * s.admin_poll_s))  # what admin writes decided, followed by every replica
     if s.stage_placement != "deployments":
-        return ingress.bind(args)  # the model stages run batched inside the ingress: nothing else to deploy
+        return ingress.bind(args, admin_state=admin)  # the model stages run batched inside the ingress
     retriever = Retriever.options(
         num_replicas=s.retriever_replicas,
         user_config={"max_batch_size": s.retriever_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
     ).bind(args)
     if s.rank_stage == "never":
-        return ingress.bind(args, retriever)
+        return ingress.bind(args, retriever, admin_state=admin)
     ranker = Ranker.options(
         num_replicas=s.ranker_replicas,
         user_config={"max_batch_size": s.ranker_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s},
     ).bind(args)
-    return ingress.bind(args, retriever, ranker)
+    return ingress.bind(args, retriever, ranker, admin_state=admin)

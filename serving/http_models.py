@@ -110,13 +110,23 @@ class ReloadedVersion(BaseModel):
     index_kind: Optional[str] = None
 
 
+class ReplicaCount(BaseModel):
+    """How far an admin write reached: the live ingress replicas and how many serve it now."""
+
+    replicas: int = Field(description="live ingress replicas (a heartbeat in the last few seconds)")
+    applied: int = Field(description="replicas that serve the change now (this one included)")
+    failed: int = Field(0, description="replicas that could not apply it: they keep serving what they had and retry")
+
+
 class ReloadResponse(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "previous": {"model_key": "models:/towerline-retriever/2", "model_version": "2"},
-        "current": {"model_key": "models:/towerline-retriever/3", "model_version": "3", "index_kind": "flat"}}]})
+        "current": {"model_key": "models:/towerline-retriever/3", "model_version": "3", "index_kind": "flat"},
+        "replicas": {"replicas": 2, "applied": 2, "failed": 0}}]})
 
     previous: ReloadedVersion
     current: ReloadedVersion
+    replicas: ReplicaCount
 
 
 def openapi_examples(*examples: Any) -> dict[str, dict[str, Any]]:

@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--replicas", type=int, default=1, help="replicas of the retriever and of the ranker (default: 1)")
     p.add_argument("--ingress-replicas", type=int, default=None,
                    help="HTTP ingress replicas (default: 2, or 1 on a one-core machine): a killed replica is not an "
-                   "outage. /admin/reload reloads the replica it reaches")
+                   "outage. Admin writes (/admin/reload, /admin/items) reach every replica")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="any serve setting (towerline.serving.settings.ServeSettings), e.g. max_queued_requests=8, "
                    "request_timeout_s=5 (repeatable)")

@@ -1,15 +1,13 @@
 """Cold-start items: added with attributes only, then similar-item and recommendation answers include them.
 
-In process through ``recommender.add_items`` and ``Recommender`` (flat, HNSW and IVF indexes), and
-over HTTP against a real Serve app on 127.0.0.1 (``POST /admin/items``).
+In process through ``recommender.add_items`` and ``Recommender`` (flat, HNSW and IVF indexes); over
+HTTP against a real Serve app with two ingress replicas in ``test_replicas.py``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from support import free_port
 
 
 def _twin_rows(state, n: int = 3) -> list[dict]:
@@ -117,43 +115,4 @@ def test_catalogue_reload_adds_only_new_ids_and_an_empty_call_changes_nothing(ti
     assert new.facts.in_stock[-1] and new.facts.popularity[-1] == 0
 
 
-@pytest.mark.serve
-def test_post_admin_items_makes_a_cold_item_servable_over_http(tiny_run, tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    import httpx
-    from ray import serve
-
-    from towerline.serving import recommender as rec
-    from towerline.serving.app import AppArgs, build_app
-
-    local = rec.load_model(tiny_run.bundle_dir)
-    rows = [{k: v for k, v in r.items() if k != "_source"} for r in _twin_rows(local, 1)]
-    expected, _ = rec.add_items(local, rows)
-    user, rank = _best_user(expected, "cold-0")
-    assert user is not None
-
-    tmp = tmp_path_factory.mktemp("serve-items")
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        args = AppArgs(model=str(tiny_run.bundle_dir), tracking_uri=tiny_run.tracking_uri,
-                       settings={"history_db": str(tmp / "history.sqlite"), "feedback_db": str(tmp / "feedback.sqlite"),
-                                 "ingress_replicas": 1})  # cold items live in the replica that received them
-        serve.run(build_app(args), name="towerline", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            assert client.get("/items/cold-0/similar").status_code == 404
-            resp = client.post("/admin/items", json=rows)
-            assert resp.status_code == 200, resp.text
-            body = resp.json()
-            assert body["added"] == ["cold-0"] and body["item_count"] == local.n_items - 2 + 1
-            sim = client.get("/items/cold-0/similar", params={"k": 3})
-            assert sim.status_code == 200 and len(sim.json()["items"]) == 3
-            k = min(rank + 11, 200)
-            got = client.post("/recommend", json={"user_id": user, "k": k}).json()["items"]
-            assert "cold-0" in [i["item_id"] for i in got]
-            bad = client.post("/admin/items", json=[{"attributes": ["x"]}])
-            assert bad.status_code == 422
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+# Over HTTP, with two ingress replicas: tests/serving/test_replicas.py
