@@ -11,9 +11,18 @@ more than the 2-core development machine gives one engineer; pass the full sizes
   fixed number of epochs: test NDCG@10 and training throughput (training windows x epochs / fit s).
 * ``million``: optional (``--million``): sampled softmax (in-batch + uniform negatives, logQ) on a
   streamed 1M-item shop for a time budget, then exact FAISS top-k evaluation of sampled test users.
+* ``ann`` (``--model BUNDLE``): ``towerline index --target-recall 0.98`` for HNSW and for IVF with
+  fast-scan PQ and exact re-ranking over the bundle's trained item embeddings, queried with the user
+  vectors of sampled users (the choice on half, the figures on the held-out half): recall@10 against
+  exact search and queries per second on one thread (target recall@10 >= 0.98 at >= 10x exact).
+* ``serve`` (``--model BUNDLE``): one Serve instance (HAProxy ingress) holding the app twice, with one
+  and with two ingress replicas, both keeping the online history in one Redis (``--redis-url``); wrk
+  (``bench/serve_load.py``'s client) drives ``POST /recommend`` on each in interleaved rounds:
+  throughput and p99 of two replicas against one.
 
     python bench/scale.py --events 5000000 --users 250000 --items 100000 --epochs 3 --budget-s 1200
     python bench/scale.py --events 50000000 --users 2500000 --items 1000000 --million   # full run
+    python bench/scale.py --skip features train --model runs/beauty/bundle --parts ann serve --merge
 """
 
 from __future__ import annotations
@@ -177,6 +186,96 @@ def bench_million(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "eval": {k: round(v, 4) for k, v in metrics.items()}}
 
 
+TARGET_RECALL = 0.98
+TARGET_SPEEDUP = 10.0
+
+
+def bench_ann(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``build_model_index(target_recall=0.98)`` per ANN kind on the bundle's trained embeddings."""
+    import os
+
+    from towerline.serving.model_index import build_model_index
+
+    out: dict[str, Any] = {"model": str(args.model), "target_recall": TARGET_RECALL, "queries": args.ann_queries}
+    for kind in ("hnsw", "ivf"):
+        t0 = time.perf_counter()
+        try:
+            r = build_model_index(str(args.model), work / f"index-{kind}", {"kind": kind}, n_queries=args.ann_queries,
+                                  threads=1, target_recall=TARGET_RECALL, build_threads=args.cpus)
+        except Exception as e:  # an unreachable target is a figure too
+            out[kind] = {"error": str(e)}
+            continue
+        out["items"] = r["count"] - 2
+        out["dim"] = r["dim"]
+        out[kind] = {k: r[k] for k in ("recall_at_10", "qps", "cpu_qps", "exact_qps", "exact_cpu_qps", "speedup",
+                                       "build_s", "memory_bytes", "n_queries")}
+        out[kind]["cpu_speedup"] = r["cpu_qps"] / r["exact_cpu_qps"]
+        out[kind]["chosen"] = r["tuning"]["chosen"]
+        out[kind]["tried"] = len(r["tuning"]["tried"])
+        out[kind]["tuning_s"] = round(time.perf_counter() - t0, 1)
+        out[kind]["loadavg_1m"] = round(os.getloadavg()[0], 2)
+        log.info("ann %s: %s", kind, out[kind])
+    return out
+
+
+def bench_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One and two ingress replicas over one Redis, in one Serve instance, wrk in interleaved rounds."""
+    import numpy as np
+
+    from towerline.serving.ingress import use_ingress
+
+    use_ingress("haproxy")  # before ray.serve is imported: the product's default front door
+    from ray import serve
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from serve_load import cmd_serve_wait, free_port, merge_wrk, wrk_slice
+
+    from towerline.serving.app import AppArgs, build_app
+    from towerline.serving.lifecycle import start_ray
+    from towerline.training.bundle import load_bundle
+
+    bundle = load_bundle(str(args.model))
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(bundle.histories), size=min(1000, len(bundle.histories)), replace=False)
+    bodies = [{"user_id": str(u), "k": 10} for u in bundle.vocabs.users.decode(bundle.histories.user_idx[rows])]
+    port = free_port()
+    slices: dict[tuple[int, str], list[dict[str, Any]]] = {(c, name): [] for c in args.serve_clients
+                                                           for name in ("one_replica", "two_replicas")}
+    start_ray("127.0.0.1", args.cpus, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        for name, replicas in (("one_replica", 1), ("two_replicas", 2)):
+            settings = {"history_redis_url": args.redis_url, "ingress_replicas": replicas,
+                        "history_db": str(work / f"{name}.sqlite"), "feedback_db": str(work / f"{name}-fb.sqlite")}
+            serve.run(build_app(AppArgs(model=str(args.model), settings=settings)), name=name, route_prefix=f"/{name}")
+        base = f"http://127.0.0.1:{port}"
+        for name in ("one_replica", "two_replicas"):
+            cmd_serve_wait(f"{base}/{name}")
+        for r in range(args.serve_rounds):
+            for clients, name in slices:
+                sl = wrk_slice(f"{base}/{name}/recommend", bodies, clients, args.serve_seconds / args.serve_rounds, 1.0)
+                log.info("round %d, %d connections, %s: %.1f req/s (%d not 2xx), p99 %.1f ms", r + 1, clients, name,
+                         sl["requests"] / sl["seconds"], sl["errors"], sl["p99_ms"])
+                slices[(clients, name)].append(sl)
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+    by_clients: dict[str, Any] = {}
+    for clients in args.serve_clients:
+        merged = {name: merge_wrk(slices[(clients, name)]) for name in ("one_replica", "two_replicas")}
+        for m in merged.values():  # a shed request (503) is answered fast: count what was served
+            m["ok_rps"] = (m["requests"] - m["errors"]) / m["seconds"]
+        one, two = merged["one_replica"], merged["two_replicas"]
+        by_clients[str(clients)] = {**merged, "ok_throughput_ratio": two["ok_rps"] / max(one["ok_rps"], 1e-9),
+                                    "throughput_ratio": two["throughput_rps"] / one["throughput_rps"],
+                                    "p99_ratio": two["p99_ms"] / one["p99_ms"]}
+    return {"model": str(args.model), "items": int(bundle.item_embeddings.shape[0]) - 2, "ranker": bundle.ranker is not None,
+            "ingress": "haproxy", "client": "wrk", "seconds_per_phase": args.serve_seconds, "rounds": args.serve_rounds,
+            "ray_cpus": args.cpus, "redis": args.redis_url, "connections": by_clients}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=5_000_000, help="features: synthetic events (full target 50M)")
@@ -194,8 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--million-users", type=int, default=2_000_000, help="users of the 1M-item shop (20 events each)")
     ap.add_argument("--million-budget-s", type=float, default=600)
     ap.add_argument("--million-eval-users", type=int, default=5000)
+    ap.add_argument("--model", type=Path, default=None, help="ann/serve: a trained bundle (the largest catalogue you have)")
+    ap.add_argument("--parts", nargs="*", default=[], choices=["ann", "serve"], help="parts needing --model to run")
+    ap.add_argument("--ann-queries", type=int, default=2000, help="ann: sampled users (half tune, half held out)")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/9", help="serve: the Redis both apps share")
+    ap.add_argument("--serve-seconds", type=float, default=60, help="serve: wrk seconds per app, over all rounds")
+    ap.add_argument("--serve-rounds", type=int, default=3)
+    ap.add_argument("--serve-clients", type=int, nargs="+", default=[8, 16],
+                    help="serve: wrk connections, one comparison each (one replica takes 8 at once + 4 queued)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.json")
     args = ap.parse_args(argv)
+    if args.parts and args.model is None:
+        ap.error(f"--parts {' '.join(args.parts)} needs --model BUNDLE (a trained bundle)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
@@ -222,14 +331,38 @@ def main(argv: list[str] | None = None) -> int:
             m = report["million"] = bench_million(args, work)
             report["targets"].append({"part": "million", "target": "1M-item shop trains with sampled softmax and evaluates by FAISS top-k",
                                       "value": m["eval"].get("test/ndcg_10"), "met": m["train_steps"] > 0})
+        if "ann" in args.parts:
+            a = report["ann"] = bench_ann(args, work)
+            for kind in ("hnsw", "ivf"):
+                r = a[kind]
+                report["targets"].append({
+                    "part": "ann", "target": f"{kind} on trained embeddings ({a.get('items')} items): recall@10 >= "
+                    f"{TARGET_RECALL} at >= {TARGET_SPEEDUP:.0f}x exact QPS, one thread",
+                    "value": None if "error" in r else {"recall_at_10": round(r["recall_at_10"], 4),
+                                                        "speedup": round(r["speedup"], 2),
+                                                        "cpu_speedup": round(r["cpu_speedup"], 2)},
+                    "met": "error" not in r and r["recall_at_10"] >= TARGET_RECALL and r["speedup"] >= TARGET_SPEEDUP,
+                    "million_items": a.get("items", 0) >= 1_000_000})
+        if "serve" in args.parts:
+            v = report["serve"] = bench_serve(args, work)
+            for clients, c in v["connections"].items():
+                report["targets"].append({
+                    "part": "serve", "target": f"two ingress replicas sharing Redis, {clients} wrk connections: more "
+                    "/recommend answered (2xx) per second than one replica, p99 no higher",
+                    "value": {"ok_rps": [round(c["one_replica"]["ok_rps"], 1), round(c["two_replicas"]["ok_rps"], 1)],
+                              "not_2xx": [c["one_replica"]["errors"], c["two_replicas"]["errors"]],
+                              "p99_ms": [c["one_replica"]["p99_ms"], c["two_replicas"]["p99_ms"]],
+                              "ok_throughput_ratio": round(c["ok_throughput_ratio"], 3)},
+                    "met": c["ok_throughput_ratio"] > 1.0 and c["p99_ratio"] <= 1.0})
+        report["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and args.out.exists():  # one part per invocation, one results file
         old = json.loads(args.out.read_text())
-        parts = [k for k in ("features", "train", "million") if k in report]
+        parts = [k for k in ("features", "train", "million", "ann", "serve") if k in report]
         kept = [t for t in old.get("targets", []) if t.get("part") not in parts]
-        for k in ("features", "train", "million"):
+        for k in ("features", "train", "million", "ann", "serve"):
             if k not in report and k in old:
                 report[k] = old[k]
         report["commands"] = sorted(set(old.get("commands", [old.get("command", "")])) | {report["command"]})

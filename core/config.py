@@ -163,12 +163,16 @@ class IndexConfig:
     ivf_nlist: int = 0  # 0: about 4*sqrt(n_items)
     ivf_nprobe: int = 16
     ivf_pq_m: int = 0  # 0: no product quantisation (IVF-Flat)
+    ivf_fast_scan: bool = False  # PQ with 4-bit codes scanned in SIMD registers (IndexIVFPQFastScan), needs ivf_pq_m
+    ivf_refine_k_factor: int = 0  # 0: none; else the best k * factor are re-ranked against the float vectors
 
     def __post_init__(self) -> None:
         _check(self.hnsw_m >= 4, "index", "hnsw_m", "must be >= 4")
         _check(self.hnsw_ef_search >= 1, "index", "hnsw_ef_search", "must be >= 1")
         _check(self.hnsw_refine_k_factor >= 1, "index", "hnsw_refine_k_factor", "must be >= 1")
         _check(self.ivf_nprobe >= 1, "index", "ivf_nprobe", "must be >= 1")
+        _check(self.ivf_refine_k_factor >= 0, "index", "ivf_refine_k_factor", "must be >= 0 (0: no re-ranking)")
+        _check(not self.ivf_fast_scan or self.ivf_pq_m > 0, "index", "ivf_fast_scan", "needs index.ivf_pq_m > 0")
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,13 @@ def _unwrap(index: faiss.Index) -> faiss.Index:
     return index
 
 
+def _refine_of(index: faiss.Index) -> faiss.IndexRefine | None:
+    """The ``IndexRefine`` re-scoring an index's candidates (under an ``IndexIDMap`` or not), else None."""
+    outer = faiss.downcast_index(index)
+    outer = faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexIDMap) else outer
+    return outer if isinstance(outer, faiss.IndexRefine) else None
+
+
 def _describe(index: faiss.Index) -> tuple[str, dict[str, int], dict[str, Any]]:
     """(kind, search params settable after load, build params for the record) of an index."""
     inner = _unwrap(index)
@@ -96,14 +103,18 @@ def _describe(index: faiss.Index) -> tuple[str, dict[str, int], dict[str, Any]]:
         build: dict[str, Any] = {"M": int(hnsw.nb_neighbors(1)), "efConstruction": int(hnsw.efConstruction),
                                  "storage": "sq8" if isinstance(inner, faiss.IndexHNSWSQ) else "flat"}
         search = {"efSearch": int(hnsw.efSearch)}
-        outer = faiss.downcast_index(index)
-        outer = faiss.downcast_index(outer.index) if isinstance(outer, faiss.IndexIDMap) else outer
-        if isinstance(outer, faiss.IndexRefine):
-            search["k_factor_rf"] = int(outer.k_factor)
+        refine = _refine_of(index)
+        if refine is not None:
+            search["k_factor_rf"] = int(refine.k_factor)
         return "hnsw", search, build
     if isinstance(inner, faiss.IndexIVF):
-        pq_m = int(inner.pq.M) if isinstance(inner, faiss.IndexIVFPQ) else 0
-        return "ivf", {"nprobe": int(inner.nprobe)}, {"nlist": int(inner.nlist), "pq_m": pq_m}
+        fast_scan = isinstance(inner, faiss.IndexIVFPQFastScan)
+        pq_m = int(inner.pq.M) if isinstance(inner, (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)) else 0
+        search = {"nprobe": int(inner.nprobe)}
+        refine = _refine_of(index)
+        if refine is not None:
+            search["k_factor_rf"] = int(refine.k_factor)
+        return "ivf", search, {"nlist": int(inner.nlist), "pq_m": pq_m, "fast_scan": fast_scan, "refine": refine is not None}
     if isinstance(inner, faiss.IndexFlat):
         return "flat", {}, {}
     raise ValueError(f"unsupported index type {type(inner).__name__}; build indexes with build_index")
@@ -129,8 +140,12 @@ def build_index(
       codes (``IndexHNSWSQ``) inside ``IndexRefineFlat``, which re-scores the graph's best
       ``k * hnsw_refine_k_factor`` against the float vectors: each visited node costs a quarter
       of the memory traffic, and the exact re-scoring takes back what the codes lose.
-    - ``ivf``: ``IndexIVFFlat`` (``IndexIVFPQ`` when ``cfg.ivf_pq_m > 0``) over an exact inner-product
-      quantizer trained on ``vectors``; ``cfg.ivf_nlist == 0`` means ``default_nlist(N)``.
+    - ``ivf``: ``IndexIVFFlat`` (``IndexIVFPQ`` when ``cfg.ivf_pq_m > 0``, ``IndexIVFPQFastScan`` with
+      4-bit codes when ``cfg.ivf_fast_scan`` too) over an exact inner-product quantizer trained on
+      ``vectors``; ``cfg.ivf_nlist == 0`` means ``default_nlist(N)``. With ``cfg.ivf_refine_k_factor``
+      > 0 it sits inside ``IndexRefineFlat``: the codes find ``k * factor`` candidates cheaply (fast
+      scan compares 4-bit codes with SIMD table look-ups) and the float vectors re-rank that short
+      list exactly, so the PQ error costs speed, not recall.
 
     ``ids`` (N,) non-negative unique int64, when given, are returned by ``search`` instead of row
     numbers (flat and HNSW are wrapped in ``IndexIDMap``; IVF stores ids natively). ``threads``
@@ -210,13 +225,20 @@ def _new_ivf(x: np.ndarray, cfg: IndexConfig, metric: int) -> faiss.Index:
     if cfg.ivf_pq_m > 0:
         if d % cfg.ivf_pq_m:
             raise ConfigError(f"config field 'index.ivf_pq_m': {cfg.ivf_pq_m} does not divide the embedding dim {d}")
-        nbits = min(8, int(math.log2(n))) if n >= 2 else 1  # PQ trains 2**nbits centroids per sub-vector
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.ivf_pq_m, nbits, metric)
+        if cfg.ivf_fast_scan:  # fast scan works on 4-bit codes only: 16 centroids per sub-vector
+            ivf: faiss.IndexIVF = faiss.IndexIVFPQFastScan(quantizer, d, nlist, cfg.ivf_pq_m, 4, metric)
+        else:
+            nbits = min(8, int(math.log2(n))) if n >= 2 else 1  # PQ trains 2**nbits centroids per sub-vector
+            ivf = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.ivf_pq_m, nbits, metric)
     else:
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
-    index.train(x)
-    index.nprobe = min(cfg.ivf_nprobe, nlist)
-    return index  # FAISS's Python wrapper keeps `quantizer` alive as long as `index`
+        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, metric)
+    ivf.train(x)
+    ivf.nprobe = min(cfg.ivf_nprobe, nlist)
+    if cfg.ivf_refine_k_factor == 0:
+        return ivf  # FAISS's Python wrapper keeps `quantizer` alive as long as `index`
+    index = faiss.IndexRefineFlat(ivf)  # adds go to both: the codes and the float vectors
+    index.k_factor = cfg.ivf_refine_k_factor
+    return index
 
 
 def set_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
@@ -497,7 +519,9 @@ def measure_recall(approx_idx: Any, exact_idx: Any, k: int) -> float:
     return float(np.mean(recalls))
 
 
-def _timed_search(index: faiss.Index, q: np.ndarray, k: int, repeats: int) -> tuple[np.ndarray, float, float]:
+def timed_search(
+    index: faiss.Index, q: np.ndarray, k: int, repeats: int, *, threads: int | None = None
+) -> tuple[np.ndarray, float, float]:
     """Labels, wall-clock QPS and CPU-time QPS of one batched search, each the best of ``repeats``.
 
     CPU time (``time.process_time``: all threads of this process) is reported beside wall time
@@ -509,7 +533,7 @@ def _timed_search(index: faiss.Index, q: np.ndarray, k: int, repeats: int) -> tu
     labels = np.empty((0, k), dtype=np.int64)
     for _ in range(repeats):
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        _, labels = search(index, q, k)
+        _, labels = search(index, q, k, threads=threads)
         best_wall = min(best_wall, time.perf_counter() - wall0)
         best_cpu = min(best_cpu, time.process_time() - cpu0)
     n_q = q.shape[0]
@@ -534,15 +558,15 @@ def benchmark_index(
 
     Returns ``{"k", "recall_at_<k>", "qps", "exact_qps", "speedup", "cpu_qps", "exact_cpu_qps",
     "cpu_speedup", "n_queries", "threads"}``; the ``cpu_*`` figures divide by process CPU time
-    instead of wall time (see ``_timed_search``), which a busy shared machine distorts far less.
+    instead of wall time (see ``timed_search``), which a busy shared machine distorts far less.
     """
     q = _as_matrix(queries, "queries")  # (Q, D)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     with _omp_threads(threads):
         used_threads = faiss.omp_get_max_threads()
-        exact_labels, exact_qps, exact_cpu_qps = _timed_search(exact_index, q, k, repeats)
-        labels, qps, cpu_qps = _timed_search(index, q, k, repeats)
+        exact_labels, exact_qps, exact_cpu_qps = timed_search(exact_index, q, k, repeats)
+        labels, qps, cpu_qps = timed_search(index, q, k, repeats)
     return {
         "k": k,
         f"recall_at_{k}": measure_recall(labels, exact_labels, k),

@@ -45,12 +45,17 @@ from torch.utils.data.distributed import DistributedSampler
 from towerline.config import TowerlineConfig, from_dict, save_config, to_dict
 from towerline.errors import ConfigError
 from towerline.training.data import SequenceDataModule, training_windows
-from towerline.training.export import export_bundle
 from towerline.training.ranker_model import item_categories
 from towerline.training.system import TwoTowerSystem
-from towerline.training.tracking import BUNDLE_ARTIFACT_PATH, code_version, register_bundle, use_tracking
-from towerline.training.train import MONITOR, LearningCurve, TrainResult, best_epoch_metrics, run_name
-from towerline.training.ranker_train import train_ranker
+from towerline.training.tracking import code_version, use_tracking
+from towerline.training.train import (
+    MONITOR,
+    LearningCurve,
+    TrainResult,
+    best_epoch_metrics,
+    export_and_register,
+    run_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -239,27 +244,7 @@ def train_distributed(cfg: TowerlineConfig, out_dir: str | Path = "runs/latest",
     metrics.update(best_epoch_metrics(curve_points))
     logger.log_metrics({k: v for k, v in metrics.items() if k.startswith("best/") or k in ("train/epochs", "train/seconds", "train/workers")})
 
-    # from here on, what train.py does after fitting: the same bundle, artifacts and registered version
     curve = LearningCurve()
     curve.points = curve_points
-    plot = curve.plot(out / "training_curve.png")
-    (out / "curve.json").write_text(json.dumps(curve_points, indent=2))
-    bundle = export_bundle(
-        system.net, dm.vocabs, cfg, out / "bundle",
-        items=dm.items_table(), item_popularity=dm.item_counts, histories=dm.split.full, users=dm.users_consent(), metrics=metrics,
-        extra_files={"training_curve.png": plot, "curve.json": out / "curve.json"} if plot else {},
-        manifest_extra={"model_name": cfg.tracking.model_name, "run_id": run_id},
-    )
-    client = logger.experiment
-    client.log_artifacts(run_id, str(bundle), BUNDLE_ARTIFACT_PATH)
-    if plot:
-        client.log_artifact(run_id, str(plot))
-    if cfg.ranker.enabled:
-        metrics.update(train_ranker(system.net, dm.vocabs, dm.split, cfg, bundle, run_id=run_id, tracking_uri=uri, progress=progress).metrics)
-    out_result = TrainResult(run_id=run_id, tracking_uri=uri, bundle_dir=bundle, metrics=metrics, curve=curve_points)
-    if cfg.tracking.register:
-        out_result.model_name = cfg.tracking.model_name
-        out_result.model_version = register_bundle(run_id, cfg.tracking.model_name)
-        client.set_tag(run_id, "model_version", out_result.model_version)
-    logger.finalize("success")
-    return out_result
+    return export_and_register(cfg, dm, system, logger, out, curve, metrics, run_id=run_id, tracking_uri=uri,
+                               progress=progress)

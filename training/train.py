@@ -218,6 +218,28 @@ def train(
     # the run's summary, beside the per-epoch curves and the test metrics Lightning logged already
     logger.log_metrics({k: v for k, v in metrics.items() if k.startswith("best/") or k in ("train/epochs", "train/seconds")})
 
+    return export_and_register(cfg, dm, system, logger, out, curve, metrics, run_id=run_id, tracking_uri=uri,
+                               progress=progress)
+
+
+def export_and_register(
+    cfg: TowerlineConfig,
+    dm: SequenceDataModule,
+    system: TwoTowerSystem,
+    logger: MLFlowLogger,
+    out: Path,
+    curve: LearningCurve,
+    metrics: dict[str, float],
+    *,
+    run_id: str,
+    tracking_uri: str,
+    progress: bool,
+) -> TrainResult:
+    """What every training path does once the model is fitted and tested (``train`` in one process,
+    ``train_distributed`` with Ray Train): the learning curve, the bundle, its MLflow artifacts, the
+    ranker when enabled, the registered version, the run closed. One function so that one worker
+    and N workers cannot drift apart in what they hand to serving.
+    """
     plot = curve.plot(out / "training_curve.png")
     (out / "curve.json").write_text(json.dumps(curve.points, indent=2))
     bundle = export_bundle(
@@ -231,9 +253,9 @@ def train(
     if plot:
         client.log_artifact(run_id, str(plot))
     if cfg.ranker.enabled:  # before registering, so the registered version includes the ranker
-
-        metrics.update(train_ranker(system.net, dm.vocabs, dm.split, cfg, bundle, run_id=run_id, tracking_uri=uri, progress=progress).metrics)
-    result = TrainResult(run_id=run_id, tracking_uri=uri, bundle_dir=bundle, metrics=metrics, curve=curve.points)
+        metrics.update(train_ranker(system.net, dm.vocabs, dm.split, cfg, bundle, run_id=run_id,
+                                    tracking_uri=tracking_uri, progress=progress).metrics)
+    result = TrainResult(run_id=run_id, tracking_uri=tracking_uri, bundle_dir=bundle, metrics=metrics, curve=curve.points)
     if cfg.tracking.register:
         result.model_name = cfg.tracking.model_name
         result.model_version = register_bundle(run_id, cfg.tracking.model_name, bundle)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,9 +20,14 @@ INDEX_EXAMPLE = """example:
   towerline index --model runs/latest/bundle                        # exact, written to the bundle's index/
   towerline index --model models:/towerline-retriever@champion --kind hnsw --out indexes/champion
   towerline index --model runs/beauty/bundle --kind ivf --nprobe 32
+  towerline index --model models:/towerline-retriever@champion --target-recall 0.98   # HNSW or IVF-PQ, measured
 
 HNSW and IVF print their recall@10 against exact search (queries: user vectors of sampled users)
-and both indexes' queries per second."""
+and both indexes' queries per second. --target-recall searches HNSW (M, efSearch) and IVF with
+fast-scan PQ and exact re-ranking (nprobe, re-ranked list length) for the fastest index on one
+thread whose recall@10 meets the target: chosen on half the sampled users, measured on the other
+half; the manifest records the figures and every setting tried. A target no setting reaches is an
+error (exit 2) naming the best recall reached: nothing is written."""
 
 SERVE_EXAMPLE = """example:
   towerline serve --model runs/latest/bundle
@@ -54,7 +60,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default: about 4*sqrt(items))")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed per query (default: 16)")
     p.add_argument("--queries", type=int, default=1000, help="sampled users for the recall measurement (default: 1000)")
-    p.add_argument("--threads", type=int, default=1, help="FAISS threads for build and benchmark (default: 1)")
+    p.add_argument("--target-recall", type=float, default=None, metavar="R",
+                   help="pick the ANN parameters for recall@10 >= R (0 < R <= 1) by measuring; flags given fix their field")
+    p.add_argument("--threads", type=int, default=1, help="FAISS threads for the measured searches (default: 1)")
+    p.add_argument("--build-threads", type=int, default=None, help="FAISS threads for building (default: --threads)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
     p.set_defaults(func=cmd_index)
 
@@ -110,6 +119,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     from towerline.bundle import check_model
 
     _tracking(args.tracking_uri)
+    if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
+        print(f"error: --target-recall must be in (0, 1], got {args.target_recall}", file=sys.stderr)
+        return 2
     check_model(args.model)  # a wrong --model is one line now, not a traceback after loading torch
     overrides = {name: value for name, value in (("hnsw_m", args.hnsw_m), ("hnsw_ef_search", args.ef_search),
                                                  ("hnsw_storage", args.hnsw_storage),
@@ -120,10 +132,16 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     if args.kind is not None:
         overrides["kind"] = args.kind
-    report = build_model_index(args.model, args.out, overrides, args.queries, args.threads)
-    print(f"{report['kind']} index over {report['count'] - N_RESERVED} items (dim {report['dim']}) built in {report['build_s']:.2f} s")
-    if "recall_at_10" in report:
-        print(f"recall@10 vs exact: {report['recall_at_10']:.4f} on {report['n_queries']} sampled users; "
+    report = build_model_index(args.model, args.out, overrides, args.queries, args.threads,
+                               target_recall=args.target_recall, build_threads=args.build_threads)
+    print(f"{report['kind']} index over {report['count'] - N_RESERVED} items (dim {report['dim']}) built in {report['build_s']:.2f} s, "
+          f"{report['memory_bytes'] / 2**20:.1f} MiB")
+    if "tuning" in report:
+        chosen = report["tuning"]["chosen"]
+        print(f"chosen for recall@10 >= {args.target_recall}: {chosen['kind']} {chosen['build']} {chosen['params']} "
+              f"({len(report['tuning']['tried'])} settings tried on {report['tuning']['tune_users']} users)")
+    if "qps" in report:
+        print(f"recall@10 vs exact: {report['recall_at_10']:.4f} on {report['n_queries']} {'held-out' if 'tuning' in report else 'sampled'} users; "
               f"{report['qps']:.0f} queries/s vs exact {report['exact_qps']:.0f} ({report['speedup']:.1f}x)")
     print(f"written: {report['out']}  (load with: towerline serve --model {args.model} --index {report['out']})")
     return 0
@@ -275,6 +293,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["ingress_replicas"] = 1  # two replicas on one core only share it
     settings = settings_from(flags, **overrides)
     _tracking(args.tracking_uri)
+    if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
+        print(f"error: --target-recall must be in (0, 1], got {args.target_recall}", file=sys.stderr)
+        return 2
     check_model(args.model)
     # before anything imports ray.serve: Ray reads it at import time
     use_ingress(args.ingress, args.host, settings.retry_after_s)

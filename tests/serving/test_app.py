@@ -292,3 +292,53 @@ def test_writes_need_the_bearer_token_over_real_http(secured):
     assert ok.status_code == 200 and ok.json()["accepted"] == 1
     assert secured.post("/recommend", json={"user_id": "u000001", "k": 3}).status_code == 200  # reads stay open
     assert secured.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def shared_redis(served, redis_url, tmp_path_factory):
+    """A third app in the same Serve instance: two ingress replicas whose online history is one real
+    Redis (no SQLite history they could share instead), under /shared."""
+    from ray import serve
+
+    from towerline.serving.app import AppArgs, build_app
+
+    base, tiny_run = served
+    tmp = tmp_path_factory.mktemp("shared")
+    args = AppArgs(model=str(tiny_run.bundle_dir), tracking_uri=tiny_run.tracking_uri, settings={
+        "history_redis_url": redis_url, "ingress_replicas": 2, "history_db": str(tmp / "unused.sqlite"),
+        "feedback_db": str(tmp / "f.sqlite")})
+    serve.run(build_app(args), name="shared", route_prefix="/shared")
+    with httpx.Client(base_url=f"{base}/shared", timeout=30) as c:
+        yield c, tiny_run
+    serve.delete("shared")
+
+
+def answers_of_both_replicas(client: httpx.Client, user: str) -> dict:
+    """``{model_version: item ids}`` of /recommend until both replicas answered (at most 60 requests)."""
+    seen: dict = {}
+    for _ in range(60):
+        body = client.post("/recommend", json={"user_id": user, "k": 10}).json()
+        seen.setdefault(body["model_version"], [i["item_id"] for i in body["items"]])
+        if len(seen) == 2:
+            return seen
+    pytest.fail(f"60 requests reached one ingress replica only: {sorted(seen, key=str)}")
+
+
+def test_event_posted_through_one_replica_changes_the_next_answer_of_the_other(shared_redis):
+    """The router picks the replica, so the test tells them apart instead: one replica is reloaded with the
+    registry's copy of the same weights and answers ``model_version: "1"``, the other still says null.
+    Whichever replica the event reached, both answers must change: one of them learnt it through Redis."""
+    client, tiny_run = shared_redis
+    reload = client.post("/admin/reload", json={"model": f"models:/{tiny_run.model_name}/{tiny_run.model_version}"})
+    assert reload.status_code == 200, reload.text
+    user = a_known_user(tiny_run)
+    before = answers_of_both_replicas(client, user)
+    assert set(before) == {None, tiny_run.model_version} and before[None] == before[tiny_run.model_version]
+    top = before[None][0]
+    event = {"user_id": user, "item_id": top, "event_type": "purchase", "timestamp": 2_000_000_000,
+             "event_id": "shared-redis-1"}
+    assert client.post("/events", json=[event]).json()["accepted"] == 1
+    after = answers_of_both_replicas(client, user)
+    for version, items in after.items():
+        assert top not in items, f"replica answering model_version {version!r} still recommends the purchased {top}"
+        assert items != before[version]

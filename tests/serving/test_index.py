@@ -364,3 +364,22 @@ def test_index_command_follows_the_models_index_section_and_flags_override_it(tm
     assert json.loads((tmp_path / "c" / "manifest.json").read_text())["kind"] == "flat"
     out = capsys.readouterr().out
     assert "over 60 items" in out  # the catalogue's items, not the two reserved rows
+
+
+def test_ivf_fast_scan_pq_reranked_exactly_keeps_recall_and_params_through_save_and_load(tmp_path, items, queries):
+    """4-bit fast-scan codes find a short list; the float vectors re-rank it, so scores are exact."""
+    cfg = IndexConfig(kind="ivf", ivf_nlist=16, ivf_nprobe=16, ivf_pq_m=8, ivf_fast_scan=True, ivf_refine_k_factor=8)
+    save_index(build_index(items, cfg), tmp_path / "fs", {})
+    index, manifest = load_index(tmp_path / "fs")
+    assert manifest["params"] == {"nprobe": 16, "k_factor_rf": 8}
+    assert manifest["build"] == {"nlist": 16, "pq_m": 8, "fast_scan": True, "refine": True}
+    scores, idx = search(index, queries, 10)
+    exact_scores, exact_idx = brute_force(items, queries, 10)
+    assert measure_recall(idx, exact_idx, 10) >= 0.95
+    found = idx == exact_idx
+    np.testing.assert_allclose(scores[found], exact_scores[found], rtol=1e-4, atol=1e-4)
+
+
+def test_ivf_fast_scan_without_pq_is_a_config_error():
+    with pytest.raises(ConfigError, match="index.ivf_fast_scan"):
+        IndexConfig(kind="ivf", ivf_fast_scan=True)
