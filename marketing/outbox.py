@@ -27,13 +27,15 @@ URL options (query string, stripped before connecting): ``queue=`` for RabbitMQ 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -125,9 +127,12 @@ class ParquetOutbox:
         return pd.concat(frames, ignore_index=True)
 
     def publish(self, messages: pd.DataFrame) -> pd.DataFrame:
-        new = drop_published(messages, self.history())
-        if len(new):
-            self.write(new)
+        if not len(messages):
+            return drop_published(messages, empty_messages())
+        with folder_lock(self.directory):  # another process's publish between history() and write() would duplicate
+            new = drop_published(messages, self.history())
+            if len(new):
+                self.write(new)
         return new
 
     def write(self, messages: pd.DataFrame) -> Path:
@@ -143,6 +148,22 @@ class ParquetOutbox:
         os.replace(tmp, path)
         log.info("outbox: %d messages -> %s", len(messages), path)
         return path
+
+
+@contextmanager
+def folder_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` (``.lock`` in it) across processes on this machine.
+
+    A publish reads the history and then writes: the service's ingress replicas, and a nightly run
+    beside them, must not interleave those two steps, or both would publish the same new id.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def drop_published(messages: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
@@ -185,6 +206,12 @@ class _LedgeredOutbox:
         return self.ledger.history()
 
     def publish(self, messages: pd.DataFrame) -> pd.DataFrame:
+        if not len(messages):
+            return drop_published(messages, empty_messages())
+        with folder_lock(self.ledger.directory):
+            return self._publish_new(messages)
+
+    def _publish_new(self, messages: pd.DataFrame) -> pd.DataFrame:
         new = drop_published(messages, self.history())
         if not len(new):
             return new
