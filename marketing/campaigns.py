@@ -635,6 +635,7 @@ def run_campaign(
                          recommend=recommend, bundle=bundle)
     to_send = as_messages(plan.loc[plan["status"] == SEND])
     published = outbox.publish(to_send)
+    outbox.record_holdout(as_messages(plan.loc[plan["status"] == "holdout"]))  # the report's comparison group
     counts = {s: int(n) for s, n in plan["status"].value_counts().items()}
     return CampaignRun(campaign.name, as_of, plan, published, counts)
 

@@ -539,3 +539,22 @@ def test_the_cli_recommender_sees_events_newer_than_the_model(tiny_run):
     assert len(cold) == len(warm) == 5
     assert cold != warm  # popular fallback without the events, personalised with them
     assert not set(items) & set(warm)  # seen items are dropped by the serving rules
+
+
+def test_a_run_records_its_holdout_beside_the_messages_and_the_report_reads_both(tmp_path):
+    from towerline.marketing.campaign_report import read_outbox
+
+    users = [f"u{i}" for i in range(40)]
+    data = shop([(u, "i1", at(0, 9), "purchase") for u in users])
+    c = campaign(trigger={"kind": "purchase", "days": 3}, holdout=0.3)
+    outbox = ParquetOutbox(tmp_path / "outbox")
+    first = run_campaign(c, data, at(3, 9), outbox, recommend=recommend)
+    held = outbox.holdout_history()
+    assert len(held) == first.counts["holdout"] > 0 and len(outbox.history()) == first.counts[SEND] > 0
+    assert not set(held["user_id"]) & set(outbox.history()["user_id"])  # nobody held out was messaged
+    assert set(held["user_id"]) == {u for u, h in zip(users, in_holdout("test", users, 0.3)) if h}
+    run_campaign(c, data, at(3, 9), outbox, recommend=recommend)  # a re-run records no holdout row twice either
+    assert len(outbox.holdout_history()) == len(held)
+    report_rows = read_outbox(tmp_path / "outbox")
+    assert report_rows["holdout"].sum() == len(held) and (~report_rows["holdout"]).sum() == first.counts[SEND]
+    assert (report_rows["sent_at"] == at(3, 9)).all()
