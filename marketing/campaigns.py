@@ -53,6 +53,7 @@ from towerline.features.readers import load_dataset
 from towerline.features.user_features import build_profiles
 from towerline.training.bundle import load_bundle
 from towerline.marketing.profiles import load_profiles
+from towerline.marketing.scores import SCORE_COLUMNS, add_campaign_scores
 
 log = logging.getLogger(__name__)
 
@@ -733,11 +734,15 @@ def load_inputs(
     model: str | None = None,
     profiles_path: str | None = None,
     scores_path: str | None = None,
+    score_columns: Sequence[str] = (),
 ) -> CampaignInputs:
     """Read what a run needs: the data set, the bundle (``model``), profiles and scores.
 
     Profiles come from ``profiles_path`` (a ``towerline profile`` export) or are built from the
     events up to ``as_of`` with the model's thresholds, so segments are those of the run's time.
+    Built profiles also get the ``score_columns`` (``campaign_score_columns``) that the churn and
+    LTV models give (``scores.add_campaign_scores``, trained on the log up to ``as_of``) unless
+    ``scores_path`` has them.
     """
     dataset = load_dataset(data, format)[0]
     bundle = None
@@ -750,7 +755,8 @@ def load_inputs(
         profiles = None
         if len(past):
             seen = Dataset(dataset.name, past, dataset.items, dataset.users)
-            profiles = build_profiles(seen, default_profile_config(bundle.config if bundle else None), reference_time=as_of)
+            profile_cfg = default_profile_config(bundle.config if bundle else None)
+            profiles = build_profiles(seen, profile_cfg, reference_time=as_of)
     scores = None
     if scores_path:
         try:
@@ -759,4 +765,14 @@ def load_inputs(
             raise DataValidationError(f"--scores {scores_path}: not a readable Parquet file ({e})") from None
         if "user_id" not in scores:
             raise DataValidationError(f"--scores {scores_path}: needs a user_id column (has {', '.join(scores.columns)})")
+    missing = [c for c in score_columns if c in SCORE_COLUMNS and (scores is None or c not in scores)]
+    if profiles is not None and not profiles_path and missing:
+        profiles = add_campaign_scores(profiles, dataset, profile_cfg, columns=missing)
     return CampaignInputs(dataset, bundle, profiles, scores)
+
+
+def campaign_score_columns(campaign: CampaignConfig) -> list[str]:
+    """The per-user score columns the campaign's trigger and offer read."""
+    t = campaign.trigger
+    cols = [t.score_column] if t.kind == "churn_risk" else []
+    return cols + ([campaign.offer.column] if campaign.offer.column else [])

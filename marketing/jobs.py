@@ -21,15 +21,14 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from towerline.config import ProfileConfig, TowerlineConfig, TrackingConfig, load_config
-from towerline.errors import ConfigError, DataValidationError
+from towerline.errors import ConfigError
 from towerline.features.readers import load_dataset
 from towerline.features.user_features import build_profiles
 from towerline.marketing.audience import find_audience, user_vectors
-from towerline.marketing.churn import ChurnConfig, add_churn_probability, train_churn
-from towerline.marketing.ltv import LtvConfig, add_predicted_ltv, train_ltv
 from towerline.marketing.clusters import cluster_users, label_clusters
 from towerline.marketing.profile_report import write_profile_report
 from towerline.marketing.profiles import export_profiles, load_profiles
+from towerline.marketing.scores import add_campaign_scores
 from towerline.training.bundle import load_bundle
 from towerline.training.data import load_data
 from towerline.training.tracking import use_tracking
@@ -83,39 +82,6 @@ def run_profile(
                                   title=f"Customer profiles: {dataset.name}")
     run_id = _log_artifacts(bundle, [out, report], cluster_labels) if log_to_mlflow else None
     return ProfileResult(out, report, int(profiles["consent"].sum()), len(set(labels.tolist())), cluster_labels, run_id)
-
-
-def add_campaign_scores(
-    profiles: pd.DataFrame, dataset: Any, profile_cfg: ProfileConfig,
-    churn_cfg: ChurnConfig = ChurnConfig(), ltv_cfg: LtvConfig = LtvConfig(),
-) -> pd.DataFrame:
-    """``churn_probability`` and ``predicted_ltv`` per customer, as of the profiles' reference time.
-
-    The two models are trained here, on a time split of the same events (snapshots ``t - h`` and
-    ``t - 2h`` with the ``h`` days after each as labels), then applied at ``t``. Trained rather than
-    loaded because they are scikit-learn estimators, which persist only by pickling (Towerline never
-    loads a pickle), they fit in seconds on the profile columns, and the profile job is where their
-    features are built anyway: a model from another run would be as stale as its data. Without the
-    user tower's vectors: the bundle's histories run to the end of its training data, so at the
-    training snapshots they would carry the very future the labels measure.
-
-    A log too short for the horizons (or without a clock) leaves the columns out, with a warning.
-    """
-    at = int(profiles.attrs.get("reference_time", dataset.events["timestamp"].max()))
-    if not profiles.attrs.get("has_clock", True):
-        log.warning("profile: timestamps are not a clock; no churn_probability or predicted_ltv")
-        return profiles
-    try:
-        churn = train_churn(dataset, at, churn_cfg, profile_cfg=profile_cfg)
-        profiles = add_churn_probability(profiles, churn, dataset, at=at, profile_cfg=profile_cfg)
-    except DataValidationError as e:
-        log.warning("profile: no churn_probability (%s)", e)
-    try:
-        ltv = train_ltv(dataset, at, ltv_cfg, profile_cfg=profile_cfg)
-        profiles = add_predicted_ltv(profiles, ltv, dataset, at=at, profile_cfg=profile_cfg)
-    except DataValidationError as e:
-        log.warning("profile: no predicted_ltv (%s)", e)
-    return profiles
 
 
 def load_model_data(model_config: TowerlineConfig, data: str | None, format: str | None) -> Any:

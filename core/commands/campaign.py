@@ -79,7 +79,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _prepare(args: argparse.Namespace):
     from towerline.marketing.campaign_config import find_campaign
-    from towerline.marketing.campaigns import load_inputs, parse_time
+    from towerline.marketing.campaigns import campaign_score_columns, load_inputs, parse_time
 
     campaign = find_campaign(args.name, args.campaigns)
     as_of = parse_time(args.as_of)
@@ -89,7 +89,8 @@ def _prepare(args: argparse.Namespace):
 
         use_tracking(TrackingConfig(tracking_uri=args.tracking_uri))
     inputs = load_inputs(args.data, as_of, format=args.format, model=args.model,
-                         profiles_path=args.profiles, scores_path=args.scores)
+                         profiles_path=args.profiles, scores_path=args.scores,
+                         score_columns=campaign_score_columns(campaign))
     return campaign, as_of, inputs
 
 

@@ -484,6 +484,20 @@ def test_cli_campaign_run_on_the_synthetic_shop_writes_an_outbox(tiny_run, tmp_p
     tier = got["predicted_ltv"].map({50.0: "5%", 200.0: "10%", 800.0: "15%"})
     assert (got["offer"] == tier).all() and set(got["channel"]) <= {"email", "sms"}
 
+    # without --scores the run trains the churn and LTV models on the log up to --as-of itself
+    from towerline.marketing.campaigns import load_inputs
+
+    inputs = load_inputs(str(data), parse_time("2025-06-22T09:00"), score_columns=["churn_probability", "predicted_ltv"])
+    made = inputs.profiles.set_index("user_id")[["churn_probability", "predicted_ltv"]]
+    assert made["churn_probability"].notna().sum() > 50 and (made["predicted_ltv"].dropna() >= 0).all()
+    own = [a for a in win_back if a not in ("--scores", str(tmp_path / "scores.parquet"))]
+    own[own.index(str(outbox))] = str(tmp_path / "outbox-own")
+    assert main(own) == 0
+    got = pd.read_parquet(tmp_path / "outbox-own").merge(made, left_on="user_id", right_index=True)
+    assert len(got) >= 1 and (got["churn_probability"] > 0.6).all()
+    tier = np.select([got["predicted_ltv"] >= 500, got["predicted_ltv"] >= 100], ["15%", "10%"], "5%")
+    assert (got["offer"] == tier).all()
+
 
 def test_cli_bad_name_or_time_is_one_error_line(tmp_path, capsys):
     from towerline.cli import main
