@@ -54,6 +54,7 @@ from towerline.features.user_features import build_profiles
 from towerline.training.bundle import load_bundle
 from towerline.marketing.profiles import load_profiles
 from towerline.marketing.scores import SCORE_COLUMNS, add_campaign_scores
+from towerline.marketing.uplift import learn_uplift_scores
 
 log = logging.getLogger(__name__)
 
@@ -490,13 +491,14 @@ def _tiered(o: OfferConfig, score: np.ndarray) -> np.ndarray:
 def _within_budget(o: OfferConfig, score: np.ndarray, send: np.ndarray, users: np.ndarray) -> np.ndarray:
     """``value`` to the users with the highest positive predicted uplift until ``budget`` is spent.
 
-    Ranked by uplift (the expected extra conversions an offer buys), not by propensity: a user who
-    buys anyway costs the offer and gains nothing. One offer per user per run, whatever its channels.
+    Ranked by uplift (the expected extra conversions, or revenue, an offer buys), not by propensity:
+    a user who buys anyway costs the offer and gains nothing. One offer per user per run, whatever its channels.
     """
     cost = o.cost_per_offer if o.cost_per_offer is not None else o.value
     n_affordable = int(o.budget // cost)
     out = np.full(len(score), np.nan)
-    cand = np.flatnonzero(send & (score > 0))
+    floor = cost if o.uplift_outcome == "revenue" else 0.0  # extra revenue must pay for the offer
+    cand = np.flatnonzero(send & (score > floor))
     order = cand[np.argsort(-score[cand], kind="stable")]
     chosen: set[str] = set()
     for i in order:
@@ -769,6 +771,37 @@ def load_inputs(
     if profiles is not None and not profiles_path and missing:
         profiles = add_campaign_scores(profiles, dataset, profile_cfg, columns=missing)
     return CampaignInputs(dataset, bundle, profiles, scores)
+
+
+def with_uplift_scores(
+    campaign: CampaignConfig, inputs: CampaignInputs, as_of: int, outbox: Outbox | None
+) -> pd.DataFrame | None:
+    """``inputs.scores`` plus the uplift column an ``uplift_budget`` offer reads, learnt from the
+    outbox (``uplift.learn_uplift_scores``) when neither ``--scores`` nor the profiles carry it.
+
+    The training rows are the messages and holdout rows of ``offer.uplift_from`` (default: this
+    campaign) whose outcome windows ended by ``as_of``: a campaign with a holdout is its own
+    randomised experiment, and each run prices the next one's offers.
+    """
+    o = campaign.offer
+    table = score_table(inputs.profiles, inputs.scores)
+    if o.kind != "uplift_budget" or (table is not None and o.column in table):
+        return inputs.scores
+    source = o.uplift_from or campaign.name
+    where = f"campaign '{campaign.name}': the uplift_budget offer reads '{o.column}', which neither --scores nor the profiles have"
+    if outbox is None:
+        raise DataValidationError(f"{where}; pass --scores, or an --outbox holding the messages and holdout of '{source}'")
+    sent, held = outbox.history(), outbox.holdout_history()
+    sent, held = sent.loc[sent["campaign"] == source], held.loc[held["campaign"] == source]
+    try:
+        learnt = learn_uplift_scores(inputs.data, sent, held, as_of, window_days=o.uplift_window_days,
+                                     outcome=o.uplift_outcome, column=str(o.column))
+    except DataValidationError as e:
+        raise DataValidationError(f"{where}, and the outbox cannot teach it: {e}; run '{source}' with a holdout "
+                                  f"first (or pass --scores)") from None
+    if inputs.scores is None:
+        return learnt
+    return inputs.scores.assign(user_id=inputs.scores["user_id"].astype(str)).merge(learnt, on="user_id", how="outer")
 
 
 def campaign_score_columns(campaign: CampaignConfig) -> list[str]:

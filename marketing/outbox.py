@@ -92,6 +92,10 @@ class Outbox(Protocol):
         """Keep the rows a campaign held out (never sent) for its report; returns the new ones."""
         ...
 
+    def holdout_history(self) -> pd.DataFrame:
+        """Every holdout row recorded so far (``MESSAGE_COLUMNS``)."""
+        ...
+
 
 def empty_messages() -> pd.DataFrame:
     return MESSAGE_SCHEMA.empty_table().to_pandas()
@@ -236,6 +240,9 @@ class _LedgeredOutbox:
     def record_holdout(self, rows: pd.DataFrame) -> pd.DataFrame:
         """Holdout rows go to the ledger folder only: nothing held out reaches the broker."""
         return self.ledger.record_holdout(rows)
+
+    def holdout_history(self) -> pd.DataFrame:
+        return self.ledger.holdout_history()
 
     def publish(self, messages: pd.DataFrame) -> pd.DataFrame:
         if not len(messages):

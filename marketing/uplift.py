@@ -32,6 +32,8 @@ import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
 from towerline.errors import ConfigError, DataValidationError
+from towerline.features.contracts import Dataset
+from towerline.marketing.model_inputs import DAY, feature_frame, profiles_at, window_outcomes
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,59 @@ def fit_uplift(
     log.info("uplift %s-learner: %d treated, %d holdout, %d features", cfg.learner, int(t.sum()), int((~t).sum()),
              len(names))
     return model
+
+
+def contact_examples(
+    dataset: Dataset, sent: pd.DataFrame, held: pd.DataFrame, window_days: float
+) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """A past campaign's contacts as uplift training rows: each user's first message (``sent``) or
+    holdout row (``held``; both outbox rows with ``user_id``, ``created_at``), with features at
+    that moment (``feature_frame`` of the profiles then: no later event) and the orders and revenue
+    of the ``window_days`` after it (``window_outcomes``).
+
+    Returns:
+        (features indexed by user_id, treated (N,) bool, outcomes with ``orders``, ``revenue``).
+    """
+    both = pd.concat([sent.assign(treated=True), held.assign(treated=False)], ignore_index=True)
+    both = both.sort_values("created_at", kind="stable").drop_duplicates("user_id")
+    X, treated, outcomes = [], [], []
+    for at, group in both.groupby("created_at", sort=True):
+        ids = group["user_id"].astype(str).to_numpy()
+        X.append(feature_frame(profiles_at(dataset, int(at)), dataset.users).reindex(ids))
+        treated.append(group["treated"].to_numpy(dtype=bool))
+        outcomes.append(window_outcomes(dataset, int(at), window_days, ids))
+    if not X:
+        raise DataValidationError("uplift: no contacts to learn from")
+    return pd.concat(X), np.concatenate(treated), pd.concat(outcomes)
+
+
+def learn_uplift_scores(
+    dataset: Dataset, sent: pd.DataFrame, held: pd.DataFrame, at: int, *, window_days: float = 7.0,
+    outcome: Outcome = "conversion", column: str = "predicted_uplift", cfg: UpliftConfig | None = None,
+) -> pd.DataFrame:
+    """``user_id`` and ``column``: every user's predicted effect of the offer at ``at``, learnt from a
+    past campaign's messages and holdout (``contact_examples``) whose windows ended by ``at``.
+
+    This is how ``towerline campaign run`` prices an ``uplift_budget`` offer without ``--scores``:
+    the campaign's own (or ``offer.uplift_from``'s) outbox is its randomised experiment.
+
+    Raises:
+        DataValidationError: no window has ended yet, or a group lacks both outcomes.
+    """
+    done = lambda f: f.loc[f["created_at"].to_numpy(dtype=np.int64) + int(window_days * DAY) <= int(at)]  # noqa: E731
+    sent, held = done(sent), done(held)
+    if not len(sent) or not len(held):
+        raise DataValidationError(
+            f"uplift: {len(sent)} messages and {len(held)} holdout users whose {window_days:g}-day window ended by "
+            f"{int(at)}; the uplift model needs both"
+        )
+    X, treated, outcomes = contact_examples(dataset, sent, held, window_days)
+    y = (outcomes["orders"] > 0).to_numpy() if outcome == "conversion" else outcomes["revenue"].to_numpy()
+    model = fit_uplift(X, treated, y, cfg, outcome)
+    now = feature_frame(profiles_at(dataset, int(at)), dataset.users)
+    log.info("uplift: learnt from %d messages and %d holdout users, scored %d users", int(treated.sum()),
+             int((~treated).sum()), len(now))
+    return pd.DataFrame({"user_id": now.index.astype(str), column: model.predict(now)})
 
 
 def fit_response(X: pd.DataFrame | np.ndarray, converted: np.ndarray, cfg: UpliftConfig | None = None) -> HistGradientBoostingClassifier:

@@ -95,11 +95,12 @@ def _prepare(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from towerline.marketing.campaigns import events_after_training, run_campaign
+    from towerline.marketing.campaigns import events_after_training, run_campaign, with_uplift_scores
     from towerline.marketing.outbox import open_outbox, redact
 
     campaign, as_of, inputs = _prepare(args)
     outbox = open_outbox(args.outbox, args.ledger)
+    inputs.scores = with_uplift_scores(campaign, inputs, as_of, outbox)
     recommend = None
     if args.model and campaign.content.kind == "recommendations":
         recommend = serving_recommend(args.model, events_after_training(inputs.bundle, inputs.data, as_of))
@@ -112,11 +113,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from towerline.marketing.campaigns import plan_campaign, preview_counts
+    from towerline.marketing.campaigns import plan_campaign, preview_counts, with_uplift_scores
     from towerline.marketing.outbox import empty_messages, open_outbox
 
     campaign, as_of, inputs = _prepare(args)
-    history = open_outbox(args.outbox, args.ledger).history() if args.outbox else empty_messages()
+    outbox = open_outbox(args.outbox, args.ledger) if args.outbox else None
+    history = outbox.history() if outbox is not None else empty_messages()
+    inputs.scores = with_uplift_scores(campaign, inputs, as_of, outbox)
     plan = plan_campaign(campaign, inputs.data, as_of, history, profiles=inputs.profiles, scores=inputs.scores,
                          bundle=inputs.bundle, with_content=False)
     counts = preview_counts(plan)

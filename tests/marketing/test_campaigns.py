@@ -572,3 +572,41 @@ def test_a_run_records_its_holdout_beside_the_messages_and_the_report_reads_both
     report_rows = read_outbox(tmp_path / "outbox")
     assert report_rows["holdout"].sum() == len(held) and (~report_rows["holdout"]).sum() == first.counts[SEND]
     assert (report_rows["sent_at"] == at(3, 9)).all()
+
+
+def test_an_uplift_budget_offer_learns_who_to_give_it_from_an_earlier_campaigns_holdout(tmp_path):
+    """A first campaign (fixed offer, half held out) is the experiment; in the week after it, only
+    the treated browsers (never bought) are moved to buy, buyers buy as often either way. The next
+    campaign's uplift_budget offers, learnt from that outbox, go to browsers."""
+    rng = np.random.default_rng(0)
+    users = [f"u{i:03d}" for i in range(600)]
+    browser = {u: i % 2 == 0 for i, u in enumerate(users)}
+    events = [(u, "i2", at(d, 9), "purchase") for u in users if not browser[u] for d in (2, 10, 20)]
+    events += [(u, "i1", at(29, 9), "view") for u in users]
+    explore = campaign(name="explore", trigger={"kind": "view_without_purchase", "days": 0},
+                       content={"kind": "viewed_item", "k": 1}, offer={"kind": "fixed", "unit": "percent", "value": 10},
+                       holdout=0.5)
+    outbox = ParquetOutbox(tmp_path / "outbox")
+    run_campaign(explore, shop(events), at(29, 12), outbox)
+    treated = set(outbox.history()["user_id"])
+    assert 200 < len(treated) < 400 and len(outbox.holdout_history()) == 600 - len(treated)
+    for u in users:
+        p = (0.5 if u in treated else 0.02) if browser[u] else 0.3
+        if rng.random() < p:
+            events.append((u, "i3", at(31, 10), "purchase"))
+    events += [(u, "i1", at(39, 9), "view") for u in users]  # everyone views again: the next trigger
+    targeted = campaign(name="targeted", trigger={"kind": "view_without_purchase", "days": 1},
+                        content={"kind": "viewed_item", "k": 1},
+                        offer={"kind": "uplift_budget", "unit": "amount", "value": 5.0, "budget": 100.0,
+                               "uplift_from": "explore"})
+    data = shop(events)
+    from towerline.marketing.campaigns import CampaignInputs, with_uplift_scores
+
+    scores = with_uplift_scores(targeted, CampaignInputs(data), at(40, 9), outbox)
+    run = run_campaign(targeted, data, at(40, 9), outbox, scores=scores)
+    offered = run.messages.loc[run.messages["offer"].notna(), "user_id"]
+    assert len(offered) == 20 and np.mean([browser[u] for u in offered]) >= 0.8
+    assert (run.messages["offer"].dropna() == "5.00").all()
+    with pytest.raises(DataValidationError, match="run 'targeted' with a holdout first"):
+        with_uplift_scores(campaign(name="targeted", offer=targeted.offer.__dict__ | {"uplift_from": None}),
+                           CampaignInputs(data), at(40, 9), outbox)
