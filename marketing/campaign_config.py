@@ -150,6 +150,12 @@ class OfferConfig:
     score_column: str | None = None  # default: predicted_ltv (ltv_tiers) or predicted_uplift (uplift_budget)
     budget: float = 0.0  # uplift_budget: total expected cost of the offers per run (money)
     cost_per_offer: float | None = None  # uplift_budget: cost of one offer; default `value` (money offers)
+    # uplift_budget without a score column in --scores/profiles: the uplift model is learnt from an
+    # earlier campaign's messages and holdout in the outbox (its randomised experiment)
+    uplift_from: str | None = None  # that campaign's name; default: this campaign
+    uplift_outcome: Literal["conversion", "revenue"] = "conversion"  # the effect to maximise; with revenue,
+    # an offer goes only to users whose predicted extra revenue exceeds its cost
+    uplift_window_days: float = 7.0  # days after a message (or holdout row) whose orders count as its outcome
 
     def __post_init__(self) -> None:
         if self.kind in ("fixed", "uplift_budget"):
@@ -161,6 +167,7 @@ class OfferConfig:
             _check(len(self.tiers) >= 1, "offer.tiers", "an ltv_tiers offer needs at least one tier")
             mins = [t.min_score for t in self.tiers]
             _check(len(set(mins)) == len(mins), "offer.tiers", "two tiers share a min_score")
+        _check(self.uplift_window_days > 0, "offer.uplift_window_days", "must be > 0")
         if self.kind == "uplift_budget":
             _check(self.budget > 0, "offer.budget", "an uplift_budget offer needs budget > 0")
             _check(self.unit == "amount" or (self.cost_per_offer or 0) > 0, "offer.cost_per_offer",

@@ -3,7 +3,9 @@ over the holdout, ROI and LTV/CAC, and four attribution models side by side.
 
 Inputs (the contract):
 
-* **outbox**: the Parquet folder (or file) ``towerline campaign run`` writes, one row per message:
+* **outbox**: the Parquet folder ``towerline campaign run`` writes (``part-*`` messages, sent at
+  their ``send_at``, and ``_holdout-*`` rows of the users each run held out), or any Parquet folder
+  or file with one row per message:
   ``message_id, campaign, user_id, channel, items, offer, reason, sent_at, holdout``. A row with
   ``holdout = true`` records a user the campaign chose but deliberately did *not* message (the
   control group); its ``sent_at`` is when the message would have gone out, its ``channel`` the
@@ -48,6 +50,7 @@ import pyarrow.parquet as pq
 
 from towerline.errors import DataValidationError
 from towerline.marketing import report_html as H
+from towerline.marketing.outbox import ParquetOutbox
 from towerline.marketing.attribution import MODEL_LABELS, MODELS, attribute, build_paths
 from towerline.marketing.statistics import mean_difference_interval, proportion_difference_interval, wilson_interval
 from towerline.features.readers import read_table
@@ -82,6 +85,8 @@ def read_outbox(path: str | Path) -> pd.DataFrame:
         frame = pq.read_table(p).to_pandas()
     except Exception as e:  # pyarrow raises several types for unreadable folders
         raise DataValidationError(f"{p}: cannot be read as a Parquet outbox ({e})") from None
+    if "sent_at" not in frame and "send_at" in frame and p.is_dir():
+        frame = _run_outbox(p)
     missing = [c for c in ("message_id", "campaign", "user_id", "channel", "sent_at", "holdout") if c not in frame]
     if missing:
         raise DataValidationError(f"{p}: outbox lacks column(s) {missing}; expected {list(OUTBOX_COLUMNS)}")
@@ -92,6 +97,17 @@ def read_outbox(path: str | Path) -> pd.DataFrame:
     if "offer" not in frame:
         frame["offer"] = None
     return frame
+
+
+def _run_outbox(folder: Path) -> pd.DataFrame:
+    """The folder ``towerline campaign run`` writes: its messages (``part-*``, sent at their
+    ``send_at``) and the users its runs held out (``_holdout-*``), as the report's rows."""
+    box = ParquetOutbox(folder)
+    sent, held = box.history().assign(holdout=False), box.holdout_history().assign(holdout=True)
+    if not len(held):
+        log.warning("%s: no holdout rows (_holdout-*.parquet); incremental figures need a campaign with a holdout", folder)
+    frame = pd.concat([f for f in (sent, held) if len(f)] or [sent], ignore_index=True)
+    return frame.rename(columns={"send_at": "sent_at"})
 
 
 def read_campaign_events(path: str | Path) -> pd.DataFrame:

@@ -53,6 +53,8 @@ from towerline.features.readers import load_dataset
 from towerline.features.user_features import build_profiles
 from towerline.training.bundle import load_bundle
 from towerline.marketing.profiles import load_profiles
+from towerline.marketing.scores import SCORE_COLUMNS, add_campaign_scores
+from towerline.marketing.uplift import learn_uplift_scores
 
 log = logging.getLogger(__name__)
 
@@ -489,13 +491,14 @@ def _tiered(o: OfferConfig, score: np.ndarray) -> np.ndarray:
 def _within_budget(o: OfferConfig, score: np.ndarray, send: np.ndarray, users: np.ndarray) -> np.ndarray:
     """``value`` to the users with the highest positive predicted uplift until ``budget`` is spent.
 
-    Ranked by uplift (the expected extra conversions an offer buys), not by propensity: a user who
-    buys anyway costs the offer and gains nothing. One offer per user per run, whatever its channels.
+    Ranked by uplift (the expected extra conversions, or revenue, an offer buys), not by propensity:
+    a user who buys anyway costs the offer and gains nothing. One offer per user per run, whatever its channels.
     """
     cost = o.cost_per_offer if o.cost_per_offer is not None else o.value
     n_affordable = int(o.budget // cost)
     out = np.full(len(score), np.nan)
-    cand = np.flatnonzero(send & (score > 0))
+    floor = cost if o.uplift_outcome == "revenue" else 0.0  # extra revenue must pay for the offer
+    cand = np.flatnonzero(send & (score > floor))
     order = cand[np.argsort(-score[cand], kind="stable")]
     chosen: set[str] = set()
     for i in order:
@@ -635,6 +638,7 @@ def run_campaign(
                          recommend=recommend, bundle=bundle)
     to_send = as_messages(plan.loc[plan["status"] == SEND])
     published = outbox.publish(to_send)
+    outbox.record_holdout(as_messages(plan.loc[plan["status"] == "holdout"]))  # the report's comparison group
     counts = {s: int(n) for s, n in plan["status"].value_counts().items()}
     return CampaignRun(campaign.name, as_of, plan, published, counts)
 
@@ -732,11 +736,15 @@ def load_inputs(
     model: str | None = None,
     profiles_path: str | None = None,
     scores_path: str | None = None,
+    score_columns: Sequence[str] = (),
 ) -> CampaignInputs:
     """Read what a run needs: the data set, the bundle (``model``), profiles and scores.
 
     Profiles come from ``profiles_path`` (a ``towerline profile`` export) or are built from the
     events up to ``as_of`` with the model's thresholds, so segments are those of the run's time.
+    Built profiles also get the ``score_columns`` (``campaign_score_columns``) that the churn and
+    LTV models give (``scores.add_campaign_scores``, trained on the log up to ``as_of``) unless
+    ``scores_path`` has them.
     """
     dataset = load_dataset(data, format)[0]
     bundle = None
@@ -749,7 +757,8 @@ def load_inputs(
         profiles = None
         if len(past):
             seen = Dataset(dataset.name, past, dataset.items, dataset.users)
-            profiles = build_profiles(seen, default_profile_config(bundle.config if bundle else None), reference_time=as_of)
+            profile_cfg = default_profile_config(bundle.config if bundle else None)
+            profiles = build_profiles(seen, profile_cfg, reference_time=as_of)
     scores = None
     if scores_path:
         try:
@@ -758,4 +767,45 @@ def load_inputs(
             raise DataValidationError(f"--scores {scores_path}: not a readable Parquet file ({e})") from None
         if "user_id" not in scores:
             raise DataValidationError(f"--scores {scores_path}: needs a user_id column (has {', '.join(scores.columns)})")
+    missing = [c for c in score_columns if c in SCORE_COLUMNS and (scores is None or c not in scores)]
+    if profiles is not None and not profiles_path and missing:
+        profiles = add_campaign_scores(profiles, dataset, profile_cfg, columns=missing)
     return CampaignInputs(dataset, bundle, profiles, scores)
+
+
+def with_uplift_scores(
+    campaign: CampaignConfig, inputs: CampaignInputs, as_of: int, outbox: Outbox | None
+) -> pd.DataFrame | None:
+    """``inputs.scores`` plus the uplift column an ``uplift_budget`` offer reads, learnt from the
+    outbox (``uplift.learn_uplift_scores``) when neither ``--scores`` nor the profiles carry it.
+
+    The training rows are the messages and holdout rows of ``offer.uplift_from`` (default: this
+    campaign) whose outcome windows ended by ``as_of``: a campaign with a holdout is its own
+    randomised experiment, and each run prices the next one's offers.
+    """
+    o = campaign.offer
+    table = score_table(inputs.profiles, inputs.scores)
+    if o.kind != "uplift_budget" or (table is not None and o.column in table):
+        return inputs.scores
+    source = o.uplift_from or campaign.name
+    where = f"campaign '{campaign.name}': the uplift_budget offer reads '{o.column}', which neither --scores nor the profiles have"
+    if outbox is None:
+        raise DataValidationError(f"{where}; pass --scores, or an --outbox holding the messages and holdout of '{source}'")
+    sent, held = outbox.history(), outbox.holdout_history()
+    sent, held = sent.loc[sent["campaign"] == source], held.loc[held["campaign"] == source]
+    try:
+        learnt = learn_uplift_scores(inputs.data, sent, held, as_of, window_days=o.uplift_window_days,
+                                     outcome=o.uplift_outcome, column=str(o.column))
+    except DataValidationError as e:
+        raise DataValidationError(f"{where}, and the outbox cannot teach it: {e}; run '{source}' with a holdout "
+                                  f"first (or pass --scores)") from None
+    if inputs.scores is None:
+        return learnt
+    return inputs.scores.assign(user_id=inputs.scores["user_id"].astype(str)).merge(learnt, on="user_id", how="outer")
+
+
+def campaign_score_columns(campaign: CampaignConfig) -> list[str]:
+    """The per-user score columns the campaign's trigger and offer read."""
+    t = campaign.trigger
+    cols = [t.score_column] if t.kind == "churn_risk" else []
+    return cols + ([campaign.offer.column] if campaign.offer.column else [])

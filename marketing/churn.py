@@ -34,7 +34,13 @@ from sklearn.metrics import roc_auc_score
 from towerline.config import ProfileConfig
 from towerline.errors import ConfigError, DataValidationError
 from towerline.features.contracts import Dataset
-from towerline.marketing.model_inputs import DAY, bundle_user_vectors, feature_frame, profiles_at, window_outcomes
+from towerline.marketing.model_inputs import (
+    DAY,
+    bundle_user_vectors,
+    customer_snapshot,
+    training_snapshots,
+    window_outcomes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +97,7 @@ def churn_examples(
 
     Returns (features indexed by user_id, labels (same index), the customers' profiles).
     """
-    prof = profiles_at(dataset, at, profile_cfg)
-    prof = prof[prof["frequency"].to_numpy(dtype=np.float64) >= cfg.min_orders].reset_index(drop=True)
-    X = feature_frame(prof, dataset.users, vectors)
+    X, prof = customer_snapshot(dataset, at, cfg.min_orders, vectors, profile_cfg)
     future = window_outcomes(dataset, at, cfg.horizon_days, X.index)
     return X, (future["orders"] == 0).rename("churned"), prof
 
@@ -112,14 +116,8 @@ def train_churn(
     at = int(dataset.events["timestamp"].max()) if at is None else int(at)
     if vectors is None and bundle is not None:
         vectors = bundle_user_vectors(bundle)
-    h = int(cfg.horizon_days * DAY)
-    first = int(dataset.events["timestamp"].min())
-    if at - cfg.train_snapshots * h <= first:
-        raise DataValidationError(
-            f"churn: {cfg.train_snapshots} training snapshot(s) of a {cfg.horizon_days:g}-day horizon before {at} start "
-            f"before the log's first event ({first}); shorten horizon_days or train_snapshots"
-        )
-    parts = [churn_examples(dataset, at - k * h, cfg, vectors, profile_cfg)[:2] for k in range(1, cfg.train_snapshots + 1)]
+    snapshots = training_snapshots(dataset, at, cfg.horizon_days, cfg.train_snapshots, "churn")
+    parts = [churn_examples(dataset, t, cfg, vectors, profile_cfg)[:2] for t in snapshots]
     X = pd.concat([p[0] for p in parts])
     y = pd.concat([p[1] for p in parts]).to_numpy(dtype=bool)
     if len(X) == 0 or y.all() or not y.any():
@@ -136,7 +134,8 @@ def train_churn(
 
 
 def add_churn_probability(
-    profiles: pd.DataFrame, model: ChurnModel, dataset: Dataset, bundle: Any = None, at: int | None = None
+    profiles: pd.DataFrame, model: ChurnModel, dataset: Dataset, bundle: Any = None, at: int | None = None,
+    profile_cfg: ProfileConfig | None = None,
 ) -> pd.DataFrame:
     """``profiles`` with a ``churn_probability`` column for every customer (NaN for non-customers).
 
@@ -145,7 +144,7 @@ def add_churn_probability(
     """
     at = model.trained_at if at is None else int(at)
     vectors = bundle_user_vectors(bundle) if bundle is not None else None
-    X, _, _ = churn_examples(dataset, at, model.cfg, vectors)
+    X, _, _ = churn_examples(dataset, at, model.cfg, vectors, profile_cfg)
     prob = model.predict(X)
     out = profiles.copy()
     out[CHURN_COLUMN] = prob.reindex(out["user_id"].astype(str)).to_numpy(dtype=np.float64)

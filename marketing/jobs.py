@@ -1,7 +1,7 @@
 """The ``towerline profile`` and ``towerline audience`` jobs as functions (the CLI only parses flags).
 
-``run_profile`` builds RFM scores, lifecycle segments and interest tags from the data, clusters the
-model's user vectors, writes ``profiles.parquet`` (consenting users only, aggregates only) and a
+``run_profile`` builds RFM scores, lifecycle segments and interest tags from the data, adds each
+customer's churn probability and predicted LTV (``add_campaign_scores``), clusters the model's user vectors, writes ``profiles.parquet`` (consenting users only, aggregates only) and a
 ``report.html`` beside it, and logs both to MLflow as artifacts of the model's training run (the
 bundle manifest's ``run_id``), or of a new run when that run is not in the tracking store.
 
@@ -28,6 +28,7 @@ from towerline.marketing.audience import find_audience, user_vectors
 from towerline.marketing.clusters import cluster_users, label_clusters
 from towerline.marketing.profile_report import write_profile_report
 from towerline.marketing.profiles import export_profiles, load_profiles
+from towerline.marketing.scores import add_campaign_scores
 from towerline.training.bundle import load_bundle
 from towerline.training.data import load_data
 from towerline.training.tracking import use_tracking
@@ -64,6 +65,7 @@ def run_profile(
     cfg = _profile_config(bundle.config, config)
     dataset = load_model_data(bundle.config, data, format)
     profiles = build_profiles(dataset, cfg)
+    profiles = add_campaign_scores(profiles, dataset, cfg)
 
     ids, vectors = user_vectors(bundle)
     k = n_clusters or cfg.n_clusters

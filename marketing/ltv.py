@@ -40,7 +40,14 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from towerline.config import ProfileConfig
 from towerline.errors import ConfigError, DataValidationError
 from towerline.features.contracts import Dataset
-from towerline.marketing.model_inputs import DAY, PURCHASE, bundle_user_vectors, feature_frame, profiles_at, window_outcomes
+from towerline.marketing.model_inputs import (
+    DAY,
+    PURCHASE,
+    bundle_user_vectors,
+    customer_snapshot,
+    training_snapshots,
+    window_outcomes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +101,7 @@ def ltv_examples(
     profile_cfg: ProfileConfig | None = None,
 ) -> tuple[pd.DataFrame, pd.Series, pd.Series]:
     """Customers at ``at``: (features, revenue in ``(at, at + h]``, revenue in ``(at - h, at]``)."""
-    prof = profiles_at(dataset, at, profile_cfg)
-    prof = prof[prof["frequency"].to_numpy(dtype=np.float64) >= cfg.min_orders].reset_index(drop=True)
-    X = feature_frame(prof, dataset.users, vectors)
+    X, _ = customer_snapshot(dataset, at, cfg.min_orders, vectors, profile_cfg)
     nxt = window_outcomes(dataset, at, cfg.horizon_days, X.index)["revenue"]
     last = window_outcomes(dataset, at - int(cfg.horizon_days * DAY), cfg.horizon_days, X.index)["revenue"]
     return X, nxt.rename("revenue"), last.rename("last_period")
@@ -111,14 +116,8 @@ def train_ltv(
     at = int(dataset.events["timestamp"].max()) if at is None else int(at)
     if vectors is None and bundle is not None:
         vectors = bundle_user_vectors(bundle)
-    h = int(cfg.horizon_days * DAY)
-    first = int(dataset.events["timestamp"].min())
-    if at - cfg.train_snapshots * h <= first:
-        raise DataValidationError(
-            f"ltv: {cfg.train_snapshots} training snapshot(s) of a {cfg.horizon_days:g}-day horizon before {at} start "
-            f"before the log's first event ({first}); shorten horizon_days or train_snapshots"
-        )
-    parts = [ltv_examples(dataset, at - k * h, cfg, vectors, profile_cfg)[:2] for k in range(1, cfg.train_snapshots + 1)]
+    snapshots = training_snapshots(dataset, at, cfg.horizon_days, cfg.train_snapshots, "ltv")
+    parts = [ltv_examples(dataset, t, cfg, vectors, profile_cfg)[:2] for t in snapshots]
     X = pd.concat([p[0] for p in parts])
     y = pd.concat([p[1] for p in parts]).to_numpy(dtype=np.float64)
     if len(X) == 0 or not (y > 0).any():
@@ -133,12 +132,13 @@ def train_ltv(
 
 
 def add_predicted_ltv(
-    profiles: pd.DataFrame, model: LtvModel, dataset: Dataset, bundle: Any = None, at: int | None = None
+    profiles: pd.DataFrame, model: LtvModel, dataset: Dataset, bundle: Any = None, at: int | None = None,
+    profile_cfg: ProfileConfig | None = None,
 ) -> pd.DataFrame:
     """``profiles`` with a ``predicted_ltv`` column for every customer (NaN for non-customers)."""
     at = model.trained_at if at is None else int(at)
     vectors = bundle_user_vectors(bundle) if bundle is not None else None
-    X, _, _ = ltv_examples(dataset, at, model.cfg, vectors)
+    X, _, _ = ltv_examples(dataset, at, model.cfg, vectors, profile_cfg)
     out = profiles.copy()
     out[LTV_COLUMN] = model.predict(X).reindex(out["user_id"].astype(str)).to_numpy(dtype=np.float64)
     return out

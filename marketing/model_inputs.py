@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from towerline.config import ProfileConfig
+from towerline.errors import DataValidationError
 from towerline.features.contracts import Dataset
 from towerline.features.synthetic import AGE_BANDS  # ordinal code 0..5
 from towerline.features.user_features import LIFECYCLE_SEGMENTS, build_profiles
@@ -51,6 +52,37 @@ def profiles_at(dataset: Dataset, at: int, cfg: ProfileConfig | None = None) -> 
     past = ev[ev["timestamp"].to_numpy(dtype=np.int64) <= int(at)]
     snap = Dataset(name=f"{dataset.name}@{int(at)}", events=past, items=dataset.items, users=dataset.users)
     return build_profiles(snap, cfg or ProfileConfig(), reference_time=int(at), has_clock=True)
+
+
+def customer_snapshot(
+    dataset: Dataset, at: int, min_orders: int, vectors: tuple[np.ndarray, np.ndarray] | None = None,
+    profile_cfg: ProfileConfig | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The customers at ``at`` (users with at least ``min_orders`` orders by then) as model rows.
+
+    Returns (``feature_frame`` indexed by user_id, the customers' profiles at ``at``): what the
+    churn and LTV models read at every snapshot, training and scoring alike.
+    """
+    prof = profiles_at(dataset, at, profile_cfg)
+    prof = prof[prof["frequency"].to_numpy(dtype=np.float64) >= min_orders].reset_index(drop=True)
+    return feature_frame(prof, dataset.users, vectors), prof
+
+
+def training_snapshots(dataset: Dataset, at: int, horizon_days: float, n: int, what: str) -> list[int]:
+    """The ``n`` snapshot times ``at - h, at - 2h, ...`` (``h = horizon_days``) a model trained at
+    ``at`` learns from: each one's label window ``(t, t + h]`` ends by ``at``, so no label peeks past it.
+
+    Raises:
+        DataValidationError: the earliest snapshot is not after the log's first event.
+    """
+    h = int(horizon_days * DAY)
+    first = int(dataset.events["timestamp"].min())
+    if at - n * h <= first:
+        raise DataValidationError(
+            f"{what}: {n} training snapshot(s) of a {horizon_days:g}-day horizon before {at} start "
+            f"before the log's first event ({first}); shorten horizon_days or train_snapshots"
+        )
+    return [at - k * h for k in range(1, n + 1)]
 
 
 def window_outcomes(dataset: Dataset, start: int, days: float, user_ids: Any) -> pd.DataFrame:

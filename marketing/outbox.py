@@ -27,13 +27,15 @@ URL options (query string, stripped before connecting): ``queue=`` for RabbitMQ 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -65,6 +67,8 @@ MESSAGE_SCHEMA = pa.schema(
 )
 MESSAGE_COLUMNS: list[str] = MESSAGE_SCHEMA.names
 
+MESSAGES_GLOB = "part-*.parquet"  # the messages of a Parquet outbox (or a broker's ledger)
+HOLDOUT_PREFIX = "_holdout-"  # the users runs held out, beside them
 DEFAULT_QUEUE = "towerline.campaigns"
 DEFAULT_STREAM = "TOWERLINE_CAMPAIGNS"
 DEFAULT_SUBJECT = "towerline.campaigns"
@@ -82,6 +86,14 @@ class Outbox(Protocol):
 
     def publish(self, messages: pd.DataFrame) -> pd.DataFrame:
         """Publish the messages whose ids are new; returns those (the others were already out)."""
+        ...
+
+    def record_holdout(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Keep the rows a campaign held out (never sent) for its report; returns the new ones."""
+        ...
+
+    def holdout_history(self) -> pd.DataFrame:
+        """Every holdout row recorded so far (``MESSAGE_COLUMNS``)."""
         ...
 
 
@@ -109,13 +121,35 @@ def _missing(v: Any) -> bool:
 
 
 class ParquetOutbox:
-    """A folder of Parquet files, one per run with new messages (``part-<campaign>-<as_of>-<hash>``)."""
+    """A folder of Parquet files, one per run with new messages (``part-<campaign>-<as_of>-<hash>``).
+
+    Beside them, ``_holdout-...`` files record the users each run held out (same columns, never to
+    be sent): ``campaign report`` compares recipients with them. The leading ``_`` keeps them out of
+    a sender reading the folder as one Parquet data set (Arrow and Spark skip ``_`` and ``.`` files)
+    and out of ``history()``, so holdout users count towards no frequency cap.
+    """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
 
     def history(self) -> pd.DataFrame:
-        files = sorted(self.directory.glob("part-*.parquet")) if self.directory.is_dir() else []
+        return self._read(MESSAGES_GLOB)
+
+    def holdout_history(self) -> pd.DataFrame:
+        """Every holdout row recorded in the folder (``MESSAGE_COLUMNS``)."""
+        return self._read(HOLDOUT_PREFIX + "*.parquet")
+
+    def record_holdout(self, rows: pd.DataFrame) -> pd.DataFrame:
+        if not len(rows):
+            return drop_published(rows, empty_messages())
+        with folder_lock(self.directory):
+            new = drop_published(rows, self.holdout_history())
+            if len(new):
+                self.write(new, HOLDOUT_PREFIX)
+        return new
+
+    def _read(self, pattern: str) -> pd.DataFrame:
+        files = sorted(self.directory.glob(pattern)) if self.directory.is_dir() else []
         if not files:
             return empty_messages()
         try:
@@ -125,24 +159,43 @@ class ParquetOutbox:
         return pd.concat(frames, ignore_index=True)
 
     def publish(self, messages: pd.DataFrame) -> pd.DataFrame:
-        new = drop_published(messages, self.history())
-        if len(new):
-            self.write(new)
+        if not len(messages):
+            return drop_published(messages, empty_messages())
+        with folder_lock(self.directory):  # another process's publish between history() and write() would duplicate
+            new = drop_published(messages, self.history())
+            if len(new):
+                self.write(new)
         return new
 
-    def write(self, messages: pd.DataFrame) -> Path:
+    def write(self, messages: pd.DataFrame, prefix: str = "part-") -> Path:
         """Write ``messages`` as one new file, atomically (a reader never sees half a file)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         ids = "\n".join(sorted(messages["message_id"].astype(str)))
         digest = hashlib.sha256(ids.encode()).hexdigest()[:12]
         campaign = str(messages["campaign"].iloc[0]) if messages["campaign"].nunique() == 1 else "mixed"
-        path = self.directory / f"part-{campaign}-{int(messages['created_at'].max())}-{digest}.parquet"
+        path = self.directory / f"{prefix}{campaign}-{int(messages['created_at'].max())}-{digest}.parquet"
         table = pa.Table.from_pandas(messages[MESSAGE_COLUMNS], schema=MESSAGE_SCHEMA, preserve_index=False)
         tmp = path.with_suffix(".parquet.tmp")
         pq.write_table(table, tmp)
         os.replace(tmp, path)
         log.info("outbox: %d messages -> %s", len(messages), path)
         return path
+
+
+@contextmanager
+def folder_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` (``.lock`` in it) across processes on this machine.
+
+    A publish reads the history and then writes: the service's ingress replicas, and a nightly run
+    beside them, must not interleave those two steps, or both would publish the same new id.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def drop_published(messages: pd.DataFrame, history: pd.DataFrame) -> pd.DataFrame:
@@ -184,7 +237,20 @@ class _LedgeredOutbox:
     def history(self) -> pd.DataFrame:
         return self.ledger.history()
 
+    def record_holdout(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Holdout rows go to the ledger folder only: nothing held out reaches the broker."""
+        return self.ledger.record_holdout(rows)
+
+    def holdout_history(self) -> pd.DataFrame:
+        return self.ledger.holdout_history()
+
     def publish(self, messages: pd.DataFrame) -> pd.DataFrame:
+        if not len(messages):
+            return drop_published(messages, empty_messages())
+        with folder_lock(self.ledger.directory):
+            return self._publish_new(messages)
+
+    def _publish_new(self, messages: pd.DataFrame) -> pd.DataFrame:
         new = drop_published(messages, self.history())
         if not len(new):
             return new

@@ -32,10 +32,13 @@ import pandas as pd
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
 from towerline.errors import ConfigError, DataValidationError
+from towerline.features.contracts import Dataset
+from towerline.marketing.model_inputs import DAY, feature_frame, profiles_at, window_outcomes
 
 log = logging.getLogger(__name__)
 
 Learner = Literal["t", "x"]
+Outcome = Literal["conversion", "revenue"]
 
 
 @dataclass(frozen=True)
@@ -64,31 +67,41 @@ class UpliftModel:
     cfg: UpliftConfig
     feature_names: list[str]
     propensity: float
-    mu0: HistGradientBoostingClassifier
-    mu1: HistGradientBoostingClassifier
+    mu0: HistGradientBoostingClassifier | HistGradientBoostingRegressor
+    mu1: HistGradientBoostingClassifier | HistGradientBoostingRegressor
     tau0: HistGradientBoostingRegressor | None = None
     tau1: HistGradientBoostingRegressor | None = None
+    outcome: Outcome = "conversion"  # what the effect is measured in: probability, or revenue per user
+
+    def outcome_model(self, group: int, x: np.ndarray) -> np.ndarray:
+        """(N,) expected outcome of rows ``x`` without (group 0) or with (1) the offer."""
+        mu = self.mu1 if group else self.mu0
+        return mu.predict_proba(x)[:, 1] if self.outcome == "conversion" else mu.predict(x)
 
     def predict(self, X: pd.DataFrame | np.ndarray) -> np.ndarray:
         x = _matrix(X, self.feature_names)
         if self.cfg.learner == "t" or self.tau0 is None or self.tau1 is None:
-            return self.mu1.predict_proba(x)[:, 1] - self.mu0.predict_proba(x)[:, 1]
+            return self.outcome_model(1, x) - self.outcome_model(0, x)
         g = self.propensity
         return g * self.tau0.predict(x) + (1.0 - g) * self.tau1.predict(x)
 
 
 def fit_uplift(
-    X: pd.DataFrame | np.ndarray, treated: np.ndarray, converted: np.ndarray, cfg: UpliftConfig | None = None
+    X: pd.DataFrame | np.ndarray, treated: np.ndarray, converted: np.ndarray, cfg: UpliftConfig | None = None,
+    outcome: Outcome = "conversion",
 ) -> UpliftModel:
     """Fit a T- or X-learner on a randomised campaign's outcome data.
 
     Args:
         X: (N, F) features of each user at send time (``model_inputs.feature_frame``).
         treated: (N,) bool, True for users who were sent the offer, False for the holdout.
-        converted: (N,) bool/0-1 outcome in the campaign window.
+        converted: (N,) outcome in the campaign window: bool/0-1 conversions, or (``outcome=
+            "revenue"``) money, for an effect in revenue per user rather than in probability.
+        outcome: ``"conversion"`` (classifiers as outcome models) or ``"revenue"`` (Poisson
+            regressors: revenue is non-negative, mostly zero and heavy-tailed, as for the LTV model).
 
     Raises:
-        DataValidationError: lengths differ, or a group is empty or has a single outcome class.
+        DataValidationError: lengths differ, or a group is empty or has a single outcome value.
     """
     cfg = cfg or UpliftConfig()
     names = list(X.columns) if isinstance(X, pd.DataFrame) else [f"x{j}" for j in range(np.shape(X)[1])]
@@ -97,20 +110,78 @@ def fit_uplift(
     y = np.asarray(converted, dtype=np.float64)
     if not (len(x) == len(t) == len(y)):
         raise DataValidationError(f"fit_uplift: X has {len(x)} rows, treated {len(t)}, converted {len(y)}")
+    if outcome not in ("conversion", "revenue"):
+        raise ConfigError(f"fit_uplift: outcome must be 'conversion' or 'revenue', got {outcome!r}")
+    if outcome == "revenue" and (y < 0).any():
+        raise DataValidationError("fit_uplift: revenue outcomes must be >= 0")
     for name, grp in (("treated", t), ("holdout", ~t)):
         if grp.sum() < 2 or len(np.unique(y[grp])) < 2:
             raise DataValidationError(f"fit_uplift: the {name} group needs users who converted and users who did not")
-    mu0 = _classifier(cfg).fit(x[~t], y[~t])
-    mu1 = _classifier(cfg).fit(x[t], y[t])
-    model = UpliftModel(cfg, names, float(t.mean()), mu0, mu1)
+    base = _classifier if outcome == "conversion" else lambda c: _regressor(c, loss="poisson")
+    mu0 = base(cfg).fit(x[~t], y[~t])
+    mu1 = base(cfg).fit(x[t], y[t])
+    model = UpliftModel(cfg, names, float(t.mean()), mu0, mu1, outcome=outcome)
     if cfg.learner == "x":
-        d1 = y[t] - mu0.predict_proba(x[t])[:, 1]  # imputed effects of the treated
-        d0 = mu1.predict_proba(x[~t])[:, 1] - y[~t]  # ... and of the holdout
+        d1 = y[t] - model.outcome_model(0, x[t])  # imputed effects of the treated
+        d0 = model.outcome_model(1, x[~t]) - y[~t]  # ... and of the holdout
         model.tau1 = _regressor(cfg).fit(x[t], d1)
         model.tau0 = _regressor(cfg).fit(x[~t], d0)
     log.info("uplift %s-learner: %d treated, %d holdout, %d features", cfg.learner, int(t.sum()), int((~t).sum()),
              len(names))
     return model
+
+
+def contact_examples(
+    dataset: Dataset, sent: pd.DataFrame, held: pd.DataFrame, window_days: float
+) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """A past campaign's contacts as uplift training rows: each user's first message (``sent``) or
+    holdout row (``held``; both outbox rows with ``user_id``, ``created_at``), with features at
+    that moment (``feature_frame`` of the profiles then: no later event) and the orders and revenue
+    of the ``window_days`` after it (``window_outcomes``).
+
+    Returns:
+        (features indexed by user_id, treated (N,) bool, outcomes with ``orders``, ``revenue``).
+    """
+    both = pd.concat([sent.assign(treated=True), held.assign(treated=False)], ignore_index=True)
+    both = both.sort_values("created_at", kind="stable").drop_duplicates("user_id")
+    X, treated, outcomes = [], [], []
+    for at, group in both.groupby("created_at", sort=True):
+        ids = group["user_id"].astype(str).to_numpy()
+        X.append(feature_frame(profiles_at(dataset, int(at)), dataset.users).reindex(ids))
+        treated.append(group["treated"].to_numpy(dtype=bool))
+        outcomes.append(window_outcomes(dataset, int(at), window_days, ids))
+    if not X:
+        raise DataValidationError("uplift: no contacts to learn from")
+    return pd.concat(X), np.concatenate(treated), pd.concat(outcomes)
+
+
+def learn_uplift_scores(
+    dataset: Dataset, sent: pd.DataFrame, held: pd.DataFrame, at: int, *, window_days: float = 7.0,
+    outcome: Outcome = "conversion", column: str = "predicted_uplift", cfg: UpliftConfig | None = None,
+) -> pd.DataFrame:
+    """``user_id`` and ``column``: every user's predicted effect of the offer at ``at``, learnt from a
+    past campaign's messages and holdout (``contact_examples``) whose windows ended by ``at``.
+
+    This is how ``towerline campaign run`` prices an ``uplift_budget`` offer without ``--scores``:
+    the campaign's own (or ``offer.uplift_from``'s) outbox is its randomised experiment.
+
+    Raises:
+        DataValidationError: no window has ended yet, or a group lacks both outcomes.
+    """
+    done = lambda f: f.loc[f["created_at"].to_numpy(dtype=np.int64) + int(window_days * DAY) <= int(at)]  # noqa: E731
+    sent, held = done(sent), done(held)
+    if not len(sent) or not len(held):
+        raise DataValidationError(
+            f"uplift: {len(sent)} messages and {len(held)} holdout users whose {window_days:g}-day window ended by "
+            f"{int(at)}; the uplift model needs both"
+        )
+    X, treated, outcomes = contact_examples(dataset, sent, held, window_days)
+    y = (outcomes["orders"] > 0).to_numpy() if outcome == "conversion" else outcomes["revenue"].to_numpy()
+    model = fit_uplift(X, treated, y, cfg, outcome)
+    now = feature_frame(profiles_at(dataset, int(at)), dataset.users)
+    log.info("uplift: learnt from %d messages and %d holdout users, scored %d users", int(treated.sum()),
+             int((~treated).sum()), len(now))
+    return pd.DataFrame({"user_id": now.index.astype(str), column: model.predict(now)})
 
 
 def fit_response(X: pd.DataFrame | np.ndarray, converted: np.ndarray, cfg: UpliftConfig | None = None) -> HistGradientBoostingClassifier:
@@ -234,9 +305,9 @@ def _classifier(cfg: UpliftConfig) -> HistGradientBoostingClassifier:
     )
 
 
-def _regressor(cfg: UpliftConfig) -> HistGradientBoostingRegressor:
+def _regressor(cfg: UpliftConfig, loss: str = "squared_error") -> HistGradientBoostingRegressor:
     return HistGradientBoostingRegressor(
-        max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_leaf_nodes=cfg.max_leaf_nodes,
+        loss=loss, max_iter=cfg.max_iter, learning_rate=cfg.learning_rate, max_leaf_nodes=cfg.max_leaf_nodes,
         min_samples_leaf=cfg.min_samples_leaf, l2_regularization=cfg.l2_regularization, random_state=cfg.seed,
         early_stopping=False,
     )

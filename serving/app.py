@@ -57,6 +57,7 @@ from towerline.problems import PROBLEM, Rejections, problem, store_reason  # noq
 from towerline.serving import recommender as rec
 from towerline.serving.admin import BadSource, TempCopies, allowed_source, default_models_root
 from towerline.serving.admin_state import AdminState, AdminStateUnavailable, Desired, Follower
+from towerline.serving.campaign_triggers import CampaignTriggers
 from towerline.serving.auth import TOKEN_ENV, check_exposure, token_dependency
 from towerline.serving.docs import install_docs, install_openapi, problems
 from towerline.serving.errors import HttpGuard, install_error_handlers
@@ -432,6 +433,8 @@ class IngressReplica:
         self.store = self.recommender.store
         self.reload_lock = asyncio.Lock()
         self.marketing = MarketingService(args.experiments, args.experiment, args.settings.feedback_db, args.profiles)
+        # signup campaigns named in the settings: messaged from /events by a background worker
+        self.campaign_triggers = CampaignTriggers.from_settings(args.settings, self.recommender, self.marketing.profiles)
         # an arm with its own model is loaded beside the served one; a model that fails to load
         # stops the start-up, since serving that arm with another model would void the experiment
         self.arm_models: dict[str, rec.ModelState] = {
@@ -490,6 +493,8 @@ class IngressReplica:
         result = await asyncio.to_thread(self.store.append, valid) if valid else None
         for message in result.rejected if result else ():
             rejections.add([store_reason(message)], message)
+        if self.campaign_triggers is not None and valid:
+            self.campaign_triggers.submit(valid)  # queued, never waited on, never an error here
         return BatchResponse(accepted=result.accepted if result else 0, duplicate=result.duplicate if result else 0,
                              **rejections.as_response())
 

@@ -10,6 +10,7 @@ rejects unknown keys and names the offending field, which is exactly ``ConfigErr
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,6 +81,16 @@ class ServeSettings(BaseModel):
     # (reload, items) reached another replica, and then applies it (serving/admin_state.py)
     admin_sync_timeout_s: float = Field(5.0, ge=0, le=60)  # an admin write waits at most this long for every
     # live replica to apply it; its answer says how many did
+    # --- immediate campaigns (towerline.serving.campaign_triggers): signups posted to /events are messaged at once
+    campaigns: tuple[str, ...] = ()  # campaign names (in campaign_dir) or YAML files with a signup trigger
+    # (days: 0) that POST /events fires; () = none
+    campaign_dir: str = "configs/campaigns"  # where campaign names are looked up
+    campaign_outbox: Optional[str] = None  # the outbox `towerline campaign run` writes: a folder, amqp://... or nats://...
+    campaign_ledger: Optional[str] = None  # broker outboxes: folder of published ids (default: outbox-ledger)
+    campaign_users: Optional[str] = None  # users table (user_id, consent, consent_<channel>) for users who signed
+    # up after the model was trained; re-read when it changes; None = the bundle's users.parquet only
+    campaign_queue: int = Field(1000, ge=1)  # event batches waiting for the campaign worker; more are dropped
+    # (logged; the nightly campaign run still reaches those users within its window_days)
 
     @field_validator("history_redis_url")
     @classmethod
@@ -88,8 +99,25 @@ class ServeSettings(BaseModel):
             raise ValueError(f"expected redis://host:port/db, rediss://... or unix:///path.sock, got {v!r}")
         return v
 
+    @field_validator("campaign_dir", "campaign_ledger", "campaign_users", "campaign_outbox")
+    @classmethod
+    def _local_path(cls, v: str | None) -> str | None:
+        """Replicas may run in another working directory: local paths become absolute where the
+        settings are built (the driver); broker URLs stay as they are."""
+        if v is None or "://" in v:
+            return v
+        return str(Path(v).expanduser().resolve())
+
+    @field_validator("campaigns")
+    @classmethod
+    def _campaign_files(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(str(Path(c).expanduser().resolve()) if c.endswith((".yaml", ".yml")) else c for c in v)
+
     @model_validator(mode="after")
     def _consistent(self) -> "ServeSettings":
+        if self.campaigns and not self.campaign_outbox:
+            raise ValueError("campaigns fire from POST /events only into an outbox: set campaign_outbox "
+                             "(a folder, amqp://... or nats://...)")
         if not is_loopback(self.host):  # ConfigError now, before Ray: a host beyond loopback without a token
             check_exposure(self)  # (the replica checks again, loopback too, when it starts)
         if self.history_redis_url and self.history_keep_per_user < self.history_recent:

@@ -30,6 +30,21 @@ def test_profile_writes_parquet_and_report_and_logs_them_to_the_model_run(tracke
     assert profiles["consent"].all()  # users without consent are not exported
     assert {"rfm_group", "segment", "tags", "cluster"} <= set(profiles.columns)
     assert profiles["cluster"].between(0, 2).all()
+    # the churn and LTV models, trained in the job on a time split of the same events, score every customer
+    customers = profiles["frequency"] >= 1
+    churn, ltv = profiles["churn_probability"], profiles["predicted_ltv"]
+    assert churn[customers].between(0, 1).all() and (ltv[customers] >= 0).all()
+    assert churn[~customers].isna().all() and ltv[~customers].isna().all()
+    recent = customers & (profiles["recency_days"] <= 14)
+    lapsed = customers & (profiles["recency_days"] >= 60)
+    assert recent.sum() >= 5 and lapsed.sum() >= 5
+    assert churn[recent].mean() < churn[lapsed].mean() and ltv[recent].mean() > 2 * ltv[lapsed].mean()
+    from towerline.marketing.profiles import load_profiles, profile_of  # what GET /users/{id}/profile answers
+
+    user = profiles.loc[customers, "user_id"].iloc[0]
+    shown = profile_of(load_profiles(out), user)
+    assert shown.churn_probability == pytest.approx(churn[customers].iloc[0])
+    assert shown.predicted_ltv == pytest.approx(ltv[customers].iloc[0])
     assert (out.parent / "report.html").exists()
     assert "cluster 0:" in capsys.readouterr().out
     mlflow.set_tracking_uri(tracked.tracking_uri)

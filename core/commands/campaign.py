@@ -79,7 +79,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _prepare(args: argparse.Namespace):
     from towerline.marketing.campaign_config import find_campaign
-    from towerline.marketing.campaigns import load_inputs, parse_time
+    from towerline.marketing.campaigns import campaign_score_columns, load_inputs, parse_time
 
     campaign = find_campaign(args.name, args.campaigns)
     as_of = parse_time(args.as_of)
@@ -89,16 +89,18 @@ def _prepare(args: argparse.Namespace):
 
         use_tracking(TrackingConfig(tracking_uri=args.tracking_uri))
     inputs = load_inputs(args.data, as_of, format=args.format, model=args.model,
-                         profiles_path=args.profiles, scores_path=args.scores)
+                         profiles_path=args.profiles, scores_path=args.scores,
+                         score_columns=campaign_score_columns(campaign))
     return campaign, as_of, inputs
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from towerline.marketing.campaigns import events_after_training, run_campaign
+    from towerline.marketing.campaigns import events_after_training, run_campaign, with_uplift_scores
     from towerline.marketing.outbox import open_outbox, redact
 
     campaign, as_of, inputs = _prepare(args)
     outbox = open_outbox(args.outbox, args.ledger)
+    inputs.scores = with_uplift_scores(campaign, inputs, as_of, outbox)
     recommend = None
     if args.model and campaign.content.kind == "recommendations":
         recommend = serving_recommend(args.model, events_after_training(inputs.bundle, inputs.data, as_of))
@@ -111,11 +113,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from towerline.marketing.campaigns import plan_campaign, preview_counts
+    from towerline.marketing.campaigns import plan_campaign, preview_counts, with_uplift_scores
     from towerline.marketing.outbox import empty_messages, open_outbox
 
     campaign, as_of, inputs = _prepare(args)
-    history = open_outbox(args.outbox, args.ledger).history() if args.outbox else empty_messages()
+    outbox = open_outbox(args.outbox, args.ledger) if args.outbox else None
+    history = outbox.history() if outbox is not None else empty_messages()
+    inputs.scores = with_uplift_scores(campaign, inputs, as_of, outbox)
     plan = plan_campaign(campaign, inputs.data, as_of, history, profiles=inputs.profiles, scores=inputs.scores,
                          bundle=inputs.bundle, with_content=False)
     counts = preview_counts(plan)

@@ -1,6 +1,7 @@
 """``towerline profile`` and ``towerline audience``: know the customers, then pick who to reach.
 
-``profile`` builds RFM scores, lifecycle segments and interest tags from the data, clusters the
+``profile`` builds RFM scores, lifecycle segments and interest tags from the data, trains the churn
+and LTV models on a time split of it (``churn_probability``, ``predicted_ltv`` per customer), clusters the
 model's user vectors, writes ``profiles.parquet`` (consenting users only, aggregates only) and a
 ``report.html`` beside it, and logs both to MLflow as artifacts of the model's training run (the
 bundle manifest's ``run_id``), or of a new run when that run is not in the tracking store.
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("profile", help="user profiles: RFM, lifecycle segments, interest tags, clusters",
                        description="Build user profiles (RFM scores and groups, lifecycle segment, interest tags, "
+                       "churn probability and predicted LTV from models trained on a time split of the events, "
                        "clusters of the model's user vectors), write them as Parquet with an HTML report beside "
                        "them and log both to MLflow.", epilog=PROFILE_EXAMPLE, formatter_class=fmt)
     _data_flags(p)

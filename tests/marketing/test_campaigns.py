@@ -484,6 +484,20 @@ def test_cli_campaign_run_on_the_synthetic_shop_writes_an_outbox(tiny_run, tmp_p
     tier = got["predicted_ltv"].map({50.0: "5%", 200.0: "10%", 800.0: "15%"})
     assert (got["offer"] == tier).all() and set(got["channel"]) <= {"email", "sms"}
 
+    # without --scores the run trains the churn and LTV models on the log up to --as-of itself
+    from towerline.marketing.campaigns import load_inputs
+
+    inputs = load_inputs(str(data), parse_time("2025-06-22T09:00"), score_columns=["churn_probability", "predicted_ltv"])
+    made = inputs.profiles.set_index("user_id")[["churn_probability", "predicted_ltv"]]
+    assert made["churn_probability"].notna().sum() > 50 and (made["predicted_ltv"].dropna() >= 0).all()
+    own = [a for a in win_back if a not in ("--scores", str(tmp_path / "scores.parquet"))]
+    own[own.index(str(outbox))] = str(tmp_path / "outbox-own")
+    assert main(own) == 0
+    got = pd.read_parquet(tmp_path / "outbox-own").merge(made, left_on="user_id", right_index=True)
+    assert len(got) >= 1 and (got["churn_probability"] > 0.6).all()
+    tier = np.select([got["predicted_ltv"] >= 500, got["predicted_ltv"] >= 100], ["15%", "10%"], "5%")
+    assert (got["offer"] == tier).all()
+
 
 def test_cli_bad_name_or_time_is_one_error_line(tmp_path, capsys):
     from towerline.cli import main
@@ -539,3 +553,60 @@ def test_the_cli_recommender_sees_events_newer_than_the_model(tiny_run):
     assert len(cold) == len(warm) == 5
     assert cold != warm  # popular fallback without the events, personalised with them
     assert not set(items) & set(warm)  # seen items are dropped by the serving rules
+
+
+def test_a_run_records_its_holdout_beside_the_messages_and_the_report_reads_both(tmp_path):
+    from towerline.marketing.campaign_report import read_outbox
+
+    users = [f"u{i}" for i in range(40)]
+    data = shop([(u, "i1", at(0, 9), "purchase") for u in users])
+    c = campaign(trigger={"kind": "purchase", "days": 3}, holdout=0.3)
+    outbox = ParquetOutbox(tmp_path / "outbox")
+    first = run_campaign(c, data, at(3, 9), outbox, recommend=recommend)
+    held = outbox.holdout_history()
+    assert len(held) == first.counts["holdout"] > 0 and len(outbox.history()) == first.counts[SEND] > 0
+    assert not set(held["user_id"]) & set(outbox.history()["user_id"])  # nobody held out was messaged
+    assert set(held["user_id"]) == {u for u, h in zip(users, in_holdout("test", users, 0.3)) if h}
+    run_campaign(c, data, at(3, 9), outbox, recommend=recommend)  # a re-run records no holdout row twice either
+    assert len(outbox.holdout_history()) == len(held)
+    report_rows = read_outbox(tmp_path / "outbox")
+    assert report_rows["holdout"].sum() == len(held) and (~report_rows["holdout"]).sum() == first.counts[SEND]
+    assert (report_rows["sent_at"] == at(3, 9)).all()
+
+
+def test_an_uplift_budget_offer_learns_who_to_give_it_from_an_earlier_campaigns_holdout(tmp_path):
+    """A first campaign (fixed offer, half held out) is the experiment; in the week after it, only
+    the treated browsers (never bought) are moved to buy, buyers buy as often either way. The next
+    campaign's uplift_budget offers, learnt from that outbox, go to browsers."""
+    rng = np.random.default_rng(0)
+    users = [f"u{i:03d}" for i in range(600)]
+    browser = {u: i % 2 == 0 for i, u in enumerate(users)}
+    events = [(u, "i2", at(d, 9), "purchase") for u in users if not browser[u] for d in (2, 10, 20)]
+    events += [(u, "i1", at(29, 9), "view") for u in users]
+    explore = campaign(name="explore", trigger={"kind": "view_without_purchase", "days": 0},
+                       content={"kind": "viewed_item", "k": 1}, offer={"kind": "fixed", "unit": "percent", "value": 10},
+                       holdout=0.5)
+    outbox = ParquetOutbox(tmp_path / "outbox")
+    run_campaign(explore, shop(events), at(29, 12), outbox)
+    treated = set(outbox.history()["user_id"])
+    assert 200 < len(treated) < 400 and len(outbox.holdout_history()) == 600 - len(treated)
+    for u in users:
+        p = (0.5 if u in treated else 0.02) if browser[u] else 0.3
+        if rng.random() < p:
+            events.append((u, "i3", at(31, 10), "purchase"))
+    events += [(u, "i1", at(39, 9), "view") for u in users]  # everyone views again: the next trigger
+    targeted = campaign(name="targeted", trigger={"kind": "view_without_purchase", "days": 1},
+                        content={"kind": "viewed_item", "k": 1},
+                        offer={"kind": "uplift_budget", "unit": "amount", "value": 5.0, "budget": 100.0,
+                               "uplift_from": "explore"})
+    data = shop(events)
+    from towerline.marketing.campaigns import CampaignInputs, with_uplift_scores
+
+    scores = with_uplift_scores(targeted, CampaignInputs(data), at(40, 9), outbox)
+    run = run_campaign(targeted, data, at(40, 9), outbox, scores=scores)
+    offered = run.messages.loc[run.messages["offer"].notna(), "user_id"]
+    assert len(offered) == 20 and np.mean([browser[u] for u in offered]) >= 0.8
+    assert (run.messages["offer"].dropna() == "5.00").all()
+    with pytest.raises(DataValidationError, match="run 'targeted' with a holdout first"):
+        with_uplift_scores(campaign(name="targeted", offer=targeted.offer.__dict__ | {"uplift_from": None}),
+                           CampaignInputs(data), at(40, 9), outbox)

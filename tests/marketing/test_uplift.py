@@ -117,6 +117,25 @@ def test_uplift_targeting_beats_response_targeting_and_random_at_the_same_budget
     assert gain >= 2.0 * truth[test].mean() * budget  # random targeting's expected gain
 
 
+def test_revenue_uplift_targets_the_users_whose_offer_earns_the_most(shop):
+    """The X-learner on revenue (Poisson outcome models): the budget goes to users whose true
+    expected revenue gain, m * (p_treated * (1 - discount) - p_control), is large."""
+    c, X, test, _ = randomised(shop, ("sms", "discount_10"))
+    t, revenue = (c["group"] == "treated").to_numpy(), c["revenue"].to_numpy(dtype=np.float64)
+    model = fit_uplift(X[~test], t[~test], revenue[~test], UpliftConfig(max_iter=50), outcome="revenue")
+    assert model.outcome == "revenue"
+    ids = c["user_id"].to_numpy()[test]
+    eff = shop.effect_of("sms", "discount_10").reindex(ids)
+    truth = shop.order_value.reindex(ids).to_numpy() * (eff["p_treated"] * 0.9 - eff["p_control"]).to_numpy()
+    pred = model.predict(X[test])
+    budget = int(0.1 * test.sum())
+    chosen = np.argsort(-pred, kind="stable")[:budget]
+    assert truth[chosen].sum() >= 2.0 * truth.mean() * budget  # random targeting's expected gain
+    assert pd.Series(pred).corr(pd.Series(truth), method="spearman") > 0.2
+    with pytest.raises(DataValidationError, match=">= 0"):
+        fit_uplift(X[~test], t[~test], -revenue[~test], outcome="revenue")
+
+
 def test_arm_outcomes_keeps_the_holdout_and_the_users_sent_that_arm():
     shop = simulate_shop(600, 100, seed=1)
     c = run_campaign(shop, arms=[("email", "reminder"), ("sms", "discount_20")], holdout=0.3, seed=0)

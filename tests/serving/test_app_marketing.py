@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from test_app import assert_problem, served  # noqa: F401  (the module fixture is reused)
+from test_campaign_triggers import campaign_settings, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -39,19 +40,20 @@ def ab(served, tmp_path_factory, redis_url):  # noqa: F811
         model=str(tiny_run.bundle_dir),
         # this app also covers the other placement: every request hops to the Retriever deployment
         # and the history store for several machines: Redis instead of the SQLite file
-        settings={"history_redis_url": redis_url, "feedback_db": str(tmp / "f.sqlite"), "stage_placement": "deployments"},
+        settings={"history_redis_url": redis_url, "feedback_db": str(tmp / "f.sqlite"), "stage_placement": "deployments",
+                  **campaign_settings(tmp)},  # and a signup campaign fired from /events into tmp/outbox
         experiments=[EXPERIMENT],
         experiment="home-feed",
         profiles=str(tmp / "profiles.parquet"),
     )
     serve.run(build_app(args), name="ab", route_prefix="/ab")
     with httpx.Client(base_url=f"{base}/ab", timeout=60) as client:
-        yield client, tiny_run, profiles
+        yield client, tiny_run, profiles, tmp
     serve.delete("ab")
 
 
 def test_recommend_carries_a_stable_arm_and_the_popular_arm_is_not_personalised(ab):
-    client, tiny_run, _ = ab
+    client, tiny_run, *_ = ab
     from towerline.training.bundle import load_bundle
 
     b = load_bundle(tiny_run.bundle_dir)
@@ -68,7 +70,7 @@ def test_recommend_carries_a_stable_arm_and_the_popular_arm_is_not_personalised(
 
 
 def test_profile_of_a_consenting_user_and_404_for_unknown(ab):
-    client, _, profiles = ab
+    client, _, profiles, _ = ab
     user = str(profiles.loc[profiles["consent"].astype(bool), "user_id"].iloc[0])
     body = client.get(f"/users/{user}/profile").json()
     assert body["user_id"] == user and body["segment"] in {"new", "active", "loyal", "at-risk", "churned"}
@@ -130,3 +132,25 @@ def test_events_go_to_redis_and_shape_the_next_recommendation(ab, redis_url):
     after = client.post("/recommend", json={"user_id": user, "k": 5}).json()
     assert (after["arm"], after["fallback"]) == ("control", False)
     assert not {"i00003", "i00007", "i00011"} & {i["item_id"] for i in after["items"]}  # seen items dropped
+
+
+def test_a_signup_posted_to_events_reaches_the_outbox_within_a_second_once(ab):
+    """The real app (two ingress replicas, content through the Retriever deployment's path): the
+    signup's message is in the Parquet outbox within 1 s, and re-posts, whichever replica they
+    reach, add nothing."""
+    import time
+
+    from towerline.marketing.outbox import ParquetOutbox
+
+    client, _, _, tmp = ab
+    outbox = ParquetOutbox(tmp / "outbox")
+    signup = {"user_id": "new-1", "item_id": "-", "event_type": "signup", "event_id": "serve-signup-1"}
+    t0 = time.monotonic()
+    assert client.post("/events", json=[signup, {**signup, "user_id": "shy", "event_id": "serve-signup-2"}]).status_code == 200
+    got = wait_for(outbox, 1)
+    assert time.monotonic() - t0 < 1.0 and got["user_id"].tolist() == ["new-1"], got
+    assert got["campaign"].tolist() == ["welcome-now"] and len(got["items"].iloc[0]) == 3
+    for n in range(4):  # re-posts, new event ids too: the message id is the same, so nothing more
+        assert client.post("/events", json=[{**signup, "event_id": f"serve-signup-again-{n}"}]).status_code == 200
+    time.sleep(0.5)
+    assert outbox.history()["message_id"].tolist() == got["message_id"].tolist()
