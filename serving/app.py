@@ -47,6 +47,7 @@ from fastapi import Body, Depends, FastAPI, Path as PathParam, Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from ray.serve import Application
+from ray.serve.exceptions import RayServeException
 
 from towerline.config import ExperimentConfig, from_dict
 from towerline.errors import BundleError, IndexMismatchError, TowerlineError
@@ -139,6 +140,19 @@ def _use_tracking(uri: str | None) -> None:
 
         os.environ["MLFLOW_TRACKING_URI"] = uri
         mlflow.set_tracking_uri(uri)
+
+
+# Which ingress replica answered: Serve's own replica tag (as in Serve's logs), so an operator can match an
+# answer to a replica's log, and a test can tell two replicas behind one port apart.
+REPLICA_HEADER = "X-Towerline-Replica"
+
+
+def _serve_replica_id() -> Optional[str]:
+    """Serve's tag of the replica this runs in; None outside a Serve replica (the in-process app)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return None
 
 
 def _limit_threads(threads: int) -> None:
@@ -333,7 +347,9 @@ def build_http_app(replica: "IngressReplica") -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(HttpGuard, max_bytes=settings.max_body_bytes)
+    replica_id = getattr(replica, "replica_id", None)
+    app.add_middleware(HttpGuard, max_bytes=settings.max_body_bytes,
+                       headers=((REPLICA_HEADER, replica_id),) if replica_id else ())
     check = token_dependency(replica.token)
     write = [Depends(check)]
     read = [Depends(check)] if settings.require_token_for_reads else []
@@ -412,6 +428,7 @@ class IngressReplica:
         _limit_threads(args.settings.threads)
         self.args = args
         self.settings = args.settings
+        self.replica_id = _serve_replica_id()
         self.token = check_exposure(args.settings)  # the replica refuses to start exposed, as the CLI does
         self.models_root = args.settings.models_root or default_models_root(args.model)
         self.copies = TempCopies()

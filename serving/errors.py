@@ -122,9 +122,10 @@ class HttpGuard:
     holds more than the limit.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]  # on every answer
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -136,6 +137,8 @@ class HttpGuard:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if self.headers:
+                    message = {**message, "headers": [*message.get("headers", []), *self.headers]}
             await send(message)
 
         try:
