@@ -218,6 +218,42 @@ def bench_ann(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
+def bench_ann_gaussian(args: argparse.Namespace) -> dict[str, Any]:
+    """The worst case beside the trained vectors: ``tune_index`` on ``--ann-gaussian`` L2-normalised
+    i.i.d. Gaussian vectors (dim 64) with fresh Gaussian queries, no structure for an index to use."""
+    import os
+
+    import numpy as np
+
+    from towerline.errors import ConfigError
+    from towerline.serving.index_tuning import tune_index
+
+    rng = np.random.default_rng(0)
+
+    def gaussian(n: int) -> np.ndarray:
+        x = rng.standard_normal((n, 64), dtype=np.float32)  # (n, 64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    items, queries = gaussian(args.ann_gaussian), gaussian(args.ann_queries)
+    half = len(queries) // 2
+    out: dict[str, Any] = {"items": args.ann_gaussian, "dim": 64, "queries": len(queries)}
+    for kind in args.ann_gaussian_kinds:
+        t0 = time.perf_counter()
+        try:
+            t = tune_index(items, queries[:half], queries[half:], TARGET_RECALL, kinds=(kind,), threads=1,
+                           build_threads=args.cpus)
+        except ConfigError as e:
+            out[kind] = {"error": str(e), "tuning_s": round(time.perf_counter() - t0, 1)}
+            continue
+        out[kind] = {"recall_at_10": t.recall_at_10, "qps": t.qps, "cpu_qps": t.cpu_qps, "exact_qps": t.exact_qps,
+                     "exact_cpu_qps": t.exact_cpu_qps, "speedup": t.qps / t.exact_qps,
+                     "cpu_speedup": t.cpu_qps / t.exact_cpu_qps, "build_s": round(t.build_s, 1),
+                     "memory_bytes": t.memory_bytes, "chosen": t.chosen.record(), "tried": len(t.tried),
+                     "tuning_s": round(time.perf_counter() - t0, 1), "loadavg_1m": round(os.getloadavg()[0], 2)}
+        log.info("ann gaussian %s: %s", kind, out[kind])
+    return out
+
+
 def bench_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One and two ingress replicas over one Redis, in one Serve instance, wrk in interleaved rounds."""
     import numpy as np
@@ -296,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None, help="ann/serve: a trained bundle (the largest catalogue you have)")
     ap.add_argument("--parts", nargs="*", default=[], choices=["ann", "serve"], help="parts needing --model to run")
     ap.add_argument("--ann-queries", type=int, default=2000, help="ann: sampled users (half tune, half held out)")
+    ap.add_argument("--ann-gaussian", type=int, default=0, help="ann: also tune on N random Gaussian vectors (worst case)")
+    ap.add_argument("--ann-gaussian-kinds", nargs="+", default=["ivf"], choices=["hnsw", "ivf"])
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/9", help="serve: the Redis both apps share")
     ap.add_argument("--serve-seconds", type=float, default=60, help="serve: wrk seconds per app, over all rounds")
     ap.add_argument("--serve-rounds", type=int, default=3)
@@ -303,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="serve: wrk connections, one comparison each (one replica takes 8 at once + 4 queued)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "scale.json")
     args = ap.parse_args(argv)
-    if args.parts and args.model is None:
+    if args.model is None and ("serve" in args.parts or "ann" in args.parts and not args.ann_gaussian):
         ap.error(f"--parts {' '.join(args.parts)} needs --model BUNDLE (a trained bundle)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
@@ -331,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             m = report["million"] = bench_million(args, work)
             report["targets"].append({"part": "million", "target": "1M-item shop trains with sampled softmax and evaluates by FAISS top-k",
                                       "value": m["eval"].get("test/ndcg_10"), "met": m["train_steps"] > 0})
-        if "ann" in args.parts:
+        if "ann" in args.parts and args.model is not None:
             a = report["ann"] = bench_ann(args, work)
             for kind in ("hnsw", "ivf"):
                 r = a[kind]
@@ -343,6 +381,17 @@ def main(argv: list[str] | None = None) -> int:
                                                         "cpu_speedup": round(r["cpu_speedup"], 2)},
                     "met": "error" not in r and r["recall_at_10"] >= TARGET_RECALL and r["speedup"] >= TARGET_SPEEDUP,
                     "million_items": a.get("items", 0) >= 1_000_000})
+        if "ann" in args.parts and args.ann_gaussian:
+            g = report["ann_gaussian"] = bench_ann_gaussian(args)
+            for kind in args.ann_gaussian_kinds:
+                r = g[kind]
+                report["targets"].append({
+                    "part": "ann_gaussian", "target": f"{kind} on {args.ann_gaussian:,} random Gaussian vectors (worst "
+                    f"case): recall@10 >= {TARGET_RECALL} at >= {TARGET_SPEEDUP:.0f}x exact QPS, one thread",
+                    "value": None if "error" in r else {"recall_at_10": round(r["recall_at_10"], 4),
+                                                        "speedup": round(r["speedup"], 2),
+                                                        "cpu_speedup": round(r["cpu_speedup"], 2)},
+                    "met": "error" not in r and r["recall_at_10"] >= TARGET_RECALL and r["speedup"] >= TARGET_SPEEDUP})
         if "serve" in args.parts:
             v = report["serve"] = bench_serve(args, work)
             for clients, c in v["connections"].items():
@@ -360,9 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge and args.out.exists():  # one part per invocation, one results file
         old = json.loads(args.out.read_text())
-        parts = [k for k in ("features", "train", "million", "ann", "serve") if k in report]
+        names = ("features", "train", "million", "ann", "ann_gaussian", "serve")
+        parts = [k for k in names if k in report]
         kept = [t for t in old.get("targets", []) if t.get("part") not in parts]
-        for k in ("features", "train", "million", "ann", "serve"):
+        for k in names:
             if k not in report and k in old:
                 report[k] = old[k]
         report["commands"] = sorted(set(old.get("commands", [old.get("command", "")])) | {report["command"]})
