@@ -13,7 +13,9 @@ batches on a Serve replica's event loop; here one plain ``asyncio`` loop drives 
 batch is "everyone in the chunk", known exactly, with no wait timeout.
 
 Output rows: ``user_id, rank (1 = best), item_id, score, model_version, fallback`` — k rows per user
-(fewer only when the catalogue has fewer allowed items).
+(fewer only when the catalogue has fewer allowed items) — plus ``experiment, arm`` when an A/B
+experiment is active: each user then gets the answer of the arm ``/recommend`` gives them (the same
+``marketing.assignment`` hash, the arm's own model version or popular rules, ``rec.arm_request``).
 """
 
 from __future__ import annotations
@@ -22,15 +24,19 @@ import asyncio
 import logging
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from towerline.config import ArmConfig, ExperimentConfig
 from towerline.errors import TowerlineError
+from towerline.marketing.assignment import assign_arms, find_experiment
 from towerline.serving import recommender as rec
 from towerline.serving.history import HistoryEvent
 from towerline.serving.settings import ServeSettings
@@ -38,6 +44,7 @@ from towerline.serving.settings import ServeSettings
 log = logging.getLogger(__name__)
 
 COLUMNS = ["user_id", "rank", "item_id", "score", "model_version", "fallback"]
+ARM_COLUMNS = ["experiment", "arm"]  # appended when an experiment is active
 DEFAULT_BATCH_SIZE = 512  # users per model call: large enough for BLAS, small enough for memory
 
 
@@ -96,10 +103,39 @@ def _by_version(parked: list[Any]) -> list[list[Any]]:
     return list(groups.values())
 
 
-async def _answer_chunk(recommender: rec.Recommender, stages: GatherStages, user_ids: Sequence[str], k: int
+@dataclass(frozen=True)
+class Arms:
+    """The active experiment of an export: which arm each user is in and what each arm serves,
+    loaded the way the service's ingress loads them (an arm's own model beside the served one)."""
+
+    experiment: ExperimentConfig
+    models: dict[str, rec.ModelState]  # arm name -> its own model version (arms with ``model``)
+
+    def of(self, user_ids: Sequence[str]) -> list[ArmConfig]:
+        """Each user's arm: ``assign_arms``, the function behind the service's ``assign_arm``."""
+        by_name = {a.name: a for a in self.experiment.arms}
+        return [by_name[name] for name in assign_arms(self.experiment, user_ids)]
+
+
+def load_arms(experiments: Sequence[ExperimentConfig], experiment: str | None, settings: ServeSettings) -> Arms | None:
+    """``Arms`` of the experiment named ``experiment`` (None: no A/B split, as in the service);
+    ``ConfigError`` naming the known experiments for an unknown name."""
+    if experiment is None:
+        return None
+    active = find_experiment(experiments, experiment)
+    return Arms(active, {a.name: rec.load_model(a.model, settings, None) for a in active.arms if a.model})
+
+
+async def _answer_chunk(recommender: rec.Recommender, stages: GatherStages, user_ids: Sequence[str], k: int,
+                        arms: Sequence[ArmConfig] | None = None, arm_models: dict[str, rec.ModelState] | None = None,
                         ) -> list[rec.RecommendResult]:
-    """``recommend_async`` for every user of the chunk, concurrently, the model stages gathered."""
-    tasks = [asyncio.ensure_future(recommender.recommend_async(u, k)) for u in user_ids]
+    """``recommend_async`` for every user of the chunk, concurrently, the model stages gathered;
+    with ``arms`` each user as their arm is served (``rec.arm_request``)."""
+    if arms is None:
+        tasks = [asyncio.ensure_future(recommender.recommend_async(u, k)) for u in user_ids]
+    else:
+        tasks = [asyncio.ensure_future(recommender.recommend_async(u, k, **rec.arm_request(a, arm_models or {})))
+                 for u, a in zip(user_ids, arms)]
     idle = 0
     while True:
         await asyncio.sleep(0)  # every runnable request advances to its next stage await (or finishes)
@@ -156,10 +192,12 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[lo : lo + size]
 
 
-def result_frame(user_ids: Sequence[str], results: Sequence[rec.RecommendResult]) -> pd.DataFrame:
-    """One row per (user, recommended item) in ``COLUMNS`` order."""
-    users, ranks, items, scores, versions, fallbacks = [], [], [], [], [], []
-    for u, r in zip(user_ids, results):
+def result_frame(user_ids: Sequence[str], results: Sequence[rec.RecommendResult],
+                 arms: Sequence[str] | None = None, experiment: str | None = None) -> pd.DataFrame:
+    """One row per (user, recommended item) in ``COLUMNS`` order, then ``ARM_COLUMNS`` when
+    ``arms`` (each user's arm name in ``experiment``) is given."""
+    users, ranks, items, scores, versions, fallbacks, arm_rows = [], [], [], [], [], [], []
+    for pos, (u, r) in enumerate(zip(user_ids, results)):
         n = len(r.items)
         users.extend([u] * n)
         ranks.extend(range(1, n + 1))
@@ -167,12 +205,19 @@ def result_frame(user_ids: Sequence[str], results: Sequence[rec.RecommendResult]
         scores.extend(s for _, s in r.items)
         versions.extend([r.model_version] * n)
         fallbacks.extend([r.fallback] * n)
-    return pd.DataFrame({
+        if arms is not None:
+            arm_rows.extend([arms[pos]] * n)
+    columns: dict[str, pd.Series] = {
         "user_id": pd.Series(users, dtype=str), "rank": pd.Series(ranks, dtype="int32"),
         "item_id": pd.Series(items, dtype=str), "score": pd.Series(scores, dtype="float32"),
         "model_version": pd.Series(versions, dtype=object).astype("string"),
         "fallback": pd.Series(fallbacks, dtype=bool),
-    }, columns=COLUMNS)
+    }
+    if arms is None:
+        return pd.DataFrame(columns, columns=COLUMNS)
+    columns["experiment"] = pd.Series([experiment] * len(users), dtype=object).astype("string")
+    columns["arm"] = pd.Series(arm_rows, dtype=object).astype("string")
+    return pd.DataFrame(columns, columns=COLUMNS + ARM_COLUMNS)
 
 
 def recommend_frames(
@@ -181,9 +226,11 @@ def recommend_frames(
     k: int = 20,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_chunk: Callable[[int], None] | None = None,
+    arms: Arms | None = None,
 ) -> Iterator[pd.DataFrame]:
     """``result_frame`` of each chunk of ``batch_size`` users, answered through ``recommender``'s
-    request path with gathered stages (``recommender.stages`` is replaced for the duration)."""
+    request path with gathered stages (``recommender.stages`` is replaced for the duration); with
+    ``arms``, each user as their arm of the experiment is served."""
     if batch_size < 1:
         raise TowerlineError(f"--batch-size must be >= 1, got {batch_size}")
     rec.check_k(k, recommender.settings)
@@ -194,11 +241,16 @@ def recommend_frames(
     worker = ThreadPoolExecutor(1, thread_name_prefix="towerline-batch") if _loop_running() else None
     try:
         for chunk in _chunks(user_ids, batch_size):
+            chunk_arms = arms.of(chunk) if arms is not None else None
+            job = _answer_chunk(batched, stages, chunk, k, chunk_arms, arms.models if arms is not None else None)
             if worker is None:
-                results = loop.run_until_complete(_answer_chunk(batched, stages, chunk, k))
+                results = loop.run_until_complete(job)
             else:
-                results = worker.submit(loop.run_until_complete, _answer_chunk(batched, stages, chunk, k)).result()
-            yield result_frame(chunk, results)
+                results = worker.submit(loop.run_until_complete, job).result()
+            if chunk_arms is None:
+                yield result_frame(chunk, results)
+            else:
+                yield result_frame(chunk, results, [a.name for a in chunk_arms], arms.experiment.name)  # type: ignore[union-attr]
             if on_chunk is not None:
                 on_chunk(len(chunk))
     finally:
@@ -256,8 +308,10 @@ def write_frames(frames: Iterable[pd.DataFrame], out: str | Path) -> int:
     tmp = path.with_name(f".{path.name}.partial")
     rows = 0
     writer = None
+    columns = COLUMNS
     try:
         for i, frame in enumerate(frames):
+            columns = list(frame.columns)
             if suffix == ".csv":
                 frame.to_csv(tmp, mode="w" if i == 0 else "a", header=i == 0, index=False)
             else:
@@ -270,9 +324,9 @@ def write_frames(frames: Iterable[pd.DataFrame], out: str | Path) -> int:
             writer.close()
             writer = None
         elif rows == 0 and suffix == ".parquet":
-            result_frame([], []).to_parquet(tmp, index=False)
+            result_frame([], []).reindex(columns=columns).to_parquet(tmp, index=False)
         elif rows == 0:
-            result_frame([], []).to_csv(tmp, index=False)
+            result_frame([], []).reindex(columns=columns).to_csv(tmp, index=False)
         tmp.replace(path)
     finally:
         if writer is not None:
@@ -291,6 +345,8 @@ def recommend_all(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool | None = None,
     log_every: int = 5000,
+    experiments: Sequence[ExperimentConfig] = (),
+    experiment: str | None = None,
 ) -> pd.DataFrame | dict[str, Any]:
     """Top-``k`` recommendations for ``users`` (a list of ids, a file of ids, or ``"all"`` = every
     user the model knows) through the service's request path. Example::
@@ -298,12 +354,15 @@ def recommend_all(
         recommend_all("runs/latest/bundle", "all", k=20, out="recs.parquet")
 
     ``store`` is the online history store the service reads (default: none, so histories are the
-    bundle's); ``settings`` the service's rules (default ``ServeSettings()``, as ``towerline serve``).
+    bundle's); ``settings`` the service's rules (default ``ServeSettings()``, as ``towerline serve``);
+    ``experiments``/``experiment`` the service's A/B split (``AppArgs.experiments``/``.experiment``):
+    each user is answered as their arm and the rows carry ``experiment, arm``.
     Without ``out`` the rows come back as one DataFrame; with ``out`` they are streamed to the file
-    and a summary comes back (users, rows, fallback users, seconds, path).
+    and a summary comes back (users, rows, fallback users, seconds, path; users per arm).
     """
     settings = settings or ServeSettings()
     state = model if isinstance(model, rec.ModelState) else rec.load_model(model, settings)
+    arms = load_arms(experiments, experiment, settings)
     if isinstance(users, str) and users == "all":
         user_ids = known_users(state)
     elif isinstance(users, (str, Path)):
@@ -322,7 +381,7 @@ def recommend_all(
             yield f
 
     try:
-        frames = counted(recommend_frames(recommender, user_ids, k, batch_size, bar))
+        frames = counted(recommend_frames(recommender, user_ids, k, batch_size, bar, arms))
         if out is None:
             parts = list(frames)
             return pd.concat(parts, ignore_index=True) if parts else result_frame([], [])
@@ -332,5 +391,9 @@ def recommend_all(
     seconds = time.perf_counter() - t0
     log.info("%d users, %d rows (%d users on the popular fallback) in %.1f s -> %s",
              len(user_ids), rows, fallback_users, seconds, out)
-    return {"users": len(user_ids), "rows": rows, "fallback_users": fallback_users, "seconds": seconds,
-            "out": str(out), "model_version": state.model_version, "model": state.key}
+    summary: dict[str, Any] = {"users": len(user_ids), "rows": rows, "fallback_users": fallback_users,
+                               "seconds": seconds, "out": str(out), "model_version": state.model_version, "model": state.key}
+    if arms is not None:
+        summary["experiment"] = arms.experiment.name
+        summary["arms"] = {a.name: 0 for a in arms.experiment.arms} | dict(Counter(a.name for a in arms.of(user_ids)))
+    return summary

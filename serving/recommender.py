@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from towerline.config import IndexConfig
+from towerline.config import ArmConfig, IndexConfig
 from towerline.errors import TowerlineError
 from towerline.features.vocab import N_RESERVED, PAD_IDX, UNK_IDX, Vocab
 from towerline.serving import rules
@@ -486,6 +486,19 @@ def similar_items(state: ModelState, settings: ServeSettings, item_id: str, k: i
     banned = rules.banned_mask(state.n_items, in_stock=state.facts.in_stock, blocked=state.blocked, exclude=[idx])
     keep_idx, keep_scores = rules.select(cand[0], scores[0], k, banned)
     return [(str(i), float(s)) for i, s in zip(state.bundle.vocabs.items.decode(keep_idx), keep_scores)]
+
+
+def arm_request(arm: ArmConfig | None, arm_models: Mapping[str, ModelState]) -> dict[str, Any]:
+    """``recommend_async``'s ``state`` and ``popular_only`` for a user in ``arm`` of the active
+    experiment (None: no experiment): the arm's own model version when it names one (loaded beside
+    the served one, ``arm_models`` by arm name), popular items for a ``rules: popular`` arm.
+
+    What an arm serves is decided here once, for the batch export (``serving/batch.py``) and for
+    anyone else who answers a user "as their arm would"."""
+    return {
+        "state": arm_models.get(arm.name) if arm is not None else None,
+        "popular_only": arm is not None and arm.rules == "popular",  # the non-personalised arm
+    }
 
 
 def check_k(k: int, settings: ServeSettings) -> None:
