@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,9 @@ class GatherStages:
     with the functions the service's stages end in and resolves the futures.
     """
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeSettings, retrieve_rows: int = 256, rank_rows: int = 64) -> None:
         self.settings = settings
+        self.retrieve_rows, self.rank_rows = retrieve_rows, rank_rows
         self._retrieve: list[tuple[rec.ModelState, rec.UserHistory, asyncio.Future]] = []
         self._rank: list[tuple[rec.ModelState, rec.UserHistory, rec.Candidates, asyncio.Future]] = []
 
@@ -83,24 +85,32 @@ class GatherStages:
         return await fut
 
     def flush(self) -> None:
-        """Run the parked requests, one call per stage and model version."""
+        """Run the parked requests, one call per stage, model version and slice of rows.
+
+        Why slices (``retrieve_rows``, ``rank_rows``) rather than the whole chunk at once: the
+        ranker's (rows, candidates, features) tensors of 512 users are ~45 MB, far beyond the CPU
+        caches, and every op on them waits for memory; 64 users' fit, and the ranker spent ~40% less
+        CPU per user on the Beauty bundle (``bench/batch_export.py``). Rows are computed
+        independently of their batch (``training/inference.py``), so slicing changes no bit.
+        """
         retrieve, self._retrieve = self._retrieve, []
-        for group in _by_version(retrieve):
+        for group in _by_version(retrieve, self.retrieve_rows):
             state = group[0][0]
             for (_, _, fut), cands in zip(group, rec.retrieve(state, self.settings, [r[1] for r in group])):
                 fut.set_result(cands)
         rank, self._rank = self._rank, []
-        for group in _by_version(rank):
+        for group in _by_version(rank, self.rank_rows):
             state = group[0][0]
             for (*_, fut), ranked in zip(group, rec.rank(state, [r[1] for r in group], [r[2] for r in group])):
                 fut.set_result(ranked)
 
 
-def _by_version(parked: list[Any]) -> list[list[Any]]:
+def _by_version(parked: list[Any], rows: int) -> list[list[Any]]:
+    """Parked requests grouped by model version, each group cut into slices of at most ``rows``."""
     groups: dict[str, list[Any]] = {}
     for item in parked:
         groups.setdefault(item[0].key, []).append(item)
-    return list(groups.values())
+    return [g[lo : lo + rows] for g in groups.values() for lo in range(0, len(g), max(rows, 1))]
 
 
 @dataclass(frozen=True)
@@ -227,44 +237,66 @@ def recommend_frames(
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_chunk: Callable[[int], None] | None = None,
     arms: Arms | None = None,
+    workers: int = 1,
 ) -> Iterator[pd.DataFrame]:
-    """``result_frame`` of each chunk of ``batch_size`` users, answered through ``recommender``'s
-    request path with gathered stages (``recommender.stages`` is replaced for the duration); with
-    ``arms``, each user as their arm of the experiment is served."""
+    """``result_frame`` of each chunk of ``batch_size`` users, in order, answered through
+    ``recommender``'s request path with gathered stages; with ``arms``, each user as their arm of the
+    experiment is served.
+
+    ``workers`` threads answer chunks side by side, each with its own event loop and stages (the
+    recommender's ``stages`` are not used). Why threads with torch on one thread each rather than
+    one chunk with torch's intra-op threads: torch releases the GIL inside its ops, so two chunks
+    keep two cores busy (one in the model, one in the request path around it), while intra-op threads
+    spin at every op's barrier; on the shared 2-core machine two intra-op threads cost 2.7x the CPU
+    seconds of one (``bench/batch_export.py``). Set ``torch.set_num_threads(1)`` with ``workers > 1``
+    (``towerline recommend`` does). The chunks always run in worker threads, so a caller inside a
+    running event loop (a notebook's kernel, an async server) is fine too.
+    """
     if batch_size < 1:
         raise TowerlineError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 1:
+        raise TowerlineError(f"--threads must be >= 1, got {workers}")
     rec.check_k(k, recommender.settings)
-    stages = GatherStages(recommender.settings)
-    batched = rec.Recommender(recommender.state, recommender.settings, recommender.store, stages)
-    loop = asyncio.new_event_loop()
-    # inside a running loop (a notebook's kernel, an async server) the batch loop runs in a worker thread
-    worker = ThreadPoolExecutor(1, thread_name_prefix="towerline-batch") if _loop_running() else None
+    local = threading.local()
+    loops: list[asyncio.AbstractEventLoop] = []
+    models = arms.models if arms is not None else None
+
+    def answer(chunk: Sequence[str]) -> pd.DataFrame:
+        if not hasattr(local, "loop"):  # first chunk of this worker thread: its loop and stages
+            local.loop = asyncio.new_event_loop()
+            loops.append(local.loop)
+            local.stages = GatherStages(recommender.settings)
+            local.recommender = rec.Recommender(recommender.state, recommender.settings, recommender.store, local.stages)
+        chunk_arms = arms.of(chunk) if arms is not None else None
+        results = local.loop.run_until_complete(_answer_chunk(local.recommender, local.stages, chunk, k, chunk_arms, models))
+        if chunk_arms is None:
+            return result_frame(chunk, results)
+        return result_frame(chunk, results, [a.name for a in chunk_arms], arms.experiment.name)  # type: ignore[union-attr]
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="towerline-batch")
+    pending: deque[tuple[int, Future[pd.DataFrame]]] = deque()
     try:
         for chunk in _chunks(user_ids, batch_size):
-            chunk_arms = arms.of(chunk) if arms is not None else None
-            job = _answer_chunk(batched, stages, chunk, k, chunk_arms, arms.models if arms is not None else None)
-            if worker is None:
-                results = loop.run_until_complete(job)
-            else:
-                results = worker.submit(loop.run_until_complete, job).result()
-            if chunk_arms is None:
-                yield result_frame(chunk, results)
-            else:
-                yield result_frame(chunk, results, [a.name for a in chunk_arms], arms.experiment.name)  # type: ignore[union-attr]
-            if on_chunk is not None:
-                on_chunk(len(chunk))
+            pending.append((len(chunk), pool.submit(answer, chunk)))
+            while len(pending) > workers:  # at most one chunk waiting per worker: bounded memory
+                yield _take_done(pending, on_chunk)
+        while pending:
+            yield _take_done(pending, on_chunk)
     finally:
-        if worker is not None:
-            worker.shutdown()
-        loop.close()
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+        for loop in loops:
+            loop.close()
 
 
-def _loop_running() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
+def _take_done(pending: deque[tuple[int, Future[pd.DataFrame]]], on_chunk: Callable[[int], None] | None) -> pd.DataFrame:
+    """The oldest chunk's frame (waiting for it), reported to ``on_chunk``."""
+    n, fut = pending.popleft()
+    frame = fut.result()
+    if on_chunk is not None:
+        on_chunk(n)
+    return frame
 
 
 class _Progress:
@@ -345,6 +377,7 @@ def recommend_all(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool | None = None,
     log_every: int = 5000,
+    workers: int = 1,
     experiments: Sequence[ExperimentConfig] = (),
     experiment: str | None = None,
 ) -> pd.DataFrame | dict[str, Any]:
@@ -381,7 +414,7 @@ def recommend_all(
             yield f
 
     try:
-        frames = counted(recommend_frames(recommender, user_ids, k, batch_size, bar, arms))
+        frames = counted(recommend_frames(recommender, user_ids, k, batch_size, bar, arms, workers))
         if out is None:
             parts = list(frames)
             return pd.concat(parts, ignore_index=True) if parts else result_frame([], [])

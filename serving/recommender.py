@@ -303,7 +303,10 @@ def _fold_repeats(items: np.ndarray, etypes: np.ndarray, ts: np.ndarray) -> tupl
     step's time (as ``features.sequences.build_sequences`` folds training data)."""
     if len(items) < 2:
         return items, etypes, ts
-    starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
+    repeats = items[1:] == items[:-1]  # (L - 1,)
+    if not repeats.any():  # the usual case (the bundle's histories are folded already): nothing to do
+        return items, etypes, ts
+    starts = np.flatnonzero(np.concatenate(([True], ~repeats)))
     return items[starts], np.maximum.reduceat(etypes, starts), ts[starts]
 
 
@@ -344,8 +347,12 @@ def user_history(state: ModelState, user_id: str, online: Sequence[HistoryEvent]
     if not parts_i:
         empty = np.zeros(0, dtype=np.int64)
         return UserHistory(empty, empty, empty, u)
-    items, etypes, ts = _fold_repeats(np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_t).astype(np.int64),
-                                      np.concatenate(parts_ts).astype(np.int64))
+    if len(parts_i) == 1:  # one source: its arrays as int64, without a concatenation (batch exports: every user)
+        items, etypes, ts = (parts_i[0].astype(np.int64), parts_t[0].astype(np.int64), parts_ts[0].astype(np.int64))
+    else:
+        items, etypes, ts = (np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_t).astype(np.int64),
+                             np.concatenate(parts_ts).astype(np.int64))
+    items, etypes, ts = _fold_repeats(items, etypes, ts)
     return UserHistory(items, etypes, ts, u)
 
 

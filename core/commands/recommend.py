@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SQLite file of the service's online history, so its events count (default: none, the "
                    "bundle's histories only)")
     p.add_argument("--max-per-category", type=int, default=None, help="diversity cap per category (default: none)")
-    p.add_argument("--threads", type=int, default=2, help="torch/FAISS threads (default: 2)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="chunks of users answered side by side, torch and FAISS on one thread each (default: 2)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
     p.add_argument("--config", type=Path, default=None,
                    help="Towerline YAML whose experiments: list defines the A/B arms (as for towerline serve)")
@@ -60,7 +61,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise TowerlineError(f"--users {args.users}: file not found (give a CSV/Parquet/txt of user ids, or 'all')")
     if not 1 <= args.k <= 1000:
         raise TowerlineError(f"--k must be between 1 and 1000, got {args.k}")
-    settings = settings_from(max_per_category=args.max_per_category, threads=args.threads, max_k=max(args.k, 200))
+    if args.threads < 1:
+        raise TowerlineError(f"--threads must be >= 1, got {args.threads}")
+    # one torch/FAISS thread per worker: intra-op threads spin at every op's barrier on a busy machine
+    settings = settings_from(max_per_category=args.max_per_category, threads=1, max_k=max(args.k, 200))
     experiments = _experiments(args.config, args.experiment)
     if args.tracking_uri:
         import mlflow
@@ -73,7 +77,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     from towerline.serving.batch import recommend_all
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     store = None
     if args.history_db:
         if not Path(args.history_db).is_file():
@@ -84,7 +88,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     try:
         summary = recommend_all(args.model, args.users, k=args.k, out=args.out, settings=settings, store=store,
                                 batch_size=args.batch_size, progress=False if args.no_progress else sys.stderr.isatty(),
-                                experiments=experiments, experiment=args.experiment)
+                                workers=args.threads, experiments=experiments, experiment=args.experiment)
     finally:
         if store is not None:
             store.close()
