@@ -46,15 +46,15 @@ def recommender(tiny_state):
     return Recommender(tiny_state, ServeSettings(), NoOnlineHistory())
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 512])
-def test_batch_equals_one_request_per_user(tiny_state, recommender, batch_size):
+@pytest.mark.parametrize("batch_size, workers", [(1, 1), (7, 2), (512, 1)])
+def test_batch_equals_one_request_per_user(tiny_state, recommender, batch_size, workers):
     from towerline.serving.batch import COLUMNS, recommend_all
 
     users = _users(tiny_state, 60) + ["never-seen-user"]  # an unknown user: popular fallback, not an error
-    df = recommend_all(tiny_state, users, k=K, batch_size=batch_size)
+    df = recommend_all(tiny_state, users, k=K, batch_size=batch_size, workers=workers)  # chunks side by side: same rows, in order
     assert list(df.columns) == COLUMNS
     got, want = _as_lists(df), _per_user(recommender, users)
-    assert set(got) == set(users)
+    assert set(got) == set(users) and list(dict.fromkeys(df["user_id"])) == users
     for u in users:
         assert [i for i, _ in got[u]] == [i for i, _ in want[u]], u
         np.testing.assert_allclose([s for _, s in got[u]], [s for _, s in want[u]], rtol=1e-6, atol=1e-6)
