@@ -12,10 +12,10 @@ Why a stage object of its own rather than ``stages.BatchedStages``: ``serve.batc
 batches on a Serve replica's event loop; here one plain ``asyncio`` loop per worker thread drives a
 chunk, and the batch is "everyone in the chunk", known exactly, with no wait timeout.
 
-Speed (Beauty, 22,363 users, retriever + ranker, ``bench/batch_export.py``): torch runs on one thread
-(intra-op threads spun at every op's barrier on the shared machine: 2.7x the CPU seconds), the ranker
-takes 64 users per call (its per-candidate tensors then fit the CPU caches), and ``workers`` chunks
-may run side by side, torch releasing the GIL inside its ops.
+Speed (Beauty, 22,363 users, retriever + ranker, ``bench/batch_export.py``): torch runs on one
+thread (intra-op threads spun at every op's barrier on the shared machine: about 3x the CPU
+seconds), the ranker takes 64 users per call (its per-candidate tensors then fit the CPU caches),
+and ``workers`` chunks may run side by side, torch releasing the GIL inside its ops.
 
 Output rows: ``user_id, rank (1 = best), item_id, score, model_version, fallback`` — k rows per user
 (fewer only when the catalogue has fewer allowed items) — plus ``experiment, arm`` when an A/B
@@ -252,8 +252,8 @@ def recommend_frames(
     recommender's ``stages`` are not used). Why threads with torch on one thread each rather than
     one chunk with torch's intra-op threads: torch releases the GIL inside its ops, so two chunks
     keep two cores busy (one in the model, one in the request path around it), while intra-op threads
-    spin at every op's barrier; on the shared 2-core machine two intra-op threads cost 2.7x the CPU
-    seconds of one (``bench/batch_export.py``). Set ``torch.set_num_threads(1)`` with ``workers > 1``
+    spin at every op's barrier; on the shared 2-core machine two intra-op threads cost about 3x the
+    CPU seconds of one (``bench/batch_export.py``). Set ``torch.set_num_threads(1)`` with ``workers > 1``
     (``towerline recommend`` does). The chunks always run in worker threads, so a caller inside a
     running event loop (a notebook's kernel, an async server) is fine too.
     """
@@ -332,8 +332,9 @@ class _Progress:
             self.bar.close()
 
 
-def write_frames(frames: Iterable[pd.DataFrame], out: str | Path) -> int:
-    """Stream frames into ``out`` (Parquet for ``.parquet``, CSV for ``.csv``), atomically; returns rows."""
+def write_frames(frames: Iterable[pd.DataFrame], out: str | Path, columns: Sequence[str] = COLUMNS) -> int:
+    """Stream frames into ``out`` (Parquet for ``.parquet``, CSV for ``.csv``), atomically; returns rows.
+    ``columns`` are the header of a file without rows (``COLUMNS``, plus ``ARM_COLUMNS`` in an experiment)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -345,10 +346,8 @@ def write_frames(frames: Iterable[pd.DataFrame], out: str | Path) -> int:
     tmp = path.with_name(f".{path.name}.partial")
     rows = 0
     writer = None
-    columns = COLUMNS
     try:
         for i, frame in enumerate(frames):
-            columns = list(frame.columns)
             if suffix == ".csv":
                 frame.to_csv(tmp, mode="w" if i == 0 else "a", header=i == 0, index=False)
             else:
@@ -361,9 +360,9 @@ def write_frames(frames: Iterable[pd.DataFrame], out: str | Path) -> int:
             writer.close()
             writer = None
         elif rows == 0 and suffix == ".parquet":
-            result_frame([], []).reindex(columns=columns).to_parquet(tmp, index=False)
+            result_frame([], [], [] if len(columns) > len(COLUMNS) else None).to_parquet(tmp, index=False)
         elif rows == 0:
-            result_frame([], []).reindex(columns=columns).to_csv(tmp, index=False)
+            result_frame([], [], [] if len(columns) > len(COLUMNS) else None).to_csv(tmp, index=False)
         tmp.replace(path)
     finally:
         if writer is not None:
@@ -424,7 +423,7 @@ def recommend_all(
         if out is None:
             parts = list(frames)
             return pd.concat(parts, ignore_index=True) if parts else result_frame([], [])
-        rows = write_frames(frames, out)
+        rows = write_frames(frames, out, COLUMNS + ARM_COLUMNS if arms is not None else COLUMNS)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
