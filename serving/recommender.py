@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from towerline.config import IndexConfig
+from towerline.config import ArmConfig, IndexConfig
 from towerline.errors import TowerlineError
 from towerline.features.vocab import N_RESERVED, PAD_IDX, UNK_IDX, Vocab
 from towerline.serving import rules
@@ -303,7 +303,10 @@ def _fold_repeats(items: np.ndarray, etypes: np.ndarray, ts: np.ndarray) -> tupl
     step's time (as ``features.sequences.build_sequences`` folds training data)."""
     if len(items) < 2:
         return items, etypes, ts
-    starts = np.flatnonzero(np.r_[True, items[1:] != items[:-1]])
+    repeats = items[1:] == items[:-1]  # (L - 1,)
+    if not repeats.any():  # the usual case (the bundle's histories are folded already): nothing to do
+        return items, etypes, ts
+    starts = np.flatnonzero(np.concatenate(([True], ~repeats)))
     return items[starts], np.maximum.reduceat(etypes, starts), ts[starts]
 
 
@@ -344,8 +347,12 @@ def user_history(state: ModelState, user_id: str, online: Sequence[HistoryEvent]
     if not parts_i:
         empty = np.zeros(0, dtype=np.int64)
         return UserHistory(empty, empty, empty, u)
-    items, etypes, ts = _fold_repeats(np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_t).astype(np.int64),
-                                      np.concatenate(parts_ts).astype(np.int64))
+    if len(parts_i) == 1:  # one source: its arrays as int64, without a concatenation (batch exports: every user)
+        items, etypes, ts = (parts_i[0].astype(np.int64), parts_t[0].astype(np.int64), parts_ts[0].astype(np.int64))
+    else:
+        items, etypes, ts = (np.concatenate(parts_i).astype(np.int64), np.concatenate(parts_t).astype(np.int64),
+                             np.concatenate(parts_ts).astype(np.int64))
+    items, etypes, ts = _fold_repeats(items, etypes, ts)
     return UserHistory(items, etypes, ts, u)
 
 
@@ -486,6 +493,19 @@ def similar_items(state: ModelState, settings: ServeSettings, item_id: str, k: i
     banned = rules.banned_mask(state.n_items, in_stock=state.facts.in_stock, blocked=state.blocked, exclude=[idx])
     keep_idx, keep_scores = rules.select(cand[0], scores[0], k, banned)
     return [(str(i), float(s)) for i, s in zip(state.bundle.vocabs.items.decode(keep_idx), keep_scores)]
+
+
+def arm_request(arm: ArmConfig | None, arm_models: Mapping[str, ModelState]) -> dict[str, Any]:
+    """``recommend_async``'s ``state`` and ``popular_only`` for a user in ``arm`` of the active
+    experiment (None: no experiment): the arm's own model version when it names one (loaded beside
+    the served one, ``arm_models`` by arm name), popular items for a ``rules: popular`` arm.
+
+    What an arm serves is decided here once, for the batch export (``serving/batch.py``) and for
+    anyone else who answers a user "as their arm would"."""
+    return {
+        "state": arm_models.get(arm.name) if arm is not None else None,
+        "popular_only": arm is not None and arm.rules == "popular",  # the non-personalised arm
+    }
 
 
 def check_k(k: int, settings: ServeSettings) -> None:

@@ -99,6 +99,8 @@ def banned_mask(
     if in_stock is not None:
         banned |= ~np.asarray(in_stock, dtype=bool)[:n_items]
     for group in (blocked, seen, exclude):
+        if np.size(group) == 0:  # usually blocked and exclude: no work per request
+            continue
         idx = np.asarray(group, dtype=np.int64).ravel()
         idx = idx[(idx >= 0) & (idx < n_items)]
         banned[idx] = True

@@ -174,9 +174,10 @@ def item_scores(users: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
     Why not ``users @ item_table.T``: see the module docstring (batch-size-dependent last bits).
     """
     table = item_table.to(users.dtype)
-    if len(users) == 0:
-        return users.new_zeros((0, table.shape[0]))
-    return torch.stack([torch.mv(table, u) for u in users])  # (B, V)
+    out = users.new_empty((len(users), table.shape[0]))  # (B, V)
+    for b in range(len(users)):  # written in place: no (B, V) copy through torch.stack
+        torch.mv(table, users[b], out=out[b])
+    return out
 
 
 def top_candidates(masked: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

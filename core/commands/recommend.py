@@ -9,11 +9,15 @@ EXAMPLE = """example:
   towerline recommend --model runs/latest/bundle --users all --k 20 --out recs.parquet
   towerline recommend --model models:/towerline-retriever@champion --users users.csv --out recs.csv
   towerline recommend --model runs/beauty/bundle --users ids.txt --history-db towerline_history.sqlite --out recs.parquet
+  towerline recommend --model runs/latest/bundle --users all --config shop.yaml --experiment home-feed --out recs.parquet
 
 --users: 'all' (every user the model knows), or a CSV/Parquet file with a user_id column, or a text
 file with one id per line. Every user goes through the code POST /recommend runs (history, consent,
 business rules, popular fallback), the model stages batched. Output columns: user_id, rank, item_id,
-score, model_version, fallback; Parquet or CSV by the --out suffix."""
+score, model_version, fallback; Parquet or CSV by the --out suffix. With --experiment (an experiment
+of --config's experiments: list, as `towerline serve --config --experiment` takes it) each user gets
+the answer of the arm the service assigns them (its model version or popular rules) and the rows add
+experiment, arm."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,8 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SQLite file of the service's online history, so its events count (default: none, the "
                    "bundle's histories only)")
     p.add_argument("--max-per-category", type=int, default=None, help="diversity cap per category (default: none)")
-    p.add_argument("--threads", type=int, default=2, help="torch/FAISS threads (default: 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="chunks of users answered side by side, torch and FAISS on one thread each (default: 1; "
+                   "2 may help on an idle multi-core machine, costs ~10%% more CPU on a busy one)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
+    p.add_argument("--config", type=Path, default=None,
+                   help="Towerline YAML whose experiments: list defines the A/B arms (as for towerline serve)")
+    p.add_argument("--experiment", default=None,
+                   help="experiment (from --config) whose arms the users get, as /recommend assigns them")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per 5,000 users instead)")
     p.set_defaults(func=cmd_recommend)
 
@@ -52,7 +62,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise TowerlineError(f"--users {args.users}: file not found (give a CSV/Parquet/txt of user ids, or 'all')")
     if not 1 <= args.k <= 1000:
         raise TowerlineError(f"--k must be between 1 and 1000, got {args.k}")
-    settings = settings_from(max_per_category=args.max_per_category, threads=args.threads, max_k=max(args.k, 200))
+    if args.threads < 1:
+        raise TowerlineError(f"--threads must be >= 1, got {args.threads}")
+    # one torch/FAISS thread per worker: intra-op threads spin at every op's barrier on a busy machine
+    settings = settings_from(max_per_category=args.max_per_category, threads=1, max_k=max(args.k, 200))
+    experiments = _experiments(args.config, args.experiment)
     if args.tracking_uri:
         import mlflow
 
@@ -64,7 +78,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
     from towerline.serving.batch import recommend_all
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     store = None
     if args.history_db:
         if not Path(args.history_db).is_file():
@@ -74,11 +88,30 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         store = SQLiteHistoryStore(args.history_db)
     try:
         summary = recommend_all(args.model, args.users, k=args.k, out=args.out, settings=settings, store=store,
-                                batch_size=args.batch_size, progress=False if args.no_progress else sys.stderr.isatty())
+                                batch_size=args.batch_size, progress=False if args.no_progress else sys.stderr.isatty(),
+                                workers=args.threads, experiments=experiments, experiment=args.experiment)
     finally:
         if store is not None:
             store.close()
     print(f"{summary['users']} users -> {summary['rows']} rows in {summary['out']} "
           f"({summary['fallback_users']} on the popular fallback, model {summary['model']}, "
           f"{summary['seconds']:.1f} s)")
+    if summary.get("arms"):
+        print(f"experiment {args.experiment}: " + ", ".join(f"{a} {n} users" for a, n in summary["arms"].items()))
     return 0
+
+
+def _experiments(config: Path | None, experiment: str | None) -> tuple:
+    """The experiments of ``--config``; ``--experiment`` must name one of them (one line, exit 2)."""
+    from towerline.config import load_config
+    from towerline.errors import TowerlineError
+    from towerline.marketing.assignment import find_experiment
+
+    if experiment is not None and config is None:
+        raise TowerlineError(f"--experiment {experiment}: give the --config whose experiments: list defines it")
+    if config is None:
+        return ()
+    experiments = load_config(config).experiments
+    if experiment is not None:
+        find_experiment(experiments, experiment)  # an unknown name fails here, before the model loads
+    return experiments

@@ -46,15 +46,15 @@ def recommender(tiny_state):
     return Recommender(tiny_state, ServeSettings(), NoOnlineHistory())
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 512])
-def test_batch_equals_one_request_per_user(tiny_state, recommender, batch_size):
+@pytest.mark.parametrize("batch_size, workers", [(1, 1), (7, 2), (512, 1)])
+def test_batch_equals_one_request_per_user(tiny_state, recommender, batch_size, workers):
     from towerline.serving.batch import COLUMNS, recommend_all
 
     users = _users(tiny_state, 60) + ["never-seen-user"]  # an unknown user: popular fallback, not an error
-    df = recommend_all(tiny_state, users, k=K, batch_size=batch_size)
+    df = recommend_all(tiny_state, users, k=K, batch_size=batch_size, workers=workers)  # chunks side by side: same rows, in order
     assert list(df.columns) == COLUMNS
     got, want = _as_lists(df), _per_user(recommender, users)
-    assert set(got) == set(users)
+    assert set(got) == set(users) and list(dict.fromkeys(df["user_id"])) == users
     for u in users:
         assert [i for i, _ in got[u]] == [i for i, _ in want[u]], u
         np.testing.assert_allclose([s for _, s in got[u]], [s for _, s in want[u]], rtol=1e-6, atol=1e-6)
@@ -180,3 +180,81 @@ def test_batch_works_inside_a_running_event_loop(tiny_state, recommender):
 
     df = asyncio.run(inside())
     assert _as_lists(df) == _per_user(recommender, users, 4)
+
+
+AB = {"name": "home-feed", "control": "control", "arms": [
+    {"name": "control", "share": 0.4},  # the served model, default rules
+    {"name": "challenger", "model": None, "share": 0.3},  # its own model version (the ranked run's bundle)
+    {"name": "popular", "rules": "popular", "share": 0.3},  # the non-personalised arm
+]}
+
+
+def _ab(ranked_run) -> dict:
+    arms = [dict(a, model=str(ranked_run.bundle_dir)) if a["name"] == "challenger" else a for a in AB["arms"]]
+    return dict(AB, arms=arms)
+
+
+def test_batch_rows_are_the_answers_of_each_users_arm(tiny_run, ranked_run, tmp_path):
+    """An experiment with three arms (served model, an arm's own model with a ranker, popular rules):
+    every exported user has exactly the /recommend answer of the ingress app (in process, no Ray) built
+    from the same AppArgs, arm included."""
+    from fastapi.testclient import TestClient
+
+    from towerline.serving.app import AppArgs, IngressReplica
+    from towerline.serving.batch import ARM_COLUMNS, COLUMNS, recommend_all
+    from towerline.serving.recommender import LocalStages
+
+    args = AppArgs(model=str(tiny_run.bundle_dir), tracking_uri=tiny_run.tracking_uri,
+                   settings={"history_db": str(tmp_path / "history.sqlite"), "feedback_db": str(tmp_path / "feedback.sqlite")},
+                   experiments=[_ab(ranked_run)], experiment="home-feed").resolved()
+    replica = IngressReplica(args, stages=LocalStages(args.settings))
+    try:
+        users = _users(replica.state, 45) + ["never-seen-user"]
+        with TestClient(replica.asgi_app()) as client:
+            served = {u: client.post("/recommend", json={"user_id": u, "k": K}).json() for u in users}
+    finally:
+        replica.close()
+    df = recommend_all(replica.state, users, k=K, settings=args.settings, experiments=args.experiments,
+                       experiment=args.experiment, batch_size=16)
+    assert list(df.columns) == COLUMNS + ARM_COLUMNS and df["experiment"].eq("home-feed").all()
+    got = _as_lists(df)
+    for u in users:
+        body, rows = served[u], df[df.user_id == u]
+        assert [i for i, _ in got[u]] == [x["item_id"] for x in body["items"]], u
+        np.testing.assert_allclose([s for _, s in got[u]], [x["score"] for x in body["items"]], rtol=1e-6, atol=1e-6)
+        assert rows["arm"].eq(body["arm"]).all() and rows["fallback"].eq(body["fallback"]).all(), u
+        assert rows["model_version"].astype(object).where(rows["model_version"].notna(), None).eq(body["model_version"]).all() \
+            or body["model_version"] is None
+    arms = {u: served[u]["arm"] for u in users}
+    assert set(arms.values()) == {"control", "challenger", "popular"}  # 46 users reach every arm
+    assert all(served[u]["fallback"] for u in users if arms[u] == "popular")
+    challenger = [u for u in users[:-1] if arms[u] == "challenger"]
+    control = recommend_all(replica.state, challenger, k=K, settings=args.settings)  # the served model, no split
+    assert _as_lists(control) != {u: got[u] for u in challenger}  # the arm's own model answered them
+
+
+def test_cli_experiment_adds_the_arm_columns_and_checks_its_flags(tiny_run, ranked_run, tiny_state, tmp_path, capsys):
+    import yaml
+
+    from towerline.cli import main
+    from towerline.config import ExperimentConfig, from_dict
+    from towerline.marketing.assignment import assign_arms
+
+    (tmp_path / "ab.yaml").write_text(yaml.safe_dump({"experiments": [_ab(ranked_run)]}))
+    users = _users(tiny_state, 20)
+    (tmp_path / "users.txt").write_text("\n".join(users) + "\n")
+    out = tmp_path / "recs.csv"
+    base = ["recommend", "--model", str(tiny_run.bundle_dir), "--users", str(tmp_path / "users.txt"), "--k", "3",
+            "--out", str(out), "--no-progress"]
+    assert main(base + ["--config", str(tmp_path / "ab.yaml"), "--experiment", "home-feed"]) == 0
+    df = pd.read_csv(out, dtype=str)
+    assert list(df.columns)[-2:] == ["experiment", "arm"]
+    want = dict(zip(users, assign_arms(from_dict(ExperimentConfig, _ab(ranked_run), "experiments"), users)))
+    assert df.groupby("user_id")["arm"].first().to_dict() == want
+    assert "experiment home-feed:" in capsys.readouterr().out
+    out.unlink()
+    for extra, mentions in ((["--experiment", "home-feed"], "--experiment home-feed"),
+                            (["--config", str(tmp_path / "ab.yaml"), "--experiment", "nope"], "nope")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert mentions in err and len(err.splitlines()) == 1 and not out.exists()
