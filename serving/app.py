@@ -486,8 +486,7 @@ class IngressReplica:
         arm = self.marketing.arm_of(req.user_id)
         result = await self.recommender.recommend_async(
             req.user_id, req.k, req.exclude, req.context.model_dump(exclude_none=True),
-            state=self.arm_models.get(arm.name) if arm else None,
-            popular_only=arm is not None and arm.rules == "popular",  # the non-personalised arm of an experiment
+            **rec.arm_request(arm, self.arm_models),  # the arm's own model, or popular items for a popular arm
         )
         return RecommendResponse(
             items=[ScoredItem(item_id=i, score=s) for i, s in result.items],
