@@ -53,7 +53,10 @@ def load_immediate_campaigns(settings: ServeSettings) -> list[CampaignConfig]:
     """The campaigns ``settings.campaigns`` names, each checked to have an immediate trigger."""
     out = []
     for name in settings.campaigns:
-        c = find_campaign(name, settings.campaign_dir)
+        try:
+            c = find_campaign(name, settings.campaign_dir)
+        except ConfigError as e:  # the folder's own hint names the CLI flag; here it is a setting
+            raise ConfigError(f"serve setting 'campaigns': {str(e).replace('pass --campaigns DIR', 'set campaign_dir')}") from None
         if not immediate(c):
             raise ConfigError(
                 f"serve setting 'campaigns': campaign '{c.name}' has a {c.trigger.kind} trigger (days {c.trigger.days}); "
