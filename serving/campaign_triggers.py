@@ -77,6 +77,7 @@ class CampaignTriggers:
         self.profiles = profiles  # segments for campaigns that filter on them
         self.users_path = Path(settings.campaign_users) if settings.campaign_users else None
         self.queue_size = settings.campaign_queue
+        self.loop: asyncio.AbstractEventLoop | None = None  # created on the replica's loop, at the first signup
         self.queue: asyncio.Queue[list[Event]] | None = None
         self.worker: asyncio.Task[None] | None = None
         self._users: tuple[Any, pd.DataFrame] | None = None  # ((file mtime, bundle path), table)
@@ -96,10 +97,11 @@ class CampaignTriggers:
             signups = [e for e in events if e.event_type == SIGNUP]
             if not signups:
                 return
-            if self.queue is None:  # created on the replica's event loop, at the first signup
-                self.queue = asyncio.Queue(self.queue_size)
+            loop = asyncio.get_running_loop()
+            if self.loop is not loop:  # the queue and worker live on the loop that serves (Serve keeps one)
+                self.loop, self.queue, self.worker = loop, asyncio.Queue(self.queue_size), None
             if self.worker is None or self.worker.done():
-                self.worker = asyncio.get_running_loop().create_task(self._work())
+                self.worker = loop.create_task(self._work())
             self.queue.put_nowait(signups)
         except asyncio.QueueFull:
             self.dropped += 1
