@@ -23,9 +23,13 @@ service calls for signups (``messages_for_events``):
    item tower's space, the viewed item, or the launched item.
 4. **Offer** (``attach_offers``): none, fixed, tiered by predicted LTV, or given to the highest
    predicted uplift until the budget is spent; scores come from a per-user column (profiles or a
-   ``--scores`` Parquet) that the churn / LTV / uplift models write.
+   ``--scores`` Parquet). Without one, ``load_inputs`` has the churn and LTV models score the
+   profiles it builds at ``as_of`` (``scores.add_campaign_scores``), and ``with_uplift_scores``
+   learns the uplift from the outbox's earlier messages and holdout of the campaign.
 5. **Message** ids hash (campaign, user, trigger moment), so a re-run for the same time makes the
-   same ids and the outbox drops them; quiet hours move ``send_at`` to their end.
+   same ids and the outbox drops them; quiet hours move ``send_at`` to their end. The held-out
+   rows are recorded beside the messages (``Outbox.record_holdout``): the report's control group
+   and the uplift model's training data.
 """
 
 from __future__ import annotations
