@@ -8,9 +8,10 @@ client that sends 10,000 broken rows gets a short answer, not every rejection sp
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -69,6 +70,43 @@ class Rejections:
         """``rejected`` (the first examples), ``rejected_count`` and ``rejected_by_reason``."""
         return {"rejected": self.examples, "rejected_count": self.count,
                 "rejected_by_reason": dict(self.by_reason.most_common())}
+
+
+@dataclass
+class StoredBatch:
+    """What a batch endpoint did with its records: the valid ones, and the store's counts."""
+
+    valid: list[Any]
+    accepted: int
+    duplicate: int
+    rejections: Rejections
+
+    def as_response(self) -> dict[str, Any]:
+        """``accepted``, ``duplicate`` and the rejection summary: the body both batch endpoints answer."""
+        return {"accepted": self.accepted, "duplicate": self.duplicate, **self.rejections.as_response()}
+
+
+async def validate_and_store(
+    body: list[Any], model: type[BaseModel], store: Callable[[list[Any]], Any], what: str = "event"
+) -> StoredBatch:
+    """Validate each record of ``body`` as ``model`` on its own, hand the valid ones to ``store``
+    (run in a thread: SQLite and Redis block), and summarise both kinds of rejection.
+
+    The one loop of ``POST /events`` and ``POST /feedback``: a bad record rejects itself only, by
+    position and reason. ``store(valid)`` returns counts ``accepted``, ``duplicate`` and the
+    ``rejected`` messages (``serving.history.AppendResult``, ``marketing.feedback.FeedbackResult``).
+    """
+    valid: list[Any] = []
+    rejections = Rejections()
+    for pos, raw in enumerate(body):
+        try:
+            valid.append(model.model_validate(raw))
+        except ValidationError as e:
+            rejections.add_invalid(pos, e, what)
+    result = await asyncio.to_thread(store, valid) if valid else None
+    for message in result.rejected if result else ():
+        rejections.add([store_reason(message)], message)
+    return StoredBatch(valid, result.accepted if result else 0, result.duplicate if result else 0, rejections)
 
 
 def store_reason(message: str) -> str:

@@ -23,9 +23,13 @@ service calls for signups (``messages_for_events``):
    item tower's space, the viewed item, or the launched item.
 4. **Offer** (``attach_offers``): none, fixed, tiered by predicted LTV, or given to the highest
    predicted uplift until the budget is spent; scores come from a per-user column (profiles or a
-   ``--scores`` Parquet) that the churn / LTV / uplift models write.
+   ``--scores`` Parquet). Without one, ``load_inputs`` has the churn and LTV models score the
+   profiles it builds at ``as_of`` (``scores.add_campaign_scores``), and ``with_uplift_scores``
+   learns the uplift from the outbox's earlier messages and holdout of the campaign.
 5. **Message** ids hash (campaign, user, trigger moment), so a re-run for the same time makes the
-   same ids and the outbox drops them; quiet hours move ``send_at`` to their end.
+   same ids and the outbox drops them; quiet hours move ``send_at`` to their end. The held-out
+   rows are recorded beside the messages (``Outbox.record_holdout``): the report's control group
+   and the uplift model's training data.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from towerline.errors import ConfigError, DataValidationError
 from towerline.features.contracts import Dataset
 from towerline.marketing.assignment import assignment_unit
 from towerline.marketing.campaign_config import CampaignConfig, OfferConfig, QuietHoursConfig
-from towerline.marketing.outbox import Outbox, as_messages
+from towerline.marketing.outbox import Outbox, as_messages, empty_messages
 from towerline.features.vocab import N_RESERVED
 from towerline.marketing.audience import find_audience, user_vectors
 from towerline.features.readers import load_dataset
@@ -64,6 +68,7 @@ PURCHASE, VIEW, SIGNUP = "purchase", "view", "signup"
 
 # statuses of a planned row, in the order the stages apply them
 SEND = "send"
+HOLDOUT = "holdout"
 STATUSES = ("no_consent", "segment", "no_channel_consent", "holdout", "already_sent", "capped", "no_content", SEND)
 
 
@@ -638,7 +643,7 @@ def run_campaign(
                          recommend=recommend, bundle=bundle)
     to_send = as_messages(plan.loc[plan["status"] == SEND])
     published = outbox.publish(to_send)
-    outbox.record_holdout(as_messages(plan.loc[plan["status"] == "holdout"]))  # the report's comparison group
+    outbox.record_holdout(as_messages(plan.loc[plan["status"] == HOLDOUT]))  # the report's comparison group
     counts = {s: int(n) for s, n in plan["status"].value_counts().items()}
     return CampaignRun(campaign.name, as_of, plan, published, counts)
 
@@ -668,28 +673,41 @@ def messages_for_events(
         now: the time of the decision (default: the newest event's time).
         recommend: as for ``run_campaign``.
     """
+    plan = plan_for_events(campaigns, events, users, history, now=now, recommend=recommend, profiles=profiles)
+    return as_messages(plan.loc[plan["status"] == SEND]) if len(plan) else empty_messages()
+
+
+def plan_for_events(
+    campaigns: Sequence[CampaignConfig],
+    events: pd.DataFrame | Sequence[Any],
+    users: pd.DataFrame,
+    history: pd.DataFrame,
+    *,
+    now: int | None = None,
+    recommend: Recommend | None = None,
+    profiles: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """``messages_for_events``'s plan, every row with its ``status`` (``plan_campaign``'s columns,
+    empty when nothing fires): the service publishes the ``send`` rows and records the ``holdout``
+    ones, as a batch run does."""
     frame = events if isinstance(events, pd.DataFrame) else pd.DataFrame(
         [{"user_id": e.user_id, "item_id": e.item_id, "timestamp": e.timestamp, "event_type": e.event_type} for e in events]
     )
     if not len(frame):
-        return as_messages(frame)
+        return pd.DataFrame()
     frame = frame.loc[frame["event_type"].astype(str) == SIGNUP]
     if not len(frame):
-        return as_messages(frame)
+        return pd.DataFrame()
     clock = int(time.time()) if now is None else int(now)
     ts = pd.to_numeric(frame["timestamp"], errors="coerce").fillna(clock)  # no timestamp: the server's clock, as /events
     frame = frame.assign(timestamp=ts.astype(np.int64))
     at = int(frame["timestamp"].max()) if now is None else int(now)
     data = Dataset(name="events", events=frame, items=pd.DataFrame({"item_id": []}),
                    users=users.drop(columns=["signup_ts"], errors="ignore"))
-    out = []
-    for c in campaigns:
-        if c.trigger.kind != "signup" or c.trigger.days != 0:
-            continue
-        plan = plan_campaign(c, data, at, history, profiles=profiles, recommend=recommend)
-        out.append(as_messages(plan.loc[plan["status"] == SEND]))
-    msgs = pd.concat(out, ignore_index=True) if out else as_messages(frame.iloc[:0])
-    return msgs
+    plans = [plan_campaign(c, data, at, history, profiles=profiles, recommend=recommend)
+             for c in campaigns if c.trigger.kind == SIGNUP and c.trigger.days == 0]
+    plans = [p for p in plans if len(p)]
+    return pd.concat(plans, ignore_index=True) if plans else pd.DataFrame()
 
 
 def preview_counts(plan: pd.DataFrame) -> dict[str, dict[str, int]]:

@@ -131,6 +131,9 @@ class ParquetOutbox:
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
+        # files are written once, atomically, and never changed: each is read once per process
+        # (the service publishes a small file per signup batch and reads the history before each)
+        self._files: dict[tuple[Path, int], pd.DataFrame] = {}
 
     def history(self) -> pd.DataFrame:
         return self._read(MESSAGES_GLOB)
@@ -152,10 +155,15 @@ class ParquetOutbox:
         files = sorted(self.directory.glob(pattern)) if self.directory.is_dir() else []
         if not files:
             return empty_messages()
-        try:
-            frames = [pq.read_table(f, schema=MESSAGE_SCHEMA).to_pandas() for f in files]
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataValidationError(f"{self.directory}: an outbox file is not a Towerline outbox: {e}") from None
+        frames = []
+        for f in files:
+            try:
+                key = (f, f.stat().st_size)
+                if key not in self._files:
+                    self._files[key] = pq.read_table(f, schema=MESSAGE_SCHEMA).to_pandas()
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataValidationError(f"{self.directory}: an outbox file is not a Towerline outbox: {e}") from None
+            frames.append(self._files[key])
         return pd.concat(frames, ignore_index=True)
 
     def publish(self, messages: pd.DataFrame) -> pd.DataFrame:

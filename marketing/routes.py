@@ -17,7 +17,6 @@ from typing import Annotated, Any, Callable, Optional, Sequence
 
 import numpy as np
 from fastapi import APIRouter, Body, Path as PathParam
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from towerline.training.bundle import Bundle
@@ -27,7 +26,7 @@ from towerline.marketing.assignment import assign_arm, find_experiment
 from towerline.marketing.audience import AudienceRequest, AudienceResponse, audience_response, log_partition, user_vectors
 from towerline.marketing.feedback import Feedback, FeedbackResult, FeedbackStore, record_feedback
 from towerline.marketing.profiles import UserProfile, load_profiles, profile_of, profile_thresholds, segment_definitions, segment_summary
-from towerline.problems import Rejections, problem, store_reason
+from towerline.problems import problem, validate_and_store
 from towerline.text import Text
 
 log = logging.getLogger(__name__)
@@ -157,16 +156,6 @@ def marketing_router(
     async def feedback(body: list[Any] = Body(...)) -> Any:
         if len(body) > max_batch:
             return batch_too_large(len(body), max_batch, "feedback records")
-        valid: list[Feedback] = []
-        rejections = Rejections()
-        for pos, raw in enumerate(body):
-            try:
-                valid.append(Feedback.model_validate(raw))
-            except ValidationError as e:
-                rejections.add_invalid(pos, e, "feedback")
-        result = await asyncio.to_thread(service.record, valid)
-        for message in result.rejected:
-            rejections.add([store_reason(message)], message)
-        return {"accepted": result.accepted, "duplicate": result.duplicate, **rejections.as_response()}
+        return (await validate_and_store(body, Feedback, service.record, "feedback")).as_response()
 
     return router

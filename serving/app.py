@@ -44,7 +44,7 @@ from typing import Annotated, Any, Optional
 
 import numpy as np
 from fastapi import Body, Depends, FastAPI, Path as PathParam, Query
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.exceptions import RayServeException
@@ -54,7 +54,7 @@ from towerline.errors import BundleError, IndexMismatchError, TowerlineError
 from towerline.features.contracts import Event
 from towerline.marketing.feedback import Feedback
 from towerline.marketing.routes import MarketingService, batch_openapi, batch_too_large, marketing_router
-from towerline.problems import PROBLEM, Rejections, problem, store_reason  # noqa: F401  (PROBLEM, problem: the names app.py exported)
+from towerline.problems import PROBLEM, problem, validate_and_store  # noqa: F401  (PROBLEM, problem: the names app.py exported)
 from towerline.serving import recommender as rec
 from towerline.serving.admin import BadSource, TempCopies, allowed_source, default_models_root
 from towerline.serving.admin_state import AdminState, AdminStateUnavailable, Desired, Follower
@@ -499,20 +499,10 @@ class IngressReplica:
         """Validate each event on its own, store the valid ones, summarise the rest."""
         if len(body) > self.settings.max_batch:
             return batch_too_large(len(body), self.settings.max_batch, "events")
-        valid: list[Event] = []
-        rejections = Rejections()
-        for pos, raw in enumerate(body):
-            try:
-                valid.append(Event.model_validate(raw))
-            except ValidationError as e:
-                rejections.add_invalid(pos, e)
-        result = await asyncio.to_thread(self.store.append, valid) if valid else None
-        for message in result.rejected if result else ():
-            rejections.add([store_reason(message)], message)
-        if self.campaign_triggers is not None and valid:
-            self.campaign_triggers.submit(valid)  # queued, never waited on, never an error here
-        return BatchResponse(accepted=result.accepted if result else 0, duplicate=result.duplicate if result else 0,
-                             **rejections.as_response())
+        batch = await validate_and_store(body, Event, self.store.append)
+        if self.campaign_triggers is not None and batch.valid:
+            self.campaign_triggers.submit(batch.valid)  # queued, never waited on, never an error here
+        return BatchResponse(**batch.as_response())
 
     async def reload(self, req: ReloadRequest) -> Any:
         try:

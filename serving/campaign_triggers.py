@@ -3,7 +3,7 @@
 The nightly ``towerline campaign run`` evaluates every trigger over the event log; a welcome message
 is worth most in the minutes after the signup, so the service also evaluates the *immediate*
 triggers (``signup`` with ``days: 0``) on each batch of events it accepts. The decision is the
-batch run's, written once in ``marketing.campaigns.messages_for_events`` (eligibility, consent per
+batch run's, written once in ``marketing.campaigns.plan_for_events`` (eligibility, consent per
 channel, segments, holdout, frequency caps, quiet hours, deterministic message ids), and the
 content comes from the replica's own ``Recommender`` (``recommend_async``: the ``/recommend`` path
 with its business rules, consent and popular fallback). The same message ids as the batch run's
@@ -35,8 +35,8 @@ from towerline.errors import ConfigError
 from towerline.features.contracts import Event
 from towerline.features.readers import read_users
 from towerline.marketing.campaign_config import CampaignConfig, find_campaign
-from towerline.marketing.campaigns import SIGNUP, messages_for_events
-from towerline.marketing.outbox import Outbox, open_outbox, redact
+from towerline.marketing.campaigns import HOLDOUT, SEND, SIGNUP, plan_for_events
+from towerline.marketing.outbox import Outbox, as_messages, empty_messages, open_outbox, redact
 from towerline.serving.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,10 @@ def load_immediate_campaigns(settings: ServeSettings) -> list[CampaignConfig]:
     """The campaigns ``settings.campaigns`` names, each checked to have an immediate trigger."""
     out = []
     for name in settings.campaigns:
-        c = find_campaign(name, settings.campaign_dir)
+        try:
+            c = find_campaign(name, settings.campaign_dir)
+        except ConfigError as e:  # the folder's own hint names the CLI flag; here it is a setting
+            raise ConfigError(f"serve setting 'campaigns': {str(e).replace('pass --campaigns DIR', 'set campaign_dir')}") from None
         if not immediate(c):
             raise ConfigError(
                 f"serve setting 'campaigns': campaign '{c.name}' has a {c.trigger.kind} trigger (days {c.trigger.days}); "
@@ -74,6 +77,7 @@ class CampaignTriggers:
         self.profiles = profiles  # segments for campaigns that filter on them
         self.users_path = Path(settings.campaign_users) if settings.campaign_users else None
         self.queue_size = settings.campaign_queue
+        self.loop: asyncio.AbstractEventLoop | None = None  # created on the replica's loop, at the first signup
         self.queue: asyncio.Queue[list[Event]] | None = None
         self.worker: asyncio.Task[None] | None = None
         self._users: tuple[Any, pd.DataFrame] | None = None  # ((file mtime, bundle path), table)
@@ -93,10 +97,11 @@ class CampaignTriggers:
             signups = [e for e in events if e.event_type == SIGNUP]
             if not signups:
                 return
-            if self.queue is None:  # created on the replica's event loop, at the first signup
-                self.queue = asyncio.Queue(self.queue_size)
+            loop = asyncio.get_running_loop()
+            if self.loop is not loop:  # the queue and worker live on the loop that serves (Serve keeps one)
+                self.loop, self.queue, self.worker = loop, asyncio.Queue(self.queue_size), None
             if self.worker is None or self.worker.done():
-                self.worker = asyncio.get_running_loop().create_task(self._work())
+                self.worker = loop.create_task(self._work())
             self.queue.put_nowait(signups)
         except asyncio.QueueFull:
             self.dropped += 1
@@ -140,9 +145,13 @@ class CampaignTriggers:
         users = self.users()
         ids = {e.user_id for e in events}
         users = users.loc[users["user_id"].astype(str).isin(ids)]
-        msgs = messages_for_events(self.campaigns, list(events), users, self.outbox.history(), now=now,
-                                   recommend=recommend, profiles=self.profiles)
-        return self.outbox.publish(msgs) if len(msgs) else msgs
+        plan = plan_for_events(self.campaigns, list(events), users, self.outbox.history(), now=now,
+                               recommend=recommend, profiles=self.profiles)
+        if not len(plan):
+            return empty_messages()
+        published = self.outbox.publish(as_messages(plan.loc[plan["status"] == SEND]))
+        self.outbox.record_holdout(as_messages(plan.loc[plan["status"] == HOLDOUT]))  # the report's control group
+        return published
 
     def users(self) -> pd.DataFrame:
         """Consent rows: ``campaign_users`` (re-read when it changes) over the served bundle's users."""

@@ -84,7 +84,7 @@ class ServeSettings(BaseModel):
     # --- immediate campaigns (towerline.serving.campaign_triggers): signups posted to /events are messaged at once
     campaigns: tuple[str, ...] = ()  # campaign names (in campaign_dir) or YAML files with a signup trigger
     # (days: 0) that POST /events fires; () = none
-    campaign_dir: str = "configs/campaigns"  # where campaign names are looked up
+    campaign_dir: str = Field("configs/campaigns", validate_default=True)  # where campaign names are looked up
     campaign_outbox: Optional[str] = None  # the outbox `towerline campaign run` writes: a folder, amqp://... or nats://...
     campaign_ledger: Optional[str] = None  # broker outboxes: folder of published ids (default: outbox-ledger)
     campaign_users: Optional[str] = None  # users table (user_id, consent, consent_<channel>) for users who signed
@@ -134,5 +134,6 @@ def settings_from(values: dict | None = None, **overrides: object) -> ServeSetti
     try:
         return ServeSettings(**data)
     except ValidationError as e:
-        problems = [f"serve setting '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" for err in e.errors()]
+        problems = [f"serve setting '{'.'.join(str(p) for p in err['loc'])}': {err['msg']}" if err["loc"]
+                    else f"serve settings: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
         raise ConfigError("; ".join(problems)) from None

@@ -73,6 +73,6 @@ def test_quickstart_notebook_exists():
 
 
 def test_every_stage_has_a_notebook():
-    """data, training + comparing runs, serving, marketing: each walkthrough is executed above."""
+    """data, training + comparing runs, serving, marketing, campaigns: each walkthrough is executed above."""
     names = {p.name for p in NOTEBOOKS}
-    assert {"quickstart.ipynb", "train_and_track.ipynb", "serving.ipynb", "marketing.ipynb"} <= names
+    assert {"quickstart.ipynb", "train_and_track.ipynb", "serving.ipynb", "marketing.ipynb", "campaigns.ipynb"} <= names

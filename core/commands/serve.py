@@ -297,6 +297,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: --target-recall must be in (0, 1], got {args.target_recall}", file=sys.stderr)
         return 2
     check_model(args.model)
+    if settings.campaigns:  # a campaign that is missing, misspelt or not immediate: one line, before Ray
+        from towerline.serving.campaign_triggers import load_immediate_campaigns
+
+        load_immediate_campaigns(settings)
     # before anything imports ray.serve: Ray reads it at import time
     use_ingress(args.ingress, args.host, settings.retry_after_s)
     from towerline.config import load_config, to_dict

@@ -113,3 +113,22 @@ def test_campaign_settings_are_checked(tmp_path):
     assert [c.name for c in load_immediate_campaigns(settings_from(s))] == ["welcome-now"]
     with pytest.raises(ConfigError, match="'later' has a purchase trigger"):
         load_immediate_campaigns(settings_from({**s, "campaigns": ["later"]}))
+
+
+def test_held_out_signups_are_recorded_beside_the_outbox_never_sent(app, tmp_path):
+    import asyncio
+
+    from towerline.features.contracts import Event
+    from towerline.marketing.campaigns import in_holdout
+    from towerline.serving.campaign_triggers import CampaignTriggers
+
+    replica, _, _ = app
+    settings = campaign_settings(tmp_path)
+    (tmp_path / "campaigns" / "welcome-now.yaml").write_text(WELCOME.replace("holdout: 0.0", "holdout: 0.5"))
+    users = [f"h{i:02d}" for i in range(40)]
+    (tmp_path / "users.csv").write_text("user_id,consent\n" + "".join(f"{u},true\n" for u in users))
+    triggers = CampaignTriggers(settings_from(settings), replica.recommender)
+    published = asyncio.run(triggers.process([Event(user_id=u, item_id="-", event_type="signup") for u in users]))
+    held = set(triggers.outbox.holdout_history()["user_id"])
+    assert held == {u for u, h in zip(users, in_holdout("welcome-now", users, 0.5)) if h} and 5 < len(held) < 35
+    assert set(published["user_id"]) == set(users) - held
