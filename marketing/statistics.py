@@ -25,7 +25,11 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+    # at 0 or n successes a bound is exactly 0 or 1; rounding would leave it 3e-18 off, and a lower
+    # bound above zero reads as "the rate excludes zero" in the reports
+    lo = 0.0 if successes <= 0 else max(0.0, centre - half)
+    hi = 1.0 if successes >= n else min(1.0, centre + half)
+    return (float(lo), float(hi))
 
 
 def ratio_interval(numer: np.ndarray, denom: np.ndarray, z: float = Z95) -> tuple[float, float, float]:

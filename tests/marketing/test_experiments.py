@@ -228,3 +228,10 @@ def test_95_percent_intervals_cover_a_known_lift_in_200_experiments():
     low, high = binom.ppf(0.0005, n_exp, 0.95), binom.ppf(0.9995, n_exp, 0.95)
     for key, h in hits.items():
         assert low <= h <= high, f"{key}: {h}/{n_exp} intervals hold the truth, band [{low:.0f}, {high:.0f}]"
+
+
+def test_wilson_interval_is_exactly_zero_or_one_at_the_edges():
+    """No clicks at all: the lower bound is 0, not a rounding residue a report would read as "above zero"."""
+    for n in (7, 1000, 123_457):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(0, n)[1] > 0
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(n, n)[0] < 1
