@@ -34,7 +34,10 @@ the variable named) with every argument unchanged:
 - the admin socket is ``mode 600``, in a private 0700 folder of this server (``HAPROXY_FILES``);
 - Serve's 503 (backpressure) becomes RFC 9457 problem+json with ``Retry-After``, its 408 (request
   timeout) a problem+json 504, and HAProxy's own 502/503/504 pages problem+json too, instead of the
-  plain-text 500 Ray substitutes for all three.
+  plain-text 500 Ray substitutes for all three;
+- a client's ``x-request-timeout-seconds`` header is dropped: Serve would take it as that request's
+  timeout, and a value of 0 or less as none at all, so any client could lift ``request_timeout_s``
+  (Serve's Python proxy, ``--ingress proxy``, still honours it).
 
 Ray's own GCS, raylet and worker ports are bound by ``towerline.serving.lifecycle``.
 """
@@ -102,7 +105,8 @@ _WRAPPER = '''#!{python} -IS
 # - the port-only binds ('bind :9101', 'bind *:8404': metrics and stats) on {host} alone,
 # - the admin socket private to its owner (mode 600, not 666),
 # - Serve's own errors as RFC 9457 problem+json: backpressure 503 keeps its Retry-After, a request
-#   timeout (Serve's 408) becomes 504, HAProxy's 502/503/504 are what they are (Ray maps them to 500).
+#   timeout (Serve's 408) becomes 504, HAProxy's 502/503/504 are what they are (Ray maps them to 500),
+# - a client's x-request-timeout-seconds header dropped (it could lift the request timeout).
 import os
 import re
 import sys
@@ -116,6 +120,9 @@ SOCKET = re.compile(r"^(\\s*stats\\s+socket\\s+\\S+\\s+mode\\s+)6[0-7][0-7]\\b")
 ERRORFILE = re.compile(r"^(\\s*errorfile\\s+)(502|503|504)\\s+\\S+\\s*$")
 FRONTEND = re.compile(r"^frontend\\s+http_frontend\\s*$")
 RULES = [
+    # Serve lets a request set its own timeout with this header, and a value <= 0 switches it off: a
+    # client must not lift request_timeout_s, so the header never reaches the replica
+    "    http-request del-header x-request-timeout-seconds",
     "    http-response return status 503 content-type application/problem+json file "
     + os.path.join(PAGES, "503.json") + " hdr retry-after " + RETRY_AFTER
     + " if {{ status 503 }} !{{ res.hdr(content-type) -m sub json }}",
