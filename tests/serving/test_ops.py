@@ -96,6 +96,25 @@ def test_the_haproxy_wrapper_privatises_the_admin_socket_and_answers_problem_jso
     assert any("status 503" in r and "retry-after" in r for r in rules)  # Serve's text 503 -> problem+json
     assert any("status 504" in r and "status 408" in r for r in rules)  # Serve's timeout -> 504
     assert "http-request del-header x-request-timeout-seconds" in out  # no client lifts the request timeout
+    assert "maxconn" not in out  # no limits asked for
+
+
+def test_haproxy_holds_each_replica_to_its_queue_and_sheds_from_its_own(monkeypatch, tmp_path):
+    import shutil
+
+    from towerline.serving.shedding import haproxy_limits
+
+    monkeypatch.setattr(ingress, "_WRAPPERS", {})
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", shutil.which("echo"))
+    limits = haproxy_limits(settings_from(max_ongoing_requests=6, max_queued_requests=3, haproxy_queue_ms=15))
+    assert limits == {"per_replica": 6, "queue_ms": 15}
+    assert haproxy_limits(settings_from(max_queued_requests=-1))["per_replica"] is None
+    wrapper = ingress.haproxy_bound_to("127.0.0.1", 1, **limits)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("backend towerline\n    default-server inter 1s fall 2 check\n    server r1 127.0.0.1:1 check\n")
+    subprocess.run([str(wrapper), "-f", str(config)], check=True, capture_output=True)
+    lines = Path(f"{config}.towerline").read_text().splitlines()
+    assert lines[1].strip() == "default-server inter 1s fall 2 check maxconn 6" and lines[2].strip() == "timeout queue 15ms"
 
 
 # ----------------------------------------------------------------------------- a running server
