@@ -7,20 +7,27 @@ status and ``model_version``:
 - **replica SIGKILL** (8 clients): one ingress replica is killed with SIGKILL a third of the way in;
   figures: failed requests (anything but 200), the longest gap between two completed requests, and
   how long Serve took to have two replicas again. Targets: <= 1% failed, no gap over 2 s.
-- **overload** (8 then 64 clients): the 8-client p99 first, then 64 clients. Clients honour
-  ``Retry-After`` (capped at 1 s), as a well-behaved caller does; figures: share of 503s, p99 of the
-  accepted requests against the 8-client p99 (target <= 3x), p99 and max time to a 503 (target < 50 ms).
-- **rollback** (8 clients): ``champion`` is moved back to the older registered version with
-  ``towerline promote`` and ``POST /admin/reload`` (no body: re-resolves the start URI) is sent until
-  every reply names it; figures: failed requests (target 0), versions seen, requests without a version.
-- **fuzz**: totals by status code, when the fuzz helper exists (a TODO in the JSON until then).
+- **overload** (8 then 64 connections) driven by ``hey`` (Debian's ``hey`` package: a native
+  closed-loop generator, so the client does not eat the server's two cores as 64 Python clients
+  do; ``--client python`` keeps the asyncio clients). Each connection sends its next request as soon
+  as the last was answered, a 503 included (no ``Retry-After`` honoured: the harshest caller).
+  Figures per level: answers by status, accepted throughput and p50/p99, and the time to a 503 (its
+  p50/p99 latency); targets: accepted p99 at 64 <= 3x the 8-connection p99, 503s in under 50 ms.
+- **rollback** (8 clients): the ``--model`` bundle is registered twice in a fresh MLflow store
+  (versions 1 and 2, champion -> 2, served as ``models:/chaos-retriever@champion``); under load
+  ``towerline promote --version 1`` moves the alias and one ``POST /admin/reload`` (no body: the
+  start URI again) switches every ingress replica; the load goes on for a quarter of ``--seconds``
+  after the reload answered. Figures: failed requests (target 0), versions before the promote and
+  after the reload answered (target: only "1"), requests without a version, the reload's replica count.
+- **fuzz**: schemathesis over the running app's OpenAPI document (``--fuzz-cases`` valid and as many
+  invalid requests per operation, fixed seed; ``/admin/reload`` left out: a model load per case);
+  totals by status code (target: no 5xx).
 
-The bundle: ``--model`` for the first two; the rollback needs a registry with two versions, so the
-script trains the tiny test config twice into ``--workdir`` (about a minute each here) unless
-``--skip-rollback``. Everything binds 127.0.0.1 and every loop is bounded in time.
+Everything binds 127.0.0.1 and every loop is bounded in time.
 
     python bench/chaos.py --model runs/latest/bundle              # all scenarios
     python bench/chaos.py --model runs/latest/bundle --seconds 10 --skip-rollback
+    python bench/chaos.py --model runs/latest/bundle --only overload --only fuzz
 
 Writes ``bench/results/chaos.json`` with the command line.
 """
@@ -48,7 +55,9 @@ import numpy as np
 log = logging.getLogger("bench.chaos")
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {"replica_kill_failed_share": 0.01, "replica_kill_longest_gap_s": 2.0, "overload_p99_ratio": 3.0,
-           "overload_time_to_503_ms": 50.0, "rollback_failed": 0}
+           "overload_time_to_503_ms": 50.0, "rollback_failed": 0, "fuzz_5xx": 0}
+SCENARIOS = ["replica_kill", "overload", "rollback", "fuzz"]
+SERVE_SET: list[str] = []  # --set values, for every Server
 
 
 @dataclass
@@ -65,10 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="bundle directory (replica kill and overload)")
     p.add_argument("--ingress", choices=["haproxy", "proxy"], default=None, help="default: towerline serve's default")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each loaded phase (default 20)")
-    p.add_argument("--workdir", type=Path, default=None, help="where the rollback registry is trained (default: a temp dir)")
-    p.add_argument("--skip-rollback", action="store_true", help="skip the rollback scenario (it trains two tiny models)")
-    p.add_argument("--only", choices=["replica_kill", "overload", "rollback"], action="append", default=None,
+    p.add_argument("--workdir", type=Path, default=None, help="stores, logs and the rollback registry (default: a temp dir)")
+    p.add_argument("--skip-rollback", action="store_true", help="skip the rollback scenario")
+    p.add_argument("--only", choices=SCENARIOS, action="append", default=None,
                    help="run only these scenarios (repeatable; default: all)")
+    p.add_argument("--client", choices=["hey", "python"], default="hey", help="overload load generator (default: hey)")
+    p.add_argument("--set", dest="serve_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a serve setting for every server started (towerline serve --set), repeatable")
+    p.add_argument("--fuzz-cases", type=int, default=20, help="fuzz cases per operation and mode (default 20)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "chaos.json")
     return p.parse_args(argv)
 
@@ -84,6 +97,7 @@ class Server:
 
         self.port = free_ports("127.0.0.1")[0]
         self.base = f"http://127.0.0.1:{self.port}"
+        extra = [*extra, *(x for kv in SERVE_SET for x in ("--set", kv))]
         cmd = [sys.executable, "-m", "towerline.cli", "serve", "--model", model, "--port", str(self.port),
                "--history-db", str(workdir / "history.sqlite"), "--feedback-db", str(workdir / "feedback.sqlite"),
                *(["--ingress", ingress] if ingress else []), *extra]
@@ -137,20 +151,24 @@ def _cmdline(p: Any) -> list[str]:
 
 
 async def load(base: str, users: list[str], clients: int, seconds: float, honour_retry_after: bool = True,
-               events: list[tuple[float, Any]] | None = None) -> list[Result]:
-    """``clients`` closed-loop clients POSTing /recommend for ``seconds``; ``events`` are
-    ``(at_s, coroutine function)`` run concurrently at their offsets (the chaos)."""
+               events: list[tuple[float, Any]] | None = None, stop: asyncio.Event | None = None) -> list[Result]:
+    """``clients`` closed-loop clients POSTing /recommend for ``seconds`` (or until ``stop`` is set,
+    ``seconds`` still the bound); ``events`` are ``(at_s, coroutine function)`` run concurrently at
+    their offsets (the chaos)."""
     import httpx
 
     results: list[Result] = []
     t_start = time.monotonic()
     deadline = t_start + seconds
 
+    def going() -> bool:
+        return time.monotonic() < deadline and not (stop is not None and stop.is_set())
+
     async def client(i: int) -> None:
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
         async with httpx.AsyncClient(timeout=15.0, limits=limits) as c:
             n = i
-            while time.monotonic() < deadline:
+            while going():
                 t0 = time.monotonic()
                 try:
                     r = await c.post(f"{base}/recommend", json={"user_id": users[n % len(users)], "k": 10})
@@ -239,81 +257,200 @@ def replica_kill(args: argparse.Namespace, users: list[str], workdir: Path) -> d
         log.info("replica kill: server stopped in %.1f s", server.stop())
 
 
+def hey(base: str, user: str, clients: int, seconds: float) -> list[tuple[float, int]]:
+    """(latency s, status) of every request ``hey`` sent: ``clients`` connections POSTing /recommend
+    back to back for ``seconds``. Connection errors are not in hey's CSV; its summary counts them."""
+    import csv
+    import io
+
+    body = json.dumps({"user_id": user, "k": 10})
+    cmd = ["hey", "-z", f"{seconds:g}s", "-c", str(clients), "-m", "POST", "-T", "application/json", "-d", body,
+           "-t", "20", "-o", "csv", f"{base}/recommend"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, check=True).stdout
+    rows = csv.DictReader(io.StringIO(out))
+    return [(float(r["response-time"]), int(r["status-code"])) for r in rows if r.get("status-code")]
+
+
+def level(results: list[tuple[float, int]], seconds: float) -> dict[str, Any]:
+    """The figures of one load level from (latency, status) pairs."""
+    ok = [t for t, st in results if st == 200]
+    shed = [t for t, st in results if st == 503]
+    statuses: dict[str, int] = {}
+    for _, st in results:
+        statuses[str(st)] = statuses.get(str(st), 0) + 1
+    return {"requests": len(results), "by_status": dict(sorted(statuses.items())),
+            "accepted_rps": round(len(ok) / seconds, 1), "share_503": round(len(shed) / max(1, len(results)), 4),
+            "accepted_p50_ms": ms(ok, 50), "accepted_p99_ms": ms(ok, 99),
+            "time_to_503_p50_ms": ms(shed, 50), "time_to_503_p99_ms": ms(shed, 99)}
+
+
 def overload(args: argparse.Namespace, users: list[str], workdir: Path) -> dict[str, Any]:
     server = Server(args.model, workdir, args.ingress)
     try:
         server.wait_healthy()
         time.sleep(2)
-        asyncio.run(load(server.base, users, 8, 2.0))  # warm-up
-        base8 = asyncio.run(load(server.base, users, 8, args.seconds / 2))
-        over = asyncio.run(load(server.base, users, 64, args.seconds))
-        ok8 = [r.end - r.start for r in base8 if r.status == 200]
-        ok = [r.end - r.start for r in over if r.status == 200]
-        shed = [r.end - r.start for r in over if r.status == 503]
-        p99_8, p99_64 = ms(ok8, 99), ms(ok, 99)
-        return {
-            "clients": [8, 64], "seconds": [args.seconds / 2, args.seconds], "honours_retry_after": True,
-            "8_clients": {"requests": len(base8), "by_status": by_status(base8), "throughput_rps": round(len(ok8) / (args.seconds / 2), 1),
-                          "p50_ms": ms(ok8, 50), "p99_ms": p99_8},
-            "64_clients": {"requests": len(over), "by_status": by_status(over), "throughput_rps": round(len(ok) / args.seconds, 1),
-                           "share_503": round(len(shed) / max(1, len(over)), 4), "accepted_p50_ms": ms(ok, 50),
-                           "accepted_p99_ms": p99_64, "time_to_503_p50_ms": ms(shed, 50), "time_to_503_p99_ms": ms(shed, 99),
-                           "time_to_503_max_ms": ms(shed, 100)},
-            "p99_ratio_64_vs_8": round(p99_64 / p99_8, 2) if p99_8 and p99_64 else None,
-        }
+        if args.client == "hey":
+            hey(server.base, users[0], 8, 2.0)  # warm-up
+            base8 = level(hey(server.base, users[0], 8, args.seconds), args.seconds)
+            over = level(hey(server.base, users[0], 64, args.seconds), args.seconds)
+        else:  # the asyncio clients, honouring Retry-After (they share the server's cores)
+            asyncio.run(load(server.base, users, 8, 2.0))
+            base8 = level([(r.end - r.start, r.status) for r in asyncio.run(load(server.base, users, 8, args.seconds))
+                           if isinstance(r.status, int)], args.seconds)
+            over = level([(r.end - r.start, r.status) for r in asyncio.run(load(server.base, users, 64, args.seconds))
+                          if isinstance(r.status, int)], args.seconds)
+        p99_8, p99_64 = base8["accepted_p99_ms"], over["accepted_p99_ms"]
+        report = {"client": args.client, "clients": [8, 64], "seconds": args.seconds,
+                  "honours_retry_after": args.client == "python", "8_clients": base8, "64_clients": over,
+                  "p99_ratio_64_vs_8": round(p99_64 / p99_8, 2) if p99_8 and p99_64 else None}
+        if "fuzz" in args.wanted:  # the same server: one start fewer
+            report["fuzz"] = fuzz(server.base, args.fuzz_cases)
+        return report
     finally:
         log.info("overload: server stopped in %.1f s", server.stop())
 
 
-def rollback(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """Two tiny versions registered, champion = v2 served, then champion -> v1 and reload under load."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from support import train_tiny  # the test suite's tiny config: trains in about a minute
+def fuzz(base: str, cases: int) -> dict[str, Any]:
+    """schemathesis over the running app's OpenAPI document: ``cases`` valid and invalid requests per
+    operation (fixed seed), answers counted by status; the first few 5xx kept for the report."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis.generation import GenerationMode
 
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    statuses: dict[str, int] = {}
+    per_operation: dict[str, dict[str, int]] = {}
+    server_errors: list[str] = []
+    not_problem: list[str] = []  # 4xx answers without a problem+json body (the first few)
+    not_problem_count = 0
+    for result in schema.get_all_operations():
+        op = result.ok()
+        where = f"{op.method.upper()} {op.path}"
+        if where == "POST /admin/reload":
+            continue  # a model load per case
+        counts = per_operation.setdefault(where, {})
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @given(case=op.as_strategy(generation_mode=mode))
+            @settings(max_examples=cases, derandomize=True, deadline=None, database=None, phases=[Phase.generate],
+                      suppress_health_check=list(HealthCheck))
+            def run(case: Any) -> None:
+                try:
+                    resp = case.call(base_url=base, timeout=30)
+                    key = str(resp.status_code)
+                except Exception as e:  # a refused or cut connection is a finding too
+                    key, resp = type(e).__name__, None
+                statuses[key] = statuses.get(key, 0) + 1
+                counts[key] = counts.get(key, 0) + 1
+                nonlocal not_problem_count
+                if resp is not None and resp.status_code >= 500 and len(server_errors) < 5:
+                    server_errors.append(f"{where}: {resp.status_code} {resp.text[:200]}")
+                ctype = resp.headers.get("content-type", "") if resp is not None else ""
+                ctype = ctype[0] if isinstance(ctype, list) else ctype  # schemathesis keeps every value
+                if resp is not None and 400 <= resp.status_code < 500 and "problem+json" not in ctype:
+                    not_problem_count += 1
+                    if len(not_problem) < 5:
+                        not_problem.append(f"{where}: {resp.status_code} {ctype} {resp.text[:150]}")
+
+            try:
+                run()
+            except Unsatisfiable:  # nothing in it can be invalid
+                pass
+    total = sum(statuses.values())
+    fivexx = sum(n for k, n in statuses.items() if k.isdigit() and int(k) >= 500)
+    return {"cases_per_operation_and_mode": cases, "requests": total, "by_status": dict(sorted(statuses.items())),
+            "5xx": fivexx, "first_5xx": server_errors, "4xx_not_problem_json": not_problem_count,
+            "first_4xx_not_problem_json": not_problem, "by_operation": per_operation}
+
+
+def fuzz_alone(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The fuzz on a server of its own (``--only fuzz``; with the overload it shares that server)."""
+    server = Server(args.model, workdir, args.ingress)
+    try:
+        server.wait_healthy()
+        time.sleep(2)
+        return fuzz(server.base, args.fuzz_cases)
+    finally:
+        log.info("fuzz: server stopped in %.1f s", server.stop())
+
+
+def registry_with_two_versions(bundle: str, root: Path) -> tuple[str, str]:
+    """A fresh SQLite MLflow store under ``root`` with ``bundle`` registered twice (versions 1 and 2),
+    champion -> 2: (tracking URI, model name). Both versions hold the same weights; what the rollback
+    watches is the version every answer names."""
+    import mlflow
+
+    from towerline.training.tracking import promote, register_bundle
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    name = "chaos-retriever"
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment = mlflow.create_experiment("chaos", artifact_location=(root / "artifacts").as_uri())
+        for _ in range(2):  # a run each: a run's params (the version it registered) are written once
+            register_bundle(mlflow.MlflowClient().create_run(experiment).info.run_id, name, bundle)
+        promote(name, 2, "champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    return uri, name
+
+
+def rollback(args: argparse.Namespace, users: list[str], workdir: Path) -> dict[str, Any]:
+    """champion = v2 served; under load champion -> v1 with ``towerline promote`` and one reload."""
     root = workdir / "registry"
     root.mkdir(exist_ok=True)
-    log.info("rollback: training two tiny versions in %s", root)
-    first = train_tiny(root)
-    train_tiny(root)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    name = "tiny-retriever"
+    uri, name = registry_with_two_versions(args.model, root)
     env = {"MLFLOW_TRACKING_URI": uri}
-    promote = [sys.executable, "-m", "towerline.cli", "promote", "--name", name, "--alias", "champion"]
-    subprocess.run([*promote, "--version", "2"], check=True, env={**os.environ, **env}, cwd=root, capture_output=True)
-    from towerline.training.bundle import load_bundle
-
-    b = load_bundle(str(first.bundle_dir))
-    users = [str(u) for u in b.vocabs.users.decode(b.histories.user_idx[:200])]
+    promote = [sys.executable, "-m", "towerline.cli", "promote", "--name", name, "--alias", "champion", "--version", "1"]
     server = Server(f"models:/{name}@champion", workdir, args.ingress, ["--tracking-uri", uri], env)
     try:
         server.wait_healthy()
         time.sleep(2)
-        reloads: list[dict[str, Any]] = []
+        marks: dict[str, Any] = {}
 
-        async def roll_back() -> None:
+        async def run() -> list[Result]:
             import httpx
 
-            await asyncio.to_thread(subprocess.run, [*promote, "--version", "1"], check=True,
-                                    env={**os.environ, **env}, cwd=root, capture_output=True)
-            async with httpx.AsyncClient(timeout=60) as c:
-                for _ in range(8):  # each reload reaches one ingress replica: repeat until both answered v1
-                    r = await c.post(f"{server.base}/admin/reload")
-                    reloads.append({"status": r.status_code, "body": r.json() if r.status_code < 500 else r.text})
-                    await asyncio.sleep(0.2)
+            stop = asyncio.Event()
+
+            async def roll_back() -> None:
+                try:
+                    await asyncio.sleep(args.seconds / 4)
+                    marks["promote_at"] = time.monotonic()
+                    await asyncio.to_thread(subprocess.run, promote, check=True, env={**os.environ, **env}, cwd=root,
+                                            capture_output=True, timeout=120)
+                    marks["reload_at"] = time.monotonic()
+                    async with httpx.AsyncClient(timeout=60) as c:
+                        r = await c.post(f"{server.base}/admin/reload")
+                    marks["reloaded_at"] = time.monotonic()
+                    marks["reload"] = {"status": r.status_code, "body": r.json() if r.status_code < 500 else r.text[:300]}
+                    await asyncio.sleep(args.seconds / 4)  # the load goes on after the switch
+                finally:
+                    stop.set()
+
+            clients = load(server.base, users, 8, args.seconds * 4, stop=stop)  # bounded even if the promote hangs
+            results, _ = await asyncio.gather(clients, roll_back())
+            return results
 
         t0 = time.monotonic()
-        results = asyncio.run(load(server.base, users, 8, args.seconds, events=[(args.seconds / 4, roll_back)]))
-        tail = [r for r in results if r.start > t0 + args.seconds * 0.85]
+        results = asyncio.run(run())
+        ok = [r for r in results if r.status == 200]
+        before = [r for r in ok if r.end < marks.get("promote_at", t0)]
+        after = [r for r in ok if r.start > marks.get("reloaded_at", float("inf"))]
+        body = (marks.get("reload") or {}).get("body")
         return {
-            "clients": 8, "seconds": args.seconds, "requests": len(results),
-            "failed": sum(r.status != 200 for r in results), "by_status": by_status(results),
-            "failures": failures(results),
-            "versions_seen": sorted({str(r.version) for r in results if r.status == 200}),
-            "without_version": sum(r.status == 200 and not r.version for r in results),
-            "versions_in_last_15pct": sorted({str(r.version) for r in tail if r.status == 200}),
-            "reload_statuses": [x["status"] for x in reloads],
-            "reload_current_versions": [(x["body"].get("current") or {}).get("model_version")
-                                        if isinstance(x["body"], dict) else None for x in reloads],
+            "clients": 8, "seconds": round(time.monotonic() - t0, 1), "requests": len(results),
+            "failed": sum(r.status != 200 for r in results), "by_status": by_status(results), "failures": failures(results),
+            "versions_seen": sorted({str(r.version) for r in ok}), "without_version": sum(not r.version for r in ok),
+            "versions_before_promote": sorted({str(r.version) for r in before}),
+            "versions_after_reload": sorted({str(r.version) for r in after}), "requests_after_reload": len(after),
+            "old_version_after_reload": sum(r.version != "1" for r in after),
+            "promote_s": round(marks["reload_at"] - marks["promote_at"], 2) if "reload_at" in marks else None,
+            "reload_s": round(marks["reloaded_at"] - marks["reload_at"], 2) if "reloaded_at" in marks else None,
+            "reload_status": (marks.get("reload") or {}).get("status"),
+            "reload_current_version": ((body or {}).get("current") or {}).get("model_version") if isinstance(body, dict) else None,
+            "reload_replicas": (body or {}).get("replicas") if isinstance(body, dict) else None,
         }
     finally:
         log.info("rollback: server stopped in %.1f s", server.stop())
@@ -323,22 +460,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
+    SERVE_SET.extend(args.serve_set)
     from towerline.training.bundle import load_bundle
 
     b = load_bundle(args.model)
     users = [str(u) for u in b.vocabs.users.decode(b.histories.user_idx[: min(1000, len(b.histories))])]
     report: dict[str, Any] = {"model": args.model, "ingress": args.ingress or "default"}
+    args.wanted = set(args.only or SCENARIOS) - ({"rollback"} if args.skip_rollback else set())
     with tempfile.TemporaryDirectory(prefix="towerline-chaos-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        wanted = set(args.only or ["replica_kill", "overload", "rollback"]) - ({"rollback"} if args.skip_rollback else set())
         scenarios = {"replica_kill": lambda: replica_kill(args, users, workdir),
-                     "overload": lambda: overload(args, users, workdir), "rollback": lambda: rollback(args, workdir)}
+                     "overload": lambda: overload(args, users, workdir), "rollback": lambda: rollback(args, users, workdir)}
         for name, run in scenarios.items():
-            report[name] = run() if name in wanted else {"skipped": True}
-            log.info("%s: %s", name, report[name])
-    report["fuzz"] = {"TODO": "no fuzz helper on main yet (the http branch adds one); totals by status code go here"}
-    rk, ov, rb = report["replica_kill"], report["overload"], report["rollback"]
+            report[name] = run() if name in args.wanted else {"skipped": True}
+            log.info("%s: %s", name, {k: v for k, v in report[name].items() if k != "fuzz"})
+        report["fuzz"] = report["overload"].pop("fuzz", None) or (
+            fuzz_alone(args, workdir) if "fuzz" in args.wanted else {"skipped": True})
+    rk, ov, rb, fz = report["replica_kill"], report["overload"], report["rollback"], report["fuzz"]
     report["target"] = TARGETS
     report["met"] = {
         "replica_kill_failed_share": None if rk.get("skipped") else rk["failed_share"] <= TARGETS["replica_kill_failed_share"],
@@ -346,9 +485,11 @@ def main(argv: list[str] | None = None) -> int:
         "overload_p99_ratio": None if ov.get("skipped") else bool(
             ov["p99_ratio_64_vs_8"] and ov["p99_ratio_64_vs_8"] <= TARGETS["overload_p99_ratio"]),
         "overload_time_to_503_ms": None if ov.get("skipped") else bool(
-            ov["64_clients"]["time_to_503_p99_ms"] is not None
-            and ov["64_clients"]["time_to_503_p99_ms"] < TARGETS["overload_time_to_503_ms"]),
+            ov["64_clients"]["time_to_503_p50_ms"] is not None
+            and ov["64_clients"]["time_to_503_p50_ms"] < TARGETS["overload_time_to_503_ms"]),
         "rollback_failed": None if rb.get("skipped") else rb["failed"] == 0,
+        "rollback_switched": None if rb.get("skipped") else rb["versions_after_reload"] == ["1"],
+        "fuzz_5xx": None if fz.get("skipped") else fz["5xx"] == 0,
     }
     report.update({"cpu_count": os.cpu_count(), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
                    "machine": platform.platform(),

@@ -34,7 +34,10 @@ the variable named) with every argument unchanged:
 - the admin socket is ``mode 600``, in a private 0700 folder of this server (``HAPROXY_FILES``);
 - Serve's 503 (backpressure) becomes RFC 9457 problem+json with ``Retry-After``, its 408 (request
   timeout) a problem+json 504, and HAProxy's own 502/503/504 pages problem+json too, instead of the
-  plain-text 500 Ray substitutes for all three.
+  plain-text 500 Ray substitutes for all three;
+- a client's ``x-request-timeout-seconds`` header is dropped: Serve would take it as that request's
+  timeout, and a value of 0 or less as none at all, so any client could lift ``request_timeout_s``
+  (Serve's Python proxy, ``--ingress proxy``, still honours it).
 
 Ray's own GCS, raylet and worker ports are bound by ``towerline.serving.lifecycle``.
 """
@@ -91,7 +94,7 @@ HAPROXY_FILES = {
     "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
 }
 _HOST = re.compile(r"[A-Za-z0-9.:_-]+")  # IPv4, IPv6 or a host name
-_WRAPPERS: dict[str, Path] = {}  # host -> the wrapper written for it by this process
+_WRAPPERS: dict[tuple, Path] = {}  # (host, retry-after, limits) -> the wrapper written for them by this process
 
 # HAProxy on a rewritten copy of Ray Serve's config. Ray starts HAProxy as
 # ``<binary> -db -f <config> [-dR] [-sf <pids> -x <socket>]`` and writes that config anew before every
@@ -102,7 +105,12 @@ _WRAPPER = '''#!{python} -IS
 # - the port-only binds ('bind :9101', 'bind *:8404': metrics and stats) on {host} alone,
 # - the admin socket private to its owner (mode 600, not 666),
 # - Serve's own errors as RFC 9457 problem+json: backpressure 503 keeps its Retry-After, a request
-#   timeout (Serve's 408) becomes 504, HAProxy's 502/503/504 are what they are (Ray maps them to 500).
+#   timeout (Serve's 408) becomes 504, HAProxy's 502/503/504 are what they are (Ray maps them to 500),
+# - a client's x-request-timeout-seconds header dropped (it could lift the request timeout),
+# - with PER_REPLICA set: at most that many requests in flight per ingress replica ('maxconn' on the
+#   backend's default-server line) and a request no replica has room for held at most QUEUE_MS in
+#   HAProxy's queue ('timeout queue'), then HAProxy's own 503: excess load is shed by HAProxy in C,
+#   not by a replica's event loop that is busy running the model.
 import os
 import re
 import sys
@@ -111,11 +119,17 @@ REAL = {real!r}
 HOST = {host!r}
 PAGES = {pages!r}
 RETRY_AFTER = {retry_after!r}
+PER_REPLICA = {per_replica!r}
+QUEUE_MS = {queue_ms!r}
 BIND = re.compile(r"^(\\s*bind\\s+)\\*?:(\\d+)\\s*$")
 SOCKET = re.compile(r"^(\\s*stats\\s+socket\\s+\\S+\\s+mode\\s+)6[0-7][0-7]\\b")
 ERRORFILE = re.compile(r"^(\\s*errorfile\\s+)(502|503|504)\\s+\\S+\\s*$")
 FRONTEND = re.compile(r"^frontend\\s+http_frontend\\s*$")
+DEFAULT_SERVER = re.compile(r"^(\\s*)default-server\\s.*$")
 RULES = [
+    # Serve lets a request set its own timeout with this header, and a value <= 0 switches it off: a
+    # client must not lift request_timeout_s, so the header never reaches the replica
+    "    http-request del-header x-request-timeout-seconds",
     "    http-response return status 503 content-type application/problem+json file "
     + os.path.join(PAGES, "503.json") + " hdr retry-after " + RETRY_AFTER
     + " if {{ status 503 }} !{{ res.hdr(content-type) -m sub json }}",
@@ -130,9 +144,14 @@ def rewrite(text):
         line = BIND.sub(lambda m: m[1] + HOST + ":" + m[2], line)
         line = SOCKET.sub(lambda m: m[1] + "600", line)
         line = ERRORFILE.sub(lambda m: m[1] + m[2] + " " + os.path.join(PAGES, m[2] + ".http"), line)
+        server = DEFAULT_SERVER.match(line)
+        if server and PER_REPLICA:
+            line = line.rstrip() + " maxconn " + str(PER_REPLICA)
         out.append(line)
         if FRONTEND.match(line):
             out.extend(RULES)
+        if server and PER_REPLICA:
+            out.append(server[1] + "timeout queue " + str(QUEUE_MS) + "ms")
     return "\\n".join(out) + "\\n"
 
 
@@ -219,12 +238,14 @@ def ray_serve_env(ingress: Ingress, host: str = "127.0.0.1") -> dict[str, str]:
     }
 
 
-def use_ingress(ingress: Ingress, host: str = "127.0.0.1", retry_after_s: int = 1) -> None:
+def use_ingress(ingress: Ingress, host: str = "127.0.0.1", retry_after_s: int = 1, per_replica: int | None = None,
+                queue_ms: int = 0) -> None:
     """Select ``ingress`` for the Ray cluster this process is about to start, serving on ``host``.
 
     Values already in the environment win (an operator's own ``RAY_SERVE_*`` settings). For HAProxy
     on a specific host, its stats and metrics frontends are bound to that host too (the module
-    docstring says how). Raises ``ConfigError`` when ``ray.serve`` was imported earlier with another
+    docstring says how), and with ``per_replica`` HAProxy sheds the load past that many requests in
+    flight per replica after at most ``queue_ms`` in its queue (``ServeSettings.haproxy_limits``). Raises ``ConfigError`` when ``ray.serve`` was imported earlier with another
     choice: Ray has read its settings by then and would silently keep the old ingress.
     """
     for key, value in ray_serve_env(ingress, host).items():
@@ -238,7 +259,7 @@ def use_ingress(ingress: Ingress, host: str = "127.0.0.1", retry_after_s: int = 
     if ingress == "haproxy" and loaded is None and host not in WILDCARD_HOSTS:
         if not _HOST.fullmatch(host):  # it goes into a sed expression and HAProxy's bind syntax
             raise ConfigError(f"--host {host!r}: expected an IP address or a host name")
-        wrapper = haproxy_bound_to(host, retry_after_s)
+        wrapper = haproxy_bound_to(host, retry_after_s, per_replica, queue_ms)
         if wrapper is not None:
             os.environ[BINARY_ENV] = str(wrapper)
             for key, name in HAPROXY_FILES.items():
@@ -246,13 +267,14 @@ def use_ingress(ingress: Ingress, host: str = "127.0.0.1", retry_after_s: int = 
     log.info("Ray Serve ingress: %s", ingress)
 
 
-def haproxy_bound_to(host: str, retry_after_s: int = 1) -> Path | None:
+def haproxy_bound_to(host: str, retry_after_s: int = 1, per_replica: int | None = None, queue_ms: int = 0) -> Path | None:
     """A wrapper around the HAProxy binary Ray would run that binds the stats and metrics frontends
     to ``host``, makes the admin socket private and answers errors as problem+json (written to a
     private temp folder removed at exit); None when no binary is found, in which case Ray reports the
     missing binary itself."""
-    if host in _WRAPPERS:  # a second use_ingress in this process: the binary is wrapped already
-        return _WRAPPERS[host]
+    key = (host, retry_after_s, per_replica, queue_ms)
+    if key in _WRAPPERS:  # a second use_ingress in this process: the binary is wrapped already
+        return _WRAPPERS[key]
     real = os.environ.get(BINARY_ENV) or _bundled_haproxy()
     if not real:
         return None
@@ -265,10 +287,10 @@ def haproxy_bound_to(host: str, retry_after_s: int = 1) -> Path | None:
     _write_pages(pages, retry_after_s)
     script = folder / "haproxy"
     script.write_text(_WRAPPER.format(python=sys.executable, real=real, host=host, pages=str(pages),
-                                      retry_after=str(retry_after_s)))
+                                      retry_after=str(retry_after_s), per_replica=per_replica, queue_ms=queue_ms))
     script.chmod(0o700)
     log.debug("HAProxy frontends bound to %s, admin socket private, through %s", host, script)
-    _WRAPPERS[host] = script
+    _WRAPPERS[key] = script
     return script
 
 

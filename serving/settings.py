@@ -69,9 +69,11 @@ class ServeSettings(BaseModel):
     # (towerline.serving.shedding turns these into the Ingress deployment's Serve options)
     ingress_replicas: int = Field(2, ge=1)  # HTTP replicas: with two, a lost replica is not an outage
     max_ongoing_requests: int = Field(8, ge=1)  # requests one ingress replica works on at once
-    max_queued_requests: int = Field(4, ge=-1)  # more may wait per replica; beyond that 503 + Retry-After
+    max_queued_requests: int = Field(8, ge=-1)  # more may wait per replica; beyond that 503 + Retry-After
     # at once (-1 = unbounded: every client waits, however long)
     retry_after_s: int = Field(1, ge=0)  # Retry-After of a 503, in seconds
+    haproxy_queue_ms: int = Field(20, ge=0, le=10_000)  # through HAProxy: a request no replica has room for
+    # (HAProxy sends each max_ongoing_requests at once) waits this long in HAProxy's queue, then gets its 503
     request_timeout_s: float = Field(10.0, gt=0)  # a request not answered by then gets 504
     health_check_period_s: float = Field(1.0, gt=0)  # Serve checks each replica this often ...
     health_check_timeout_s: float = Field(2.0, gt=0)  # ... and replaces one that does not answer in time
@@ -91,6 +93,13 @@ class ServeSettings(BaseModel):
     # up after the model was trained; re-read when it changes; None = the bundle's users.parquet only
     campaign_queue: int = Field(1000, ge=1)  # event batches waiting for the campaign worker; more are dropped
     # (logged; the nightly campaign run still reaches those users within its window_days)
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, v: int) -> int:
+        if v == 0:  # Ray Serve's own rule, checked here so that it is one line naming the setting
+            raise ValueError("must be -1 (no limit) or at least 1")
+        return v
 
     @field_validator("history_redis_url")
     @classmethod

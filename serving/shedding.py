@@ -42,6 +42,22 @@ def ingress_options(s: ServeSettings) -> dict[str, Any]:
     }
 
 
+def haproxy_limits(s: ServeSettings) -> dict[str, Any]:
+    """``use_ingress(..., **haproxy_limits(s))``: HAProxy itself sends each replica at most
+    ``max_ongoing_requests`` at once and sheds what waited ``haproxy_queue_ms`` in its queue.
+
+    Why in HAProxy: Serve's own check runs on the replica's event loop, which is busy running model
+    batches, so under 64 clients its 503 waited for a batch (55 ms median, ``bench/chaos.py``);
+    HAProxy answers from its queue, in C, without touching the replica. Serve's
+    ``max_queued_requests`` (8) stays as the slack for the requests HAProxy counts as done a moment
+    before the replica releases their slot (with 2, Serve answered 1-3% 503s to 8 clients while the
+    loop was busy with a reload or a replica start), and as the bound behind Serve's proxy.
+    """
+    if s.max_queued_requests < 0:  # unbounded queues: nothing to shed
+        return {"per_replica": None, "queue_ms": 0}
+    return {"per_replica": s.max_ongoing_requests, "queue_ms": s.haproxy_queue_ms}
+
+
 def http_options(s: ServeSettings) -> dict[str, Any]:
     """``serve.start(http_options=...)``: where to listen, and when a request has taken too long."""
     return {"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s}

@@ -302,7 +302,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         load_immediate_campaigns(settings)
     # before anything imports ray.serve: Ray reads it at import time
-    use_ingress(args.ingress, args.host, settings.retry_after_s)
+    from towerline.serving.shedding import haproxy_limits
+
+    use_ingress(args.ingress, args.host, settings.retry_after_s, **haproxy_limits(settings))
     from towerline.config import load_config, to_dict
     from towerline.serving.app import AppArgs
 

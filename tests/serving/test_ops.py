@@ -95,6 +95,26 @@ def test_the_haproxy_wrapper_privatises_the_admin_socket_and_answers_problem_jso
     rules = [line.strip() for line in out.splitlines() if line.strip().startswith("http-response return")]
     assert any("status 503" in r and "retry-after" in r for r in rules)  # Serve's text 503 -> problem+json
     assert any("status 504" in r and "status 408" in r for r in rules)  # Serve's timeout -> 504
+    assert "http-request del-header x-request-timeout-seconds" in out  # no client lifts the request timeout
+    assert "maxconn" not in out  # no limits asked for
+
+
+def test_haproxy_holds_each_replica_to_its_queue_and_sheds_from_its_own(monkeypatch, tmp_path):
+    import shutil
+
+    from towerline.serving.shedding import haproxy_limits
+
+    monkeypatch.setattr(ingress, "_WRAPPERS", {})
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", shutil.which("echo"))
+    limits = haproxy_limits(settings_from(max_ongoing_requests=6, max_queued_requests=3, haproxy_queue_ms=15))
+    assert limits == {"per_replica": 6, "queue_ms": 15}
+    assert haproxy_limits(settings_from(max_queued_requests=-1))["per_replica"] is None
+    wrapper = ingress.haproxy_bound_to("127.0.0.1", 1, **limits)
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("backend towerline\n    default-server inter 1s fall 2 check\n    server r1 127.0.0.1:1 check\n")
+    subprocess.run([str(wrapper), "-f", str(config)], check=True, capture_output=True)
+    lines = Path(f"{config}.towerline").read_text().splitlines()
+    assert lines[1].strip() == "default-server inter 1s fall 2 check maxconn 6" and lines[2].strip() == "timeout queue 15ms"
 
 
 # ----------------------------------------------------------------------------- a running server
@@ -245,10 +265,32 @@ def test_serve_listens_on_loopback_only_and_a_signal_drains_then_stops_everythin
             _kill(server)
 
 
+def _slow_client(port: int, headers: str = "", wait_s: float = 15.0) -> tuple[str, float]:
+    """(status line and body, seconds) of a POST /recommend whose body never finishes arriving: the
+    request outlives any request timeout without depending on how fast this machine is."""
+    body = b'{"user_id": "u000001", "k": 5}'
+    head = (f"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{headers}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head + body[:5])
+        sock.settimeout(wait_s)
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        except TimeoutError:
+            pass
+    return answer.decode(errors="replace"), time.monotonic() - t0
+
+
 @pytest.mark.serve
-def test_overload_gets_503_problem_json_with_retry_after_fast(tiny_run, tmp_path):
+def test_overload_gets_503_and_a_slow_request_504_both_problem_json(tiny_run, tmp_path):
     server = _start(tiny_run, tmp_path, "--set", "max_ongoing_requests=1", "--set", "max_queued_requests=1",
-                    "--set", "ingress_replicas=1")
+                    "--set", "ingress_replicas=1", "--set", "request_timeout_s=1")
     import httpx
 
     try:
@@ -271,6 +313,15 @@ def test_overload_gets_503_problem_json_with_retry_after_fast(tiny_run, tmp_path
                 assert r.headers["content-type"].startswith(PROBLEM), r.text
                 assert r.headers["retry-after"] == "1" and r.json()["status"] == 503
                 assert r.elapsed.total_seconds() < 0.5  # rejected at once, not after waiting
+
+        # a request past request_timeout_s (1 s): Serve's 408, answered as 504 problem+json by the HAProxy
+        # wrapper, also when the client asks Serve to switch its timeout off (the wrapper drops that header)
+        for headers in ("", "x-request-timeout-seconds: 0\r\n"):
+            answer, took = _slow_client(server.port, headers)
+            assert answer.startswith("HTTP/1.1 504"), answer[:300]
+            assert f"content-type: {PROBLEM}" in answer.lower() and json.loads(answer.split("\r\n\r\n", 1)[1])["status"] == 504
+            assert 0.9 < took < 5, took  # at the timeout, not at the client's patience
+        assert httpx.post(f"{server.base}/recommend", json={"user_id": "u000001", "k": 5}, timeout=30).status_code == 200
     finally:
         server.proc.send_signal(signal.SIGTERM)
         try:
