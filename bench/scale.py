@@ -258,9 +258,10 @@ def bench_serve(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One and two ingress replicas over one Redis, in one Serve instance, wrk in interleaved rounds."""
     import numpy as np
 
-    from towerline.serving.ingress import use_ingress
+    from towerline.serving.settings import ServeSettings
+    from towerline.serving.shedding import use_ingress_for
 
-    use_ingress("haproxy")  # before ray.serve is imported: the product's default front door
+    use_ingress_for(ServeSettings(), "haproxy")  # before ray.serve is imported: the product's default front door
     from ray import serve
 
     sys.path.insert(0, str(REPO / "bench"))

@@ -266,24 +266,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per request would load the client, not the server
     args = parse_args(argv)
-    from towerline.serving.ingress import use_ingress
-
-    use_ingress(args.ingress)  # before ray.serve is imported
-    import ray
-    from ray import serve
-
-    from towerline.serving.lifecycle import start_ray
-    from towerline.training.bundle import load_bundle
     from towerline.config import apply_overrides
     from towerline.errors import TowerlineError
-    from towerline.serving.app import AppArgs, build_app
     from towerline.serving.settings import settings_from
+    from towerline.serving.shedding import use_ingress_for
 
     try:
         overrides = apply_overrides({}, args.overrides)
         settings = settings_from(overrides)
     except TowerlineError as e:
         raise SystemExit(f"serve_load: {e}") from None
+    use_ingress_for(settings, args.ingress)  # before ray.serve is imported; the limits `towerline serve` sets
+    import ray
+    from ray import serve
+
+    from towerline.serving.lifecycle import start_ray
+    from towerline.training.bundle import load_bundle
+    from towerline.serving.app import AppArgs, build_app
 
     bundle = load_bundle(args.model)
     if bundle.histories is None or not len(bundle.histories):

@@ -276,7 +276,6 @@ def serve_locally(
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from towerline.bundle import check_model
-    from towerline.serving.ingress import use_ingress
     from towerline.serving.settings import settings_from
 
     # flags first, then the model, both before Ray: a bad flag or a wrong --model is one line naming
@@ -302,9 +301,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         load_immediate_campaigns(settings)
     # before anything imports ray.serve: Ray reads it at import time
-    from towerline.serving.shedding import haproxy_limits
+    from towerline.serving.shedding import use_ingress_for
 
-    use_ingress(args.ingress, args.host, settings.retry_after_s, **haproxy_limits(settings))
+    use_ingress_for(settings, args.ingress, args.host)
     from towerline.config import load_config, to_dict
     from towerline.serving.app import AppArgs
 
