@@ -292,9 +292,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["ingress_replicas"] = 1  # two replicas on one core only share it
     settings = settings_from(flags, **overrides)
     _tracking(args.tracking_uri)
-    if args.target_recall is not None and not 0.0 < args.target_recall <= 1.0:
-        print(f"error: --target-recall must be in (0, 1], got {args.target_recall}", file=sys.stderr)
-        return 2
     check_model(args.model)
     if settings.campaigns:  # a campaign that is missing, misspelt or not immediate: one line, before Ray
         from towerline.serving.campaign_triggers import load_immediate_campaigns

@@ -100,5 +100,6 @@ def test_deployment_placement_answers_exactly_as_the_ingress_placement(apps, off
     with httpx.Client(base_url=apps[0], timeout=60) as a, httpx.Client(base_url=apps[1], timeout=60) as b:
         assert [recommend(a, u) for u in users] == [recommend(b, u) for u in users]
     apps_status = serve.status().applications
-    assert set(apps_status["towerline"].deployments) == {"Ingress"}  # stages in the ingress: nothing else bound
-    assert set(apps_status["towerline-deployments"].deployments) == {"Ingress", "Retriever", "Ranker"}
+    # stages in the ingress: no model deployment bound (AdminState holds what admin writes decided)
+    assert set(apps_status["towerline"].deployments) == {"Ingress", "AdminState"}
+    assert set(apps_status["towerline-deployments"].deployments) == {"Ingress", "AdminState", "Retriever", "Ranker"}
