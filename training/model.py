@@ -311,8 +311,9 @@ class UserTower(nn.Module):
             item_vectors: (B, T, D) item-tower vectors of the history, oldest first.
             event_types: (B, T) long event-type indices, or None (ignored without ``use_event_type``).
             pad_mask: (B, T) bool, True at padding.
-            timestamps: (B, T) int64 event times (epoch seconds; anything at padding); required with
-                ``time_gaps``, ignored without.
+            timestamps: (B, T) int64 event times (epoch seconds; anything at padding), read with
+                ``time_gaps`` and ignored without; None is all zeros (every gap 0), the convention of
+                ``inference`` and serving for events without times.
 
         Returns:
             (B, T, D): at step ``t`` the state after items ``<= t``; padded steps hold finite
@@ -329,9 +330,8 @@ class UserTower(nn.Module):
             x = x + self.event_emb(event_types)  # (B, T, D)
         allowed = attention_mask(pad_mask)  # (B, 1, T, T)
         if self.gap_emb is not None:
-            if timestamps is None:
-                raise ValueError("model.time_gaps is on: the user tower needs the history's timestamps")
-            steps, ages = time_gap_buckets(timestamps, pad_mask)  # (B, T), (B, T, T)
+            ts = torch.zeros_like(pad_mask, dtype=torch.long) if timestamps is None else timestamps
+            steps, ages = time_gap_buckets(ts, pad_mask)  # (B, T), (B, T, T)
             x = x + self.gap_emb(steps)  # (B, T, D)
             bias = self.age_bias(ages).permute(0, 3, 1, 2).to(x.dtype)  # (B, H, T, T)
             allowed = bias.masked_fill(~allowed, float("-inf"))  # float mask: bias where allowed, -inf elsewhere

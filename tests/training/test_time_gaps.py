@@ -65,8 +65,9 @@ def test_the_user_tower_reads_gaps_not_absolute_times_and_stays_causal():
     # a later step's time never changes an earlier state
     torch.testing.assert_close(net.user_states(items, types, timestamps=later)[:, :-1],
                                net.user_states(items, types, timestamps=ts)[:, :-1])
-    with pytest.raises(ValueError, match="time_gaps"):
-        net.user_vector(items, types)
+    # no timestamps means every gap 0, as inference and serving treat events without times
+    assert torch.equal(net.user_vector(items, types), net.user_vector(items, types, timestamps=torch.zeros_like(ts)))
+    assert not torch.allclose(net.user_vector(items, types), base, atol=1e-4)
     off = _net(dataclasses.replace(CFG, time_gaps=False))
     assert torch.equal(off.user_vector(items, types, timestamps=ts), off.user_vector(items, types, timestamps=later))
     assert not any("gap" in name or "age_bias" in name for name in off.state_dict())
