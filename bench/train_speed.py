@@ -3,6 +3,7 @@ machine's matmul rate, and where the time goes.
 
     python bench/train_speed.py                                  # Beauty, configs/beauty.yaml
     python bench/train_speed.py --max-time-s 400 --set trainer.batch_size=256
+    python bench/train_speed.py --skip throughput train --optimizer-ab 20     # fused vs unfused AdamW
 
 Four measurements, in this order, all with torch on the same threads as training:
 
@@ -153,6 +154,32 @@ def throughput(cfg, work: Path, steps: int, profile_steps: int) -> dict:
     }
 
 
+def optimizer_ab(cfg, work: Path, rounds: int) -> dict:
+    """Median training-step seconds with the fused AdamW ``configure_optimizers`` gives against the
+    unfused (for-loop) one, steps interleaved on the same batches so a shared machine's load hits both."""
+    import copy
+    import statistics
+
+    dm, system = build(cfg, work)
+    system.log = lambda *a, **k: None
+    arms = {"fused": system, "unfused": copy.deepcopy(system)}
+    opts = {"fused": system.configure_optimizers(),
+            "unfused": torch.optim.AdamW(arms["unfused"].parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)}
+    loader = iter(dm.train_dataloader())
+    batches = [next(loader) for _ in range(rounds + 2)]
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for i, b in enumerate(batches):
+        for name in (("fused", "unfused") if i % 2 else ("unfused", "fused")):
+            t0 = time.perf_counter()
+            opts[name].zero_grad(set_to_none=True)
+            arms[name].training_step(b, i).backward()
+            opts[name].step()
+            if i >= 2:  # the first two rounds warm up
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"rounds": rounds, "median_step_s": med, "speedup": med["unfused"] / med["fused"]}
+
+
 def time_to_target(cfg, work: Path, target: float) -> dict:
     from towerline.training.train import train
 
@@ -183,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="timed training steps for throughput")
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "train"])
+    parser.add_argument("--optimizer-ab", type=int, default=0, metavar="ROUNDS",
+                        help="also time fused vs unfused AdamW steps, interleaved, this many rounds")
     parser.add_argument("--peer", choices=["recbole"], default=None, help="run a peer side by side (if installed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_speed.json")
@@ -216,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{tp['flops_per_step'] / 1e9:.2f} GFLOP/step -> {tp['flops_per_s'] / 1e9:.1f} GFLOP/s = "
               f"{100 * tp['share_of_matmul']:.0f}% of the matmul rate", flush=True)
         print(tp["profile_table"], flush=True)
+    if args.optimizer_ab:
+        ab = optimizer_ab(cfg, work, args.optimizer_ab)
+        report["optimizer_ab"] = ab
+        print(f"AdamW step: fused {ab['median_step_s']['fused']:.3f} s vs unfused {ab['median_step_s']['unfused']:.3f} s "
+              f"(median of {ab['rounds']}): {ab['speedup']:.3f}x", flush=True)
     if "train" not in args.skip:
         tt = time_to_target(cfg, work, args.target)
         report["time_to_target"] = tt
