@@ -92,6 +92,7 @@ class TwoTowerConfig:
     max_attributes: int = 8  # attribute tokens kept per item
     use_event_type: bool = True  # user tower adds an event-type embedding per history step
     id_dropout: float = 0.1  # training: chance an item occurrence loses its id embedding (DropoutNet), [0, 1)
+    time_gaps: bool = False  # user tower reads log2-bucketed time gaps (to the previous step; pairwise ages as attention biases)
 
     def __post_init__(self) -> None:
         _check(self.dim > 0, "model", "dim", "must be > 0")

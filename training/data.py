@@ -121,11 +121,13 @@ def make_split(seqs: Sequences, cfg: DataConfig) -> Split:
     return split_leave_one_out(seqs, cfg.min_user_events)
 
 
-def training_windows(train: Sequences, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(inputs, event types, next-item targets), each (S, max_len), right-aligned, PAD on the left.
+def training_windows(train: Sequences, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, event types, next-item targets, input timestamps), each (S, max_len), right-aligned,
+    PAD (time 0) on the left.
 
     Window ends step back from each sequence's end by ``max_len`` so the windows tile the sequence:
-    input column j is step e-1-T+j and its target is step e-T+j, the item that came next.
+    input column j is step e-1-T+j and its target is step e-T+j, the item that came next. The input
+    steps' times are what a net with ``model.time_gaps`` reads (inference windows carry them alike).
     """
     lengths = train.lengths
     n_windows = np.maximum(np.ceil((lengths - 1) / max_len).astype(np.int64), 0)  # rows of length 1 teach nothing
@@ -136,7 +138,8 @@ def training_windows(train: Sequences, max_len: int) -> tuple[np.ndarray, np.nda
     inputs = left_padded_windows(train.item_idx, starts, ends - 1, max_len)
     types = left_padded_windows(train.event_type_idx, starts, ends - 1, max_len)
     targets = left_padded_windows(train.item_idx, starts + 1, ends, max_len)
-    return inputs, types, targets
+    ts = left_padded_windows(train.timestamp.astype(np.int64), starts, ends - 1, max_len)
+    return inputs, types, targets, ts
 
 
 def trim_left_padding(items: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -161,21 +164,23 @@ class EvalUsers(TorchDataset):
         self.starts = starts
         self.items = torch.from_numpy(left_padded_windows(full.item_idx, starts, targets.history_end, max_len))
         self.types = torch.from_numpy(left_padded_windows(full.event_type_idx, starts, targets.history_end, max_len))
+        self.ts = torch.from_numpy(left_padded_windows(full.timestamp.astype(np.int64), starts, targets.history_end, max_len))
         self.target = torch.from_numpy(targets.targets.astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.target)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         history = torch.from_numpy(self.full.item_idx[self.starts[i] : self.targets.history_end[i]])
-        return self.items[i], self.types[i], self.target[i], history
+        return self.items[i], self.types[i], self.target[i], history, self.ts[i]
 
 
 def collate_eval(batch: list) -> dict[str, torch.Tensor]:
-    items, types, target, history = zip(*batch)
+    items, types, target, history, ts = zip(*batch)
     return {
         "items": torch.stack(items),  # (B, T)
         "types": torch.stack(types),  # (B, T)
+        "ts": torch.stack(ts),  # (B, T) event times (0 at padding)
         "target": torch.stack(target),  # (B,)
         "history": torch.nn.utils.rnn.pad_sequence(list(history), batch_first=True, padding_value=PAD_IDX),  # (B, H)
     }
@@ -312,11 +317,13 @@ class SequenceDataModule(L.LightningDataModule):
             return max(int(batches * limit), 1 if batches else 0)
         return min(batches, int(limit))
 
+    def training_dataset(self) -> TensorDataset:
+        """The training windows as (inputs, types, targets, timestamps) tensors (``training_windows``)."""
+        return TensorDataset(*(torch.from_numpy(a) for a in training_windows(self.split.train, self.cfg.model.max_len)))
+
     def train_dataloader(self) -> DataLoader:
-        inputs, types, targets = training_windows(self.split.train, self.cfg.model.max_len)
-        ds = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(types), torch.from_numpy(targets))
         return DataLoader(
-            ds,
+            self.training_dataset(),
             batch_size=self.cfg.trainer.batch_size,
             shuffle=True,
             num_workers=self.cfg.trainer.num_workers,

@@ -39,12 +39,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import MLFlowLogger
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from towerline.config import TowerlineConfig, from_dict, save_config, to_dict
 from towerline.errors import ConfigError
-from towerline.training.data import SequenceDataModule, training_windows
+from towerline.training.data import SequenceDataModule
 from towerline.training.ranker_model import item_categories
 from towerline.training.system import TwoTowerSystem
 from towerline.training.tracking import code_version, use_tracking
@@ -76,8 +76,7 @@ class ShardedDataModule(SequenceDataModule):
         self._prepared = True
 
     def train_dataloader(self) -> DataLoader:
-        inputs, types, targets = training_windows(self.split.train, self.cfg.model.max_len)
-        ds = TensorDataset(torch.from_numpy(inputs), torch.from_numpy(types), torch.from_numpy(targets))
+        ds = self.training_dataset()
         # Lightning calls set_epoch on it, so every epoch reshuffles with seed + epoch on all ranks
         sampler = DistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.cfg.trainer.seed)
         return DataLoader(ds, batch_size=self.cfg.trainer.batch_size, sampler=sampler, num_workers=self.cfg.trainer.num_workers)

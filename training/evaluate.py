@@ -62,10 +62,10 @@ def accumulate_batch(
 ) -> None:
     """Score one batch of users against the whole catalogue and add its ranks to ``accs``.
 
-    ``batch``: ``items``/``types`` (B, T) left-padded windows, ``target`` (B,), ``history`` (B, H).
+    ``batch``: ``items``/``types``/``ts`` (B, T) left-padded windows, ``target`` (B,), ``history`` (B, H).
     ``facts``: with popularity and categories, ``novelty_10`` and ``diversity_10`` join ``coverage_10``.
     """
-    users = inference.user_vectors(net, batch["items"], batch["types"], item_table)  # (B, D)
+    users = inference.user_vectors(net, batch["items"], batch["types"], item_table, batch.get("ts"))  # (B, D)
     scores = inference.item_scores(users, item_table)  # (B, V)
     for masked, name in ((True, prefix), (False, f"{prefix}_unmasked")):
         ranks = target_ranks(scores, batch["target"], batch["history"], mask_history=masked)
@@ -93,8 +93,8 @@ def evaluate_targets(
     accs: dict[str, RankingAccumulator] = {}
     for lo in tqdm(range(0, len(hist), batch_size), desc=f"evaluate {prefix}", disable=not progress, leave=False):
         sub = hist.take(slice(lo, lo + batch_size))
-        items, types, _ = sub.windows(net.cfg.max_len)
-        batch = {"items": items, "types": types, "target": target[lo : lo + batch_size], "history": sub.seen()}
+        items, types, ts = sub.windows(net.cfg.max_len)
+        batch = {"items": items, "types": types, "ts": ts, "target": target[lo : lo + batch_size], "history": sub.seen()}
         accumulate_batch(accs, net, table, {k: torch.from_numpy(v).to(device) for k, v in batch.items()}, prefix, facts)
     net.train(was_training)
     return summarise(accs, net.n_items)

@@ -23,7 +23,8 @@ the endpoint serves. Three decisions make that hold bit for bit:
 Items unknown to the model (``UNK_IDX``, e.g. events for items added after training) are dropped from
 model input: the towers learned nothing for them. Timestamps are real event times (epoch seconds, or
 positions for S3Rec data) in training histories, in the bundle's ``histories.npz`` and in the
-online store alike.
+online store alike; the ranker reads them, and so does the user tower of a net trained with
+``model.time_gaps`` (gaps taken inside each window, exactly as its training windows had them).
 """
 
 from __future__ import annotations
@@ -148,22 +149,29 @@ def row_widths(items: torch.Tensor, max_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def user_vectors(net: TwoTowerNet, items: torch.Tensor, types: torch.Tensor, item_table: torch.Tensor) -> torch.Tensor:
+def user_vectors(
+    net: TwoTowerNet, items: torch.Tensor, types: torch.Tensor, item_table: torch.Tensor, ts: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, T) left-padded histories -> (B, D) user vectors, each over its own ``row_widths`` window.
 
     ``item_table`` (V, D) is the item tower's eval-mode output (``net.item_vectors()`` or the
     bundle's ``item_embeddings``, the same numbers): the history's vectors are looked up in it.
+    ``ts`` (B, T) are the steps' event times, which a net with ``cfg.time_gaps`` reads (its gaps are
+    taken inside each row's window, as in training); None is all zeros.
     Rows of one width share a forward pass; the user tower's outputs do not depend on the number of
     rows in it (``tests/training/test_inference.py`` checks this bit for bit).
     """
     max_len = net.cfg.max_len
     items, types = fit_width(items.long(), max_len), fit_width(types.long(), max_len)  # (B, max_len)
-    types = types.masked_fill(items == PAD_IDX, PAD_IDX)
+    pad = items == PAD_IDX
+    types = types.masked_fill(pad, PAD_IDX)
+    ts = torch.zeros_like(items) if ts is None else fit_width(ts.long(), max_len, 0).masked_fill(pad, 0)  # (B, max_len)
     widths = row_widths(items, max_len)  # (B,)
     out = item_table.new_zeros((items.shape[0], item_table.shape[1]))  # (B, D)
     for w in torch.unique(widths).tolist():
         rows = torch.nonzero(widths == w).squeeze(1)
-        out[rows] = net.user_vector(items[rows, max_len - w :], types[rows, max_len - w :], item_table=item_table)
+        cols = slice(max_len - w, None)
+        out[rows] = net.user_vector(items[rows, cols], types[rows, cols], item_table=item_table, timestamps=ts[rows, cols])
     return out
 
 
@@ -201,8 +209,8 @@ def top_candidates(masked: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Te
 def history_scores(net: TwoTowerNet, item_table: torch.Tensor, hist: Histories) -> torch.Tensor:
     """(B, V) score of every item for each history: user tower over its window, then ``item_scores``."""
     device = item_table.device
-    items, types, _ = hist.windows(net.cfg.max_len)
-    users = user_vectors(net, torch.from_numpy(items).to(device), torch.from_numpy(types).to(device), item_table)
+    items, types, ts = (torch.from_numpy(a).to(device) for a in hist.windows(net.cfg.max_len))
+    users = user_vectors(net, items, types, item_table, ts)
     return item_scores(users, item_table)  # (B, V)
 
 
@@ -234,13 +242,13 @@ def user_vectors_of(net: TwoTowerNet, item_table: np.ndarray, hist: Histories, b
     """(B, D) float32 user vectors of flat histories, ``batch_size`` users per forward pass
     (the result does not depend on it: fixed windows)."""
     table = torch.from_numpy(np.ascontiguousarray(item_table, dtype=np.float32))  # (V, D)
-    items, types, _ = hist.windows(net.cfg.max_len)
+    items, types, ts = hist.windows(net.cfg.max_len)
     out = np.zeros((len(hist), table.shape[1]), dtype=np.float32)
     was_training = net.training
     net.eval()
     for lo in range(0, len(hist), batch_size):
         sl = slice(lo, lo + batch_size)
-        out[sl] = user_vectors(net, torch.from_numpy(items[sl]), torch.from_numpy(types[sl]), table).float().numpy()
+        out[sl] = user_vectors(net, *(torch.from_numpy(a[sl]) for a in (items, types)), table, torch.from_numpy(ts[sl])).float().numpy()
     net.train(was_training)
     return out
 

@@ -97,7 +97,8 @@ def evaluate_with_faiss(
         tgt = targets.targets[order[lo : lo + batch_size]]
         items = torch.from_numpy(left_padded_windows(full.item_idx, s, e, net.cfg.max_len)).to(device)
         types = torch.from_numpy(left_padded_windows(full.event_type_idx, s, e, net.cfg.max_len)).to(device)
-        users = np.ascontiguousarray(inference.user_vectors(net, items, types, table).float().cpu().numpy())  # (B, D)
+        ts = torch.from_numpy(left_padded_windows(full.timestamp.astype(np.int64), s, e, net.cfg.max_len)).to(device)
+        users = np.ascontiguousarray(inference.user_vectors(net, items, types, table, ts).float().cpu().numpy())  # (B, D)
         depth = min(n_real, k_max + int((e - s).max(initial=0)))
         _, found = index.search(users, depth)  # (B, depth) row numbers, -1 when fewer items exist
         found = np.where(found >= 0, found + N_RESERVED, -1)  # -> item indices

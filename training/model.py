@@ -21,6 +21,14 @@ Design choices, and why:
 - **Positions are counted from the newest event** (histories are left-padded, newest event at
   ``T - 1``): the newest event always gets position ``max_len - 1`` whatever ``T`` is, so a batch
   may be trimmed to its longest history and extra left padding changes nothing.
+- **Time gaps, when events have times** (``model.time_gaps``; off by default): each history step adds
+  an embedding of its log2-bucketed gap to the previous step of the window (``GAP_FIRST`` for the
+  first), and every attention logit gets a learned per-head bias of the bucketed age of the key
+  relative to the query, ``ts[t] - ts[s]`` (the intervals TiSASRec, Li et al., WSDM 2020, feeds its
+  attention, as a bias rather than extra key/value vectors). Both are functions of the window's own
+  timestamps, so training windows, evaluation, serving and batch export compute them alike and a
+  user's vector still depends on nothing but their history. Data without real times (S3Rec: times
+  are positions) gives gap 1 everywhere: a constant, i.e. position-only.
 - **Every position may attend to itself**: with causal masking and left padding, a padded position
   sees only pads; letting the diagonal through keeps its softmax finite (no NaN), and because real
   positions come after all pads they never see a pad key.
@@ -44,6 +52,9 @@ from towerline.features.vocab import N_RESERVED, PAD_IDX
 log = logging.getLogger(__name__)
 
 INIT_STD = 0.02  # normal init of embeddings and linear weights (GPT-2 / nanoGPT)
+N_GAP_BUCKETS = 32  # time-gap buckets: 2 reserved + 2 + floor(log2(gap_s + 1)), capped (2^29 s is 17 years)
+GAP_PAD, GAP_FIRST = 0, 1  # reserved gap buckets: padding; a window's first step (no previous step in it)
+N_RESERVED_GAPS = 2
 
 
 def _fit_attribute_table(item_attributes: torch.Tensor | None, n_items: int, width: int) -> torch.Tensor:
@@ -163,6 +174,34 @@ class ItemTower(nn.Module):
         return self.attr_emb(attributes.long())  # (N, D)
 
 
+def gap_bucket(gaps: torch.Tensor) -> torch.Tensor:
+    """(...) int64 gaps in seconds -> (...) long buckets ``2 + floor(log2(gap + 1))``, capped at
+    ``N_GAP_BUCKETS - 1``; a negative gap (clock skew, out-of-order events) counts as 0.
+
+    Log buckets as in TiSASRec's clipped intervals, but scale-free: seconds, minutes, days and months
+    each get a few buckets (0 s -> 2, 1-2 s -> 3, 3-6 s -> 4, 1 h -> 13, 1 day -> 18, 30 days -> 23).
+    Computed in float64, exact for every integer gap below 2^52.
+    """
+    g = gaps.clamp(min=0).to(torch.float64)
+    return (torch.floor(torch.log2(g + 1.0)).long() + N_RESERVED_GAPS).clamp(max=N_GAP_BUCKETS - 1)
+
+
+def time_gap_buckets(timestamps: torch.Tensor, pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) int64 event times (left-padded) -> ``(steps (B, T), ages (B, T, T))`` long buckets.
+
+    ``steps[b, t]``: the gap from step ``t - 1`` to step ``t`` (``GAP_FIRST`` for the window's first
+    real step, ``GAP_PAD`` at padding). ``ages[b, t, s]``: the bucket of ``ts[t] - ts[s]``, the key's
+    age when query ``t`` reads it (meaningful for ``s <= t``; the causal mask hides the rest).
+    """
+    ts = timestamps.long()
+    prev_pad = torch.cat([torch.ones_like(pad_mask[:, :1]), pad_mask[:, :-1]], dim=1)  # (B, T)
+    gap = ts - torch.cat([ts[:, :1], ts[:, :-1]], dim=1)  # (B, T)
+    steps = torch.where(prev_pad, torch.full_like(gap, GAP_FIRST), gap_bucket(gap))
+    steps = steps.masked_fill(pad_mask, GAP_PAD)
+    ages = gap_bucket(ts[:, :, None] - ts[:, None, :])  # (B, T, T)
+    return steps, ages
+
+
 def attention_mask(pad_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) bool, True at padding -> (B, 1, T, T) bool, True where query ``t`` may attend key ``s``.
 
@@ -189,7 +228,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x (B, T, D), allowed (B, 1, T, T) bool, True where a query may attend to a key."""
+        """x (B, T, D), allowed (B, 1, T, T) bool, True where a query may attend to a key, or a
+        (B, H, T, T) float mask added to the logits (the time-gap biases, ``-inf`` where not allowed)."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=2)  # 3 x (B, T, D)
         q = q.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # (B, H, T, Dh)
@@ -252,6 +292,9 @@ class UserTower(nn.Module):
             if cfg.use_event_type
             else None
         )
+        # time gaps (cfg.time_gaps): a per-step gap embedding and a per-head age bias shared by the blocks
+        self.gap_emb = nn.Embedding(N_GAP_BUCKETS, cfg.dim, padding_idx=GAP_PAD) if cfg.time_gaps else None
+        self.age_bias = nn.Embedding(N_GAP_BUCKETS, cfg.n_heads) if cfg.time_gaps else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(cfg.dim)
@@ -261,12 +304,16 @@ class UserTower(nn.Module):
         item_vectors: torch.Tensor,
         event_types: torch.Tensor | None,
         pad_mask: torch.Tensor,
+        timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
             item_vectors: (B, T, D) item-tower vectors of the history, oldest first.
             event_types: (B, T) long event-type indices, or None (ignored without ``use_event_type``).
             pad_mask: (B, T) bool, True at padding.
+            timestamps: (B, T) int64 event times (epoch seconds; anything at padding), read with
+                ``time_gaps`` and ignored without; None is all zeros (every gap 0), the convention of
+                ``inference`` and serving for events without times.
 
         Returns:
             (B, T, D): at step ``t`` the state after items ``<= t``; padded steps hold finite
@@ -281,9 +328,15 @@ class UserTower(nn.Module):
         x = item_vectors + self.pos_emb(pos)  # (B, T, D)
         if self.event_emb is not None and event_types is not None:
             x = x + self.event_emb(event_types)  # (B, T, D)
+        allowed = attention_mask(pad_mask)  # (B, 1, T, T)
+        if self.gap_emb is not None:
+            ts = torch.zeros_like(pad_mask, dtype=torch.long) if timestamps is None else timestamps
+            steps, ages = time_gap_buckets(ts, pad_mask)  # (B, T), (B, T, T)
+            x = x + self.gap_emb(steps)  # (B, T, D)
+            bias = self.age_bias(ages).permute(0, 3, 1, 2).to(x.dtype)  # (B, H, T, T)
+            allowed = bias.masked_fill(~allowed, float("-inf"))  # float mask: bias where allowed, -inf elsewhere
         x = self.drop(x)
 
-        allowed = attention_mask(pad_mask)  # (B, 1, T, T)
         for block in self.blocks:
             x = block(x, allowed)
         return self.ln_f(x)  # (B, T, D)
@@ -342,9 +395,11 @@ class TwoTowerNet(nn.Module):
             if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=INIT_STD / math.sqrt(2 * self.cfg.n_layers))
 
-    def forward(self, history: torch.Tensor, event_types: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, history: torch.Tensor, event_types: torch.Tensor | None = None, timestamps: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Inference: (B, T) left-padded history -> (B, D) user vectors."""
-        return self.user_vector(history, event_types)
+        return self.user_vector(history, event_types, timestamps=timestamps)
 
     def item_vectors(self) -> torch.Tensor:
         """(n_items, D) vectors of the whole catalogue, reserved rows included (score them -inf)."""
@@ -356,8 +411,11 @@ class TwoTowerNet(nn.Module):
         event_types: torch.Tensor | None = None,
         item_table: torch.Tensor | None = None,
         id_dropout: float = 0.0,
+        timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) left-padded item indices -> (B, T, D) state after each step.
+
+        ``timestamps`` (B, T) event times feed the time-gap features (``cfg.time_gaps``).
 
         ``item_table`` (n_items, D), when given, is used instead of running the item tower on the
         history: a training step that already computed ``item_vectors()`` for a full softmax then
@@ -369,16 +427,17 @@ class TwoTowerNet(nn.Module):
             vecs = item_table[history]  # (B, T, D)
         else:
             vecs = self.item_tower(history, id_dropout)  # (B, T, D)
-        return self.user_tower(vecs, event_types, pad_mask)
+        return self.user_tower(vecs, event_types, pad_mask, timestamps)
 
     def user_vector(
         self,
         history: torch.Tensor,
         event_types: torch.Tensor | None = None,
         item_table: torch.Tensor | None = None,
+        timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) left-padded history -> (B, D) state at the newest step ``T - 1``."""
-        return self.user_states(history, event_types, item_table)[:, -1]  # (B, D)
+        return self.user_states(history, event_types, item_table, timestamps=timestamps)[:, -1]  # (B, D)
 
     def meta(self) -> dict[str, Any]:
         """JSON-able constructor arguments; ``build_two_tower(meta)`` rebuilds this net's shape."""

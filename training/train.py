@@ -51,7 +51,7 @@ class LearningCurve(Callback):
         m = trainer.callback_metrics
         point = {"epoch": float(trainer.current_epoch), "elapsed_s": time.perf_counter() - self.start}
         for key in sorted(m):  # every validation metric: the best epoch's are logged as best/valid_*
-            if key.startswith("valid/") or key == "train/loss":
+            if key.startswith(("valid/", "valid_unmasked/")) or key == "train/loss":
                 point[key] = float(m[key])
         self.points.append(point)
         pl_module.log("time/elapsed_s", point["elapsed_s"])

@@ -146,8 +146,8 @@ def parent_tags(parent: "Bundle", uri: str) -> dict[str, str]:
 
 def check_compatible(parent: "Bundle", model_cfg: dict) -> None:
     """Refuse a config whose network shape differs from the parent's (copying would be meaningless)."""
-    old = parent.net_meta["cfg"]
-    keys = ("dim", "n_layers", "n_heads", "max_len", "use_attributes", "use_event_type")
+    old = {"time_gaps": False, **parent.net_meta["cfg"]}  # parents from before model.time_gaps had none
+    keys = ("dim", "n_layers", "n_heads", "max_len", "use_attributes", "use_event_type", "time_gaps")
     diff = [f"model.{k}: parent {old.get(k)!r}, config {model_cfg.get(k)!r}" for k in keys if old.get(k) != model_cfg.get(k)]
     if diff:
         raise BundleError("--warm-start: the config's network differs from the parent's (" + "; ".join(diff) +

@@ -1,0 +1,271 @@
+"""Training speed benchmark: time to a validation target, positions/s, arithmetic/s against this
+machine's matmul rate, and where the time goes.
+
+    python bench/train_speed.py                                  # Beauty, configs/beauty.yaml
+    python bench/train_speed.py --max-time-s 400 --set trainer.batch_size=256
+    python bench/train_speed.py --skip throughput train --optimizer-ab 20     # fused vs unfused AdamW
+
+Four measurements, in this order, all with torch on the same threads as training:
+
+1. **Matmul rate**: the best of several fp32 ``(n, n) @ (n, n)`` products (n = 2048), and the same
+   for the shape that dominates training (positions x dim @ dim x items, the full softmax).
+2. **Throughput**: ``--steps`` real training steps (``TwoTowerSystem.training_step``, backward,
+   AdamW) on Beauty batches: positions (predicted next items) per second, and the arithmetic of
+   those exact steps counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, attention;
+   forward and backward), as a share of the matmul rate.
+3. **Profile**: ``torch.profiler`` over ``--profile-steps`` steps, the top operators by self time.
+4. **Time to target**: ``towerline train`` of the config (``trainer.max_time_s`` = ``--max-time-s``)
+   and the first epoch whose unmasked validation NDCG@10 (``valid_unmasked/ndcg_10``, RecBole's
+   protocol) reaches ``--target`` (0.0492, RecBole SASRec's at 921 s), with the run's test metrics.
+
+A peer (RecBole) is run side by side only where it is installed in this environment
+(``--peer recbole``); otherwise the report says so. On a GPU the same script runs with mixed precision
+(``trainer.precision=bf16-mixed`` unless ``--set trainer.precision=...``).
+Writes bench/results/train_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 0.0492  # RecBole 1.2.1 SASRec (CE) unmasked validation NDCG@10 at 921 s on this machine (issue 15)
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 FLOP/s of an (n, n) @ (n, n) product on the current device and threads."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    return _best_rate(lambda: a @ b, 2.0 * n**3, reps)
+
+
+def shape_rate(m: int, k: int, n: int, reps: int = 5) -> float:
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a, b = torch.randn(m, k, device=dev), torch.randn(k, n, device=dev)
+    return _best_rate(lambda: a @ b, 2.0 * m * k * n, reps)
+
+
+def _best_rate(fn, flops: float, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        best = min(best, time.perf_counter() - t0)
+    return flops / best
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(cfg, work: Path):
+    """The DataModule and system exactly as ``towerline train`` builds them."""
+    from towerline.training.data import SequenceDataModule
+    from towerline.training.ranker_model import item_categories
+    from towerline.training.system import TwoTowerSystem
+
+    dm = SequenceDataModule(cfg, work / "data")
+    dm.prepare_data()
+    dm.setup()
+    s = dm.stats
+    system = TwoTowerSystem(s.n_items, s.n_attributes, s.n_event_types, cfg, item_attributes=dm.item_attributes,
+                            item_counts=dm.item_counts, item_category=item_categories(dm.item_attributes, dm.vocabs.attributes))
+    return dm, system
+
+
+def throughput(cfg, work: Path, steps: int, profile_steps: int) -> dict:
+    """Positions/s and counted FLOP/s of real training steps, plus a profile of a few of them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from towerline.features.vocab import PAD_IDX
+
+    dm, system = build(cfg, work)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    system = system.to(dev).train()
+    opt = system.configure_optimizers()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
+    loader = iter(dm.train_dataloader())
+    batches = [tuple(t.to(dev) for t in next(loader)) for _ in range(steps + 3 + profile_steps)]
+
+    def step(batch, i):
+        opt.zero_grad(set_to_none=True)
+        with amp:
+            loss = system.training_step(batch, i)
+        loss.backward()
+        opt.step()
+
+    system.log = lambda *a, **k: None  # no Trainer attached: Lightning's self.log would refuse
+    for i, b in enumerate(batches[:3]):  # warm-up (allocator, kernels)
+        step(b, i)
+    timed = batches[3 : 3 + steps]
+    _sync()
+    t0 = time.perf_counter()
+    for i, b in enumerate(timed):
+        step(b, i)
+    _sync()
+    seconds = time.perf_counter() - t0
+    positions = int(sum(int((b[2] != PAD_IDX).sum()) for b in timed))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        for i, b in enumerate(timed[: min(10, steps)]):
+            step(b, i)
+    flops_per_step = counter.get_total_flops() / min(10, steps)
+    by_op = {str(k): int(v) for k, v in counter.get_flop_counts().get("Global", {}).items()}
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i, b in enumerate(batches[3 + steps :]):
+            step(b, i)
+    avgs = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in avgs) or 1.0
+    top = sorted(avgs, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    table = avgs.table(sort_by="self_cpu_time_total", row_limit=15)
+    return {
+        "steps": steps,
+        "batch_size": cfg.trainer.batch_size,
+        "seconds": seconds,
+        "steps_per_s": steps / seconds,
+        "positions": positions,
+        "positions_per_s": positions / seconds,
+        "flops_per_step": flops_per_step,
+        "flops_per_s": flops_per_step * steps / seconds,
+        "flops_by_op": by_op,
+        "profile_top": [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3 / profile_steps,
+                         "share": e.self_cpu_time_total / total, "calls": e.count} for e in top],
+        "profile_table": table,
+        "windows_per_epoch": len(dm.training_dataset()),
+        "n_items": dm.stats.n_items,
+    }
+
+
+def optimizer_ab(cfg, work: Path, rounds: int) -> dict:
+    """Median training-step seconds with the fused AdamW ``configure_optimizers`` gives against the
+    unfused (for-loop) one, steps interleaved on the same batches so a shared machine's load hits both."""
+    import copy
+    import statistics
+
+    dm, system = build(cfg, work)
+    system.log = lambda *a, **k: None
+    arms = {"fused": system, "unfused": copy.deepcopy(system)}
+    opts = {"fused": system.configure_optimizers(),
+            "unfused": torch.optim.AdamW(arms["unfused"].parameters(), lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay)}
+    loader = iter(dm.train_dataloader())
+    batches = [next(loader) for _ in range(rounds + 2)]
+    times: dict[str, list[float]] = {k: [] for k in arms}
+    for i, b in enumerate(batches):
+        for name in (("fused", "unfused") if i % 2 else ("unfused", "fused")):
+            t0 = time.perf_counter()
+            opts[name].zero_grad(set_to_none=True)
+            arms[name].training_step(b, i).backward()
+            opts[name].step()
+            if i >= 2:  # the first two rounds warm up
+                times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"rounds": rounds, "median_step_s": med, "speedup": med["unfused"] / med["fused"]}
+
+
+def time_to_target(cfg, work: Path, target: float) -> dict:
+    from towerline.training.train import train
+
+    t0 = time.perf_counter()
+    result = train(cfg, work / "run", progress=False)
+    wall = time.perf_counter() - t0
+    curve = result.curve
+    hit = next((p for p in curve if p.get("valid_unmasked/ndcg_10", 0.0) >= target), None)
+    return {
+        "target": target,
+        "reached_at_s": None if hit is None else round(hit["elapsed_s"], 1),
+        "reached_at_epoch": None if hit is None else int(hit["epoch"]) + 1,
+        "fit_seconds": round(curve[-1]["elapsed_s"], 1) if curve else None,
+        "wall_s": round(wall, 1),
+        "epochs": len(curve),
+        "seconds_per_epoch": round(curve[-1]["elapsed_s"] / len(curve), 1) if curve else None,
+        "best_valid_unmasked_ndcg_10": max((p.get("valid_unmasked/ndcg_10", 0.0) for p in curve), default=None),
+        "curve": [(round(p["elapsed_s"], 1), p.get("valid/ndcg_10"), p.get("valid_unmasked/ndcg_10")) for p in curve],
+        "metrics": {k: v for k, v in result.metrics.items() if k.startswith(("test/", "test_unmasked/", "best/"))},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "beauty.yaml")
+    parser.add_argument("--max-time-s", type=float, default=420.0, help="fit budget of the time-to-target run")
+    parser.add_argument("--target", type=float, default=TARGET)
+    parser.add_argument("--steps", type=int, default=40, help="timed training steps for throughput")
+    parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "train"])
+    parser.add_argument("--optimizer-ab", type=int, default=0, metavar="ROUNDS",
+                        help="also time fused vs unfused AdamW steps, interleaved, this many rounds")
+    parser.add_argument("--peer", choices=["recbole"], default=None, help="run a peer side by side (if installed)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_speed.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from towerline.config import load_config
+
+    args.out, config = args.out.resolve(), args.config.resolve()
+    work = Path(tempfile.mkdtemp(prefix="towerline-train-speed-"))
+    os.chdir(work)  # MLflow's ./mlruns artifacts stay out of the checkout
+    overrides = [f"trainer.max_time_s={args.max_time_s}", f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}"]
+    if torch.cuda.is_available() and not any(o.startswith("trainer.precision=") for o in args.overrides):
+        overrides.append("trainer.precision=bf16-mixed")
+    cfg = load_config(config, overrides + args.overrides)
+    report: dict = {
+        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu, {torch.get_num_threads()} torch threads",
+        "load_average_start": os.getloadavg(),
+    }
+    peak = matmul_rate()
+    report["matmul_flops_per_s"] = peak
+    report["softmax_shape_flops_per_s"] = shape_rate(1200, cfg.model.dim, 12103)
+    print(f"matmul fp32 2048^3: {peak / 1e9:.1f} GFLOP/s; softmax shape (1200x{cfg.model.dim} @ {cfg.model.dim}x12103): "
+          f"{report['softmax_shape_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+    if "throughput" not in args.skip:
+        tp = throughput(cfg, work, args.steps, args.profile_steps)
+        tp["share_of_matmul"] = tp["flops_per_s"] / peak
+        report["throughput"] = tp
+        print(f"throughput: {tp['positions_per_s']:.0f} positions/s, {tp['steps_per_s']:.2f} steps/s, "
+              f"{tp['flops_per_step'] / 1e9:.2f} GFLOP/step -> {tp['flops_per_s'] / 1e9:.1f} GFLOP/s = "
+              f"{100 * tp['share_of_matmul']:.0f}% of the matmul rate", flush=True)
+        print(tp["profile_table"], flush=True)
+    if args.optimizer_ab:
+        ab = optimizer_ab(cfg, work, args.optimizer_ab)
+        report["optimizer_ab"] = ab
+        print(f"AdamW step: fused {ab['median_step_s']['fused']:.3f} s vs unfused {ab['median_step_s']['unfused']:.3f} s "
+              f"(median of {ab['rounds']}): {ab['speedup']:.3f}x", flush=True)
+    if "train" not in args.skip:
+        tt = time_to_target(cfg, work, args.target)
+        report["time_to_target"] = tt
+        print(f"time to valid_unmasked/ndcg_10 >= {args.target}: {tt['reached_at_s']} s (epoch {tt['reached_at_epoch']}); "
+              f"{tt['epochs']} epochs in {tt['fit_seconds']} s; best unmasked {tt['best_valid_unmasked_ndcg_10']:.4f}; "
+              f"test NDCG@10 {tt['metrics'].get('test/ndcg_10')}", flush=True)
+    installed = importlib.util.find_spec("recbole") is not None
+    report["peer"] = ("recbole installed: side-by-side run not implemented here" if installed and args.peer else
+                      "RecBole is not installed in this environment: the side-by-side run is not done here "
+                      "(issue 15's RecBole figures, 0.0492 at 921 s, were measured on a quiet machine)")
+    report["load_average_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
