@@ -92,6 +92,9 @@ class TwoTowerConfig:
     max_attributes: int = 8  # attribute tokens kept per item
     use_event_type: bool = True  # user tower adds an event-type embedding per history step
     id_dropout: float = 0.1  # training: chance an item occurrence loses its id embedding (DropoutNet), [0, 1)
+    # sampled softmax on a big catalogue: sparse gradients for the item-id table, updated by SparseAdam
+    # (only the rows a step touched) beside AdamW for the rest. "auto": on above SPARSE_AUTO_MIN_ITEMS items.
+    sparse_item_grads: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.dim > 0, "model", "dim", "must be > 0")
