@@ -118,15 +118,16 @@ class TwoTowerSystem(L.LightningModule):
             states = self.net.user_states(inputs, types, id_dropout=p)[mask]  # (N, D)
             t = targets[mask]  # (N,)
             neg_ids = sample_uniform_negatives(self.net.n_items, self.loss_cfg.n_negatives, device=self.device)
-            logq = log_sampling_prob(self.item_counts, n_in_batch=len(t), n_uniform=len(neg_ids))  # (V,)
+            ids = torch.cat([t, neg_ids])  # log Q of just these rows, not a (V,) table per step
+            logq = log_sampling_prob(self.item_counts, n_in_batch=len(t), n_uniform=len(neg_ids), ids=ids)  # (N + M,)
             loss = sampled_softmax_loss(
                 states,
                 self.net.item_tower(t, p),
                 t,
                 self.net.item_tower(neg_ids, p),
                 neg_ids,
-                negative_logq=logq[neg_ids],
-                target_logq=logq[t],
+                negative_logq=logq[len(t):],
+                target_logq=logq[: len(t)],
                 temperature=self.loss_cfg.temperature,
                 logq_correction=self.loss_cfg.logq_correction,
             )
