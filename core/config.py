@@ -261,6 +261,10 @@ class TowerlineConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     experiments: tuple[ExperimentConfig, ...] = ()
 
+    def __post_init__(self) -> None:
+        _check(self.model.sparse_item_grads is not True or self.loss.kind == "sampled_softmax", "model", "sparse_item_grads",
+               "true needs loss.kind: sampled_softmax (the full softmax scores every item row: a dense gradient)")
+
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain nested dict (tuples as lists) for JSON, YAML and MLflow params."""

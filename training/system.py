@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from towerline.config import LossConfig, TowerlineConfig, TrainerConfig, TwoTowerConfig, to_dict
-from towerline.errors import ConfigError
 from towerline.features.vocab import PAD_IDX
 from towerline.training.losses import full_softmax_loss, log_sampling_prob, sample_uniform_negatives, sampled_softmax_loss
 from towerline.training.data import trim_left_padding
@@ -40,17 +39,11 @@ SPARSE_AUTO_MIN_ITEMS = 100_000  # model.sparse_item_grads "auto": sparse above 
 
 
 def use_sparse_item_grads(config: TowerlineConfig, n_items: int) -> bool:
-    """Resolve ``model.sparse_item_grads`` for a catalogue of ``n_items`` rows.
-
-    Raises:
-        ConfigError: ``true`` with the full softmax, whose logits read every row (a dense gradient).
-    """
+    """Resolve ``model.sparse_item_grads`` for a catalogue of ``n_items`` rows (``true`` with the full
+    softmax, whose logits read every row, is refused when the config is built)."""
     mode = config.model.sparse_item_grads
     if mode == "auto":
         return config.loss.kind == "sampled_softmax" and n_items > SPARSE_AUTO_MIN_ITEMS
-    if mode and config.loss.kind != "sampled_softmax":
-        raise ConfigError("model.sparse_item_grads: true needs loss.kind: sampled_softmax "
-                          "(the full softmax scores every item row, so its gradient is dense)")
     return bool(mode)
 
 
