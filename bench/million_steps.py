@@ -31,7 +31,6 @@ def prepare(work: Path, users: int) -> Path:
     """A 1M-item shop as one ``events.parquet`` (the local reader's layout), from the streamed generator."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from towerline.features.synthetic import generate_sharded
 
     shards = work / "shards"
@@ -47,7 +46,6 @@ def prepare(work: Path, users: int) -> Path:
 
 def run(shop: Path, work: Path, sparse: str, args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
-
     from towerline.config import load_config
     from towerline.training.data import SequenceDataModule
     from towerline.training.system import TwoTowerSystem
@@ -96,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         shop = prepare(work, args.users)
         runs: dict[str, list[dict[str, Any]]] = {"false": [], "true": []}
         for _ in range(args.rounds):
-            for sparse in runs:
-                runs[sparse].append(run(shop, work, sparse, args))
-                log.info("sparse_item_grads=%s: %s", sparse, runs[sparse][-1])
+            for sparse, done in runs.items():
+                done.append(run(shop, work, sparse, args))
+                log.info("sparse_item_grads=%s: %s", sparse, done[-1])
     out: dict[str, Any] = {"command": "python bench/million_steps.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "items": 1_000_000, "users": args.users, "batch_size": args.batch_size, "dim": args.dim,
                            "n_negatives": 4096, "machine": f"{os.cpu_count()} CPU cores"}

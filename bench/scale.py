@@ -229,7 +229,6 @@ def popularity_ndcg(dm: Any, max_users: int, k: int = 10, seed: int = 0) -> dict
     import math
 
     import numpy as np
-
     from towerline.features.vocab import N_RESERVED
 
     full, targets = dm.split.full, dm.split.test

@@ -12,11 +12,14 @@ import pytest
 import torch
 from support import REPO, tiny_overrides
 from torch.utils.data import DataLoader, TensorDataset
-
 from towerline.config import load_config
 from towerline.errors import ConfigError
 from towerline.training.data import SequenceDataModule, training_windows
-from towerline.training.system import SPARSE_AUTO_MIN_ITEMS, TwoTowerSystem, use_sparse_item_grads
+from towerline.training.system import (
+    SPARSE_AUTO_MIN_ITEMS,
+    TwoTowerSystem,
+    use_sparse_item_grads,
+)
 
 SPARSE = ["data.synthetic_items=2000", "loss.kind=sampled_softmax", "loss.n_negatives=8", "model.sparse_item_grads=true",
           "trainer.weight_decay=0.05", "trainer.lr=0.01"]
