@@ -93,6 +93,9 @@ class TwoTowerConfig:
     use_event_type: bool = True  # user tower adds an event-type embedding per history step
     id_dropout: float = 0.1  # training: chance an item occurrence loses its id embedding (DropoutNet), [0, 1)
     time_gaps: bool = False  # user tower reads log2-bucketed time gaps (to the previous step; pairwise ages as attention biases)
+    # sampled softmax on a big catalogue: sparse gradients for the item-id table, updated by SparseAdam
+    # (only the rows a step touched) beside AdamW for the rest. "auto": on above SPARSE_AUTO_MIN_ITEMS items.
+    sparse_item_grads: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         _check(self.dim > 0, "model", "dim", "must be > 0")
@@ -258,6 +261,10 @@ class TowerlineConfig:
     ranker: RankerConfig = field(default_factory=RankerConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     experiments: tuple[ExperimentConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check(self.model.sparse_item_grads is not True or self.loss.kind == "sampled_softmax", "model", "sparse_item_grads",
+               "true needs loss.kind: sampled_softmax (the full softmax scores every item row: a dense gradient)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

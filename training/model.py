@@ -94,6 +94,7 @@ class ItemTower(nn.Module):
         n_attributes: int,
         item_attributes: torch.Tensor | None,
         cfg: TwoTowerConfig,
+        sparse_grads: bool = False,
     ) -> None:
         """
         Args:
@@ -103,13 +104,16 @@ class ItemTower(nn.Module):
                 persistent buffer (so it travels in the state dict), padded or cut to
                 ``cfg.max_attributes`` columns. Ignored when ``cfg.use_attributes`` is False.
             cfg: the model config.
+            sparse_grads: give the id table sparse gradients (``nn.Embedding(sparse=True)``), so a
+                step costs the rows it touched, not the whole catalogue; training only (the system
+                resolves ``cfg.sparse_item_grads``), the weights are the same either way.
         """
         super().__init__()
         if n_items <= N_RESERVED:
             raise ValueError(f"n_items={n_items} leaves no real item (the first {N_RESERVED} rows are reserved)")
         self.n_items = n_items
         self.use_attributes = cfg.use_attributes
-        self.id_emb = nn.Embedding(n_items, cfg.dim, padding_idx=PAD_IDX)
+        self.id_emb = nn.Embedding(n_items, cfg.dim, padding_idx=PAD_IDX, sparse=sparse_grads)
         if cfg.use_attributes:
             n_attr_rows = max(n_attributes, N_RESERVED)
             table = _fit_attribute_table(item_attributes, n_items, cfg.max_attributes)
@@ -364,13 +368,14 @@ class TwoTowerNet(nn.Module):
         n_event_types: int,
         cfg: TwoTowerConfig,
         item_attributes: torch.Tensor | None = None,
+        sparse_item_grads: bool = False,
     ) -> None:
         super().__init__()
         self.n_items = n_items
         self.n_attributes = n_attributes
         self.n_event_types = n_event_types
         self.cfg = cfg
-        self.item_tower = ItemTower(n_items, n_attributes, item_attributes, cfg)
+        self.item_tower = ItemTower(n_items, n_attributes, item_attributes, cfg, sparse_item_grads)
         self.user_tower = UserTower(cfg, n_event_types)
         self.init_weights()
         log.debug("TwoTowerNet: %d parameters", sum(p.numel() for p in self.parameters()))

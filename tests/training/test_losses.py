@@ -168,3 +168,11 @@ def test_sampled_softmax_refuses_to_run_without_negatives_or_logq():
     with pytest.raises(ValueError, match="logq_correction needs"):
         sampled_softmax_loss(states, items[targets], targets)
 
+
+
+def test_log_sampling_prob_of_some_ids_is_the_table_entries_bit_for_bit():
+    counts = torch.tensor([0.0, 0.0, 5.0, 1.0, 0.0, 9.0, 3.0])
+    table = log_sampling_prob(counts, n_in_batch=7, n_uniform=3)
+    ids = torch.tensor([5, 1, 2, 2, 4, 0, 6])
+    assert torch.equal(log_sampling_prob(counts, n_in_batch=7, n_uniform=3, ids=ids), table[ids])
+    assert torch.isinf(table[:2]).all() and torch.isfinite(table[2:]).all()
