@@ -211,7 +211,7 @@ def merge_wrk(slices: list[dict[str, Any]]) -> dict[str, Any]:
     return {"requests": requests, "errors": sum(sl["errors"] for sl in slices), "seconds": round(seconds, 3),
             "throughput_rps": requests / seconds,
             "p50_ms": float(np.median([sl["p50_ms"] for sl in slices])),
-            "p99_ms": float(np.median([sl["p99_ms"] for sl in slices])), "mean_ms": float("nan"),
+            "p99_ms": float(np.median([sl["p99_ms"] for sl in slices])), "mean_ms": None,
             "slice_rps": [round(sl["requests"] / sl["seconds"], 1) for sl in slices],
             "slice_p99_ms": [sl["p99_ms"] for sl in slices]}
 
