@@ -79,7 +79,19 @@ class ShardedDataModule(SequenceDataModule):
         ds = self.training_dataset()
         # Lightning calls set_epoch on it, so every epoch reshuffles with seed + epoch on all ranks
         sampler = DistributedSampler(ds, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=self.cfg.trainer.seed)
-        return DataLoader(ds, batch_size=self.cfg.trainer.batch_size, sampler=sampler, num_workers=self.cfg.trainer.num_workers)
+        return DataLoader(ds, batch_size=worker_batch_size(self.cfg.trainer.batch_size, self.world_size), sampler=sampler,
+                          num_workers=self.cfg.trainer.num_workers)
+
+
+def worker_batch_size(batch_size: int, world_size: int) -> int:
+    """Each worker's share of ``trainer.batch_size``, which stays the global batch of one optimizer step.
+
+    DDP averages the workers' gradients, so N workers at ``batch_size`` each would take 1/N of the
+    steps per epoch at N times the batch: the same epochs would train less (LastFM, 5 epochs: test
+    NDCG@10 0.0238 with 2 workers against 0.0316 with one). Splitting the batch keeps the number and the
+    size of the steps of a one-process run, so the learning rate and epoch count carry over unchanged.
+    """
+    return max(1, -(-batch_size // world_size))
 
 
 def _build_system(cfg: TowerlineConfig, dm: SequenceDataModule) -> TwoTowerSystem:

@@ -51,3 +51,10 @@ def test_two_workers_log_one_run_register_a_loadable_bundle_and_resume(mlflow_st
     assert [p["epoch"] for p in resumed.curve] == [0.0, 1.0]
     assert len(client.get_metric_history(first.run_id, "valid/ndcg_10")) == 2
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_workers_split_the_global_batch_so_an_epoch_takes_the_steps_of_one_process():
+    from towerline.training.distributed import worker_batch_size
+
+    assert [worker_batch_size(128, n) for n in (1, 2, 4)] == [128, 64, 32]
+    assert worker_batch_size(129, 2) * 2 >= 129 and worker_batch_size(3, 8) == 1  # never a zero batch
