@@ -43,7 +43,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-LASTFM = REPO.parent.parent / "shared" / "data" / "s3rec" / "LastFM.txt"
+LASTFM = REPO.parent / "shared" / "data" / "s3rec" / "LastFM.txt"
 TARGET_WORKER_GIB = 4.0
 TARGET_EVENTS = 50_000_000
 
