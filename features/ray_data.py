@@ -293,13 +293,17 @@ def prepare_features(
         log.info("ray data: %s events in %d shard(s); vocabularies in %.1f s", f"{n_events:,}", len(shards), time.perf_counter() - t0)
 
         n_parts = max(1, -(-n_events // rows_per_partition))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
         encoded = tasks.map_batches(
             _EncodeShards, batch_size=1, batch_format="numpy",
             fn_constructor_kwargs={
                 "fmt": fmt, "users": vocabs.users.ids, "items": vocabs.items.ids,
                 "event_types": vocabs.event_types.ids, "n_parts": n_parts,
             },
-            compute=ray.data.ActorPoolStrategy(size=max(1, min(len(shards), int(ray.cluster_resources().get("CPU", 1))))),
+            compute=ray.data.ActorPoolStrategy(size=max(1, min(len(shards), cpus))),
+            # half a CPU each: the shuffle's map and reduce tasks need whole CPUs, and encoders holding every
+            # CPU while their output waits for the shuffle deadlock the pipeline (50M events on 2 CPUs did)
+            num_cpus=0.5 if cpus >= 2 else 0,
         )
         folded = encoded.groupby("part", num_partitions=n_parts).map_groups(_fold_partition, batch_format="numpy")
         pieces = _ordered_pieces(folded.iter_batches(batch_format="numpy", batch_size=None))
