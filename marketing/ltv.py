@@ -182,7 +182,10 @@ def predict_btyd(dataset: Dataset, at: int, user_ids: Any, horizon_days: float, 
     Needs ``pymc-marketing`` (the ``btyd`` extra); imported here so that the rest of Towerline
     does not pull in PyMC.
     """
-    from pymc_marketing.clv import BetaGeoModel, GammaGammaModel  # optional: the btyd extra
+    try:
+        from pymc_marketing.clv import BetaGeoModel, GammaGammaModel  # optional: the btyd extra
+    except ImportError:
+        raise ConfigError("the BG/NBD reference needs pymc-marketing: pip install -e '.[btyd]'") from None
 
     data = btyd_summary(dataset, at, user_ids)
     bg = BetaGeoModel(data=data[["customer_id", "frequency", "recency", "T"]])
