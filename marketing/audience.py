@@ -12,6 +12,12 @@ search: users are indexed as ``[u, -lse(u)]`` and queried with ``[v_i, 1]``, who
 exactly ``log p(i | u)``. ``scoring="dot"`` keeps the raw inner product (``bench/audience.py``
 compares the two).
 
+Learned scoring. When the bundle carries ``audience_scorer.json`` (``towerline audience-scorer``
+fits it on the validation step), an item query re-scores the FAISS search's top users, joined by
+the users with the most co-visitation and category/brand evidence for the item, with a small model
+(linear plus 16 tanh units) over ``log p(i | u)`` and that evidence (``marketing.audience_scorer``). ``scoring="auto"``
+(the default) uses it whenever it is there; ``"probability"`` asks for the model alone.
+
 Who is never in an audience: users without consent (privacy: no personalisation), users whose
 consent is unknown when a profiles table is given (exports leave non-consenting users out, so
 "absent" is treated as "no"), and, for an item query, users who already bought it (data with
@@ -34,12 +40,13 @@ from towerline.training.bundle import Bundle
 from towerline.errors import DataValidationError
 from towerline.features.sequences import Sequences
 from towerline.features.vocab import N_RESERVED
+from towerline.marketing.audience_scorer import Evidence, candidates, load_scorer, pool_size, rescore, scorer_path
 from towerline.training import inference
 from towerline.text import Text
 
 log = logging.getLogger(__name__)
 
-Scoring = Literal["probability", "dot"]
+Scoring = Literal["auto", "learned", "probability", "dot"]
 Exclude = Literal["auto", "purchased", "interacted", "none"]
 PURCHASE = "purchase"
 
@@ -147,10 +154,11 @@ def find_audience(
     segment: str | None = None,
     profiles: pd.DataFrame | None = None,
     *,
-    scoring: Scoring = "probability",
+    scoring: Scoring = "auto",
     log_z: np.ndarray | None = None,
     exclude: Exclude = "auto",
     extra_history: pd.DataFrame | None = None,
+    evidence: Evidence | None = None,
 ) -> pd.DataFrame:
     """The ``size`` users most likely to buy ``item_id`` next (or items with all of ``attributes``).
 
@@ -165,12 +173,16 @@ def find_audience(
             number) equals this; needs ``profiles``.
         profiles: profiles table (``user_id``, ``consent``, ``segment``, ``rfm_group``...);
             when given, only users in it with consent are eligible.
-        scoring: ``"probability"`` ranks by ``log p(item | user)``, ``"dot"`` by ``u . v``.
+        scoring: ``"auto"``: the bundle's learned scorer for an item query when it has one
+            (``audience_scorer.json``), else ``"probability"``; ``"learned"`` insists on it;
+            ``"probability"`` ranks by ``log p(item | user)``, ``"dot"`` by ``u . v``.
         log_z: (U,) ``log_partition(bundle, vectors)``, computed here when needed and absent.
         exclude: past behaviour that removes a user for an item query; ``"auto"`` = purchased
             when the histories hold purchase events, else interacted.
         extra_history: events after training (as given to ``user_vectors``); a purchase there
             excludes its user too.
+        evidence: ``Evidence.from_bundle(bundle, extra_history)`` for the learned scorer, built
+            here when needed and absent (a service or a benchmark builds it once).
 
     Returns:
         DataFrame ``user_id``, ``score`` (descending), plus ``segment`` when profiles are given.
@@ -223,13 +235,25 @@ def find_audience(
     if item_id is not None and exclude != "none":
         eligible &= ~past_users(bundle, item_idx, user_ids, exclude, extra_history)
 
-    if scoring == "probability":
+    scorer = load_scorer(bundle) if scoring in ("auto", "learned") else None
+    if scoring == "learned" and (scorer is None or item_id is None):
+        raise DataValidationError(
+            f"audience: scoring 'learned' needs an item query and {scorer_path(bundle)}; fit it with "
+            f"`towerline audience-scorer --model {bundle.path}`" if scorer is None else
+            "audience: the learned scorer ranks users for an item; use scoring 'probability' for attributes"
+        )
+    if scorer is not None and item_id is not None:
         lz = log_partition(bundle, vecs) if log_z is None else np.asarray(log_z, dtype=np.float32)
-        index_vecs = np.hstack([vecs, -lz[:, None]])  # (U, D+1)
-        q = np.append(query, 1.0)  # (D+1,)
+        ev_all = evidence if evidence is not None else Evidence.from_bundle(bundle, extra_history, scorer.heuristics)
+        ev = ev_all.item_evidence(item_idx, user_ids)
+        k = pool_size(scorer, size)
+        _, model_rows = search_rows(index_vectors(vecs, lz)[0], np.append(query, 1.0), eligible, k)
+        scores, rows = rescore(scorer, vecs, np.asarray(query, np.float32), lz, ev, candidates(model_rows, ev, eligible, k), size)
+    elif scoring in ("auto", "learned", "probability"):
+        lz = log_partition(bundle, vecs) if log_z is None else np.asarray(log_z, dtype=np.float32)
+        scores, rows = search_rows(index_vectors(vecs, lz)[0], np.append(query, 1.0), eligible, size)
     else:
-        index_vecs, q = vecs, np.asarray(query)
-    scores, rows = _search(index_vecs, q, eligible, size)
+        scores, rows = _search(vecs, np.asarray(query), eligible, size)
     out = pd.DataFrame({"user_id": pd.Series(user_ids[rows], dtype="str"), "score": scores.astype(np.float64)})
     if seg_of_user is not None:
         out["segment"] = seg_of_user.reindex(out["user_id"]).to_numpy()
@@ -282,16 +306,33 @@ def past_users(
     return np.isin(np.asarray(user_ids, dtype=object), row_ids[rows])
 
 
+def index_vectors(vectors: np.ndarray, log_z: np.ndarray) -> tuple[Any, np.ndarray]:
+    """An exact FAISS index of users as ``[u, -lse(u)]`` (query ``[v_i, 1]``: inner product = ``log p(i | u)``)."""
+    x = np.hstack([np.asarray(vectors, np.float32), -np.asarray(log_z, np.float32)[:, None]])  # (U, D+1)
+    return flat_index(x), x
+
+
+def flat_index(x: np.ndarray) -> Any:
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    return index
+
+
 def _search(index_vecs: np.ndarray, query: np.ndarray, eligible: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` eligible rows by inner product with FAISS (exact ``IndexFlatIP``, bitmap selector)."""
+    return search_rows(flat_index(index_vecs), query, eligible, k)
+
+
+def search_rows(index: Any, query: np.ndarray, eligible: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` rows of ``index`` among the ``eligible`` ones (bitmap selector): (scores, rows), best first."""
     import faiss
 
     n_ok = int(eligible.sum())
     if n_ok == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.int64)
-    x = np.ascontiguousarray(index_vecs, dtype=np.float32)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
     bitmap = np.packbits(eligible, bitorder="little")
     params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(len(eligible), faiss.swig_ptr(bitmap)))
     q = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
@@ -337,12 +378,13 @@ class AudienceResponse(BaseModel):
 
 def audience_response(
     bundle: Bundle, vectors: np.ndarray, user_ids: np.ndarray, req: AudienceRequest,
-    profiles: pd.DataFrame | None = None, log_z: np.ndarray | None = None,
+    profiles: pd.DataFrame | None = None, log_z: np.ndarray | None = None, evidence: Evidence | None = None,
 ) -> AudienceResponse:
-    """One-line handler body for ``POST /audiences`` (vectors, ids and ``log_z`` cached at start-up)."""
+    """One-line handler body for ``POST /audiences`` (vectors, ids, ``log_z`` and the learned
+    scorer's ``evidence`` cached at start-up)."""
     frame = find_audience(
         bundle, vectors, user_ids, item_id=req.item_id, attributes=req.attributes, size=req.size,
-        segment=req.segment, profiles=profiles, log_z=log_z,
+        segment=req.segment, profiles=profiles, log_z=log_z, evidence=evidence,
     )
     members = [AudienceMember(**_clean(r)) for r in frame.to_dict("records")]
     return AudienceResponse(item_id=req.item_id, attributes=req.attributes, size=len(members), users=members,

@@ -77,11 +77,13 @@ def attribute_matrix(item_attributes: Sequence[Sequence[str]], prefixes: Sequenc
 
 
 def covisitation_matrix(offsets: np.ndarray, item_idx: np.ndarray, n_items: int, window: int = 3,
-                        normalise: bool = True) -> sp.csr_matrix:
+                        normalise: bool = True, directed: bool = False) -> sp.csr_matrix:
     """(I, I) symmetric co-visitation: pairs of items within ``window`` steps in one user's sequence.
 
     ``normalise`` divides by ``sqrt(n_i n_j)`` (item occurrence counts): cosine similarity of the
     items' co-occurrence, so a best-seller is not everyone's neighbour. The diagonal is zero.
+    ``directed`` counts only ``j`` after ``i`` in ``[i, j]`` ("bought i, then j"): the direction
+    a next-purchase campaign asks about.
     """
     offsets = np.asarray(offsets, np.int64)
     items = np.asarray(item_idx, np.int64)
@@ -91,8 +93,8 @@ def covisitation_matrix(offsets: np.ndarray, item_idx: np.ndarray, n_items: int,
         same = user_of[d:] == user_of[:-d]
         a, b = items[:-d][same], items[d:][same]
         diff = a != b
-        r += [a[diff], b[diff]]
-        c += [b[diff], a[diff]]
+        r += [a[diff]] if directed else [a[diff], b[diff]]
+        c += [b[diff]] if directed else [b[diff], a[diff]]
     rows, cols = np.concatenate(r) if r else np.zeros(0, np.int64), np.concatenate(c) if c else np.zeros(0, np.int64)
     C = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n_items, n_items))
     C.sum_duplicates()

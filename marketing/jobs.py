@@ -108,7 +108,7 @@ def run_audience(
     profiles_path: str | Path | None = None,
     data: str | None = None,
     format: str | None = None,
-    scoring: str = "probability",
+    scoring: str = "auto",
     tracking_uri: str | None = None,
 ) -> Any:
     """The ``towerline audience`` pipeline; returns the audience DataFrame it wrote to ``out``."""
@@ -125,6 +125,17 @@ def run_audience(
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out, index=False)
     return frame
+
+
+def run_audience_scorer(model: str, out: str | Path | None = None, max_items: int = 1500, seed: int = 0,
+                        hidden: int = 16, tracking_uri: str | None = None) -> tuple[Path, Any]:
+    """The ``towerline audience-scorer`` pipeline: fit on the validation step, write the JSON beside the bundle."""
+    from towerline.marketing.audience_scorer import fit_scorer, save_scorer, scorer_path
+
+    _tracking(tracking_uri)
+    bundle = load_bundle(model)
+    scorer = fit_scorer(bundle, max_items=max_items, seed=seed, hidden=hidden)
+    return save_scorer(scorer, out if out is not None else scorer_path(bundle)), scorer
 
 
 def _profile_config(model_config: TowerlineConfig, config: str | Path | None) -> ProfileConfig:

@@ -24,6 +24,7 @@ from towerline.config import ArmConfig, ExperimentConfig, ProfileConfig
 from towerline.errors import TowerlineError
 from towerline.marketing.assignment import assign_arm, find_experiment
 from towerline.marketing.audience import AudienceRequest, AudienceResponse, audience_response, log_partition, user_vectors
+from towerline.marketing.audience_scorer import Evidence, load_scorer
 from towerline.marketing.feedback import Feedback, FeedbackResult, FeedbackStore, record_feedback
 from towerline.marketing.profiles import UserProfile, load_profiles, profile_of, profile_thresholds, segment_definitions, segment_summary
 from towerline.problems import problem, validate_and_store
@@ -48,7 +49,7 @@ class MarketingService:
         self.active = find_experiment(self.experiments, experiment) if experiment else None
         self.feedback = FeedbackStore(feedback_db)
         self.profiles = load_profiles(profiles) if profiles else None
-        self._vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, Evidence | None]] = {}
 
     def arms_with_models(self) -> list[ArmConfig]:
         """Arms of the active experiment that serve their own model version."""
@@ -80,10 +81,12 @@ class MarketingService:
         key = str(bundle.path)
         if key not in self._vectors:
             ids, vecs = user_vectors(bundle)
-            self._vectors = {key: (ids, vecs, log_partition(bundle, vecs))}  # one model version cached
-        ids, vecs, log_z = self._vectors[key]
+            scorer = load_scorer(bundle)  # the learned scorer's evidence, when the bundle has one
+            evidence = Evidence.from_bundle(bundle, params=scorer.heuristics) if scorer is not None else None
+            self._vectors = {key: (ids, vecs, log_partition(bundle, vecs), evidence)}  # one model version cached
+        ids, vecs, log_z, evidence = self._vectors[key]
         try:
-            return audience_response(bundle, vecs, ids, req, self.profiles, log_z)
+            return audience_response(bundle, vecs, ids, req, self.profiles, log_z, evidence)
         except TowerlineError as e:  # e.g. a segment nobody is in, attributes no item carries
             raise HTTPException(422, str(e)) from None
 

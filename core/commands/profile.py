@@ -30,6 +30,13 @@ AUDIENCE_EXAMPLE = """example:
   towerline audience --model runs/latest/bundle --attributes category:skincare --size 1000 --segment at-risk \\
       --profiles profiles/profiles.parquet --out winback.csv"""
 
+SCORER_EXAMPLE = """example:
+  towerline audience-scorer --model runs/latest/bundle          # writes runs/latest/bundle/audience_scorer.json
+  towerline audience --model runs/latest/bundle --item i00042 --size 500   # now ranks with it
+
+Fitted on the model's validation step (each user's validation item hidden, the history before it);
+the test step is never read. Delete the file to rank by log p(item | user) alone."""
+
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,11 +68,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="bundle directory, runs:/<run_id>/bundle or models:/<name>@<alias>")
     p.add_argument("--profiles", type=Path, default=None, help="profiles Parquet from `towerline profile` (consent, segments)")
     _data_flags(p)
-    p.add_argument("--scoring", choices=["probability", "dot"], default="probability",
-                   help="rank by log p(item | user) (default) or the raw inner product")
+    p.add_argument("--scoring", choices=["auto", "learned", "probability", "dot"], default="auto",
+                   help="auto (default): the bundle's learned scorer (audience_scorer.json) for an item when it has "
+                   "one, else log p(item | user); probability: the model alone; dot: the raw inner product")
     p.add_argument("--out", type=Path, default=Path("audience.csv"), help="CSV to write (default: audience.csv)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
     p.set_defaults(func=cmd_audience)
+
+    p = sub.add_parser("audience-scorer", help="fit the audience scorer: model + co-visitation + category/brand evidence",
+                       description="Fit the weights that combine the model's log p(item | user) with co-visitation, "
+                       "category/brand affinity and activity on the validation step, and store them beside the "
+                       "bundle (audience_scorer.json); `towerline audience` and POST /audiences then rank with them.",
+                       epilog=SCORER_EXAMPLE, formatter_class=fmt)
+    p.add_argument("--model", required=True, help="bundle directory (the file is written into it unless --out)")
+    p.add_argument("--max-items", type=int, default=1500, help="validation items to fit on (default: 1500; 0 = all)")
+    p.add_argument("--hidden", type=int, default=16, help="tanh units beside the linear score (default: 16; 0 = linear)")
+    p.add_argument("--seed", type=int, default=0, help="item and negative sampling seed (default: 0)")
+    p.add_argument("--out", type=Path, default=None, help="where to write the JSON (default: <bundle>/audience_scorer.json)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for runs:/ and models:/ URIs")
+    p.set_defaults(func=cmd_audience_scorer)
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -109,6 +130,19 @@ def cmd_audience(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def cmd_audience_scorer(args: argparse.Namespace) -> int:
+    from towerline.bundle import check_model
+
+    _check_model_first(args, check_model)
+    from towerline.marketing.jobs import run_audience_scorer
+
+    path, scorer = run_audience_scorer(args.model, out=args.out, max_items=args.max_items, seed=args.seed,
+                                       hidden=args.hidden, tracking_uri=args.tracking_uri)
+    f = scorer.fitted
+    print(f"audience scorer fitted on {f['items']:,} validation items ({f['buyers']:,} buyers) -> {path}")
+    print("weights (standardised features): " + ", ".join(f"{k} {w:+.3f}" for k, w in zip(scorer.features, scorer.weights)))
+    return 0
 
 
 def _check_model_first(args: argparse.Namespace, check_model: object) -> None:

@@ -1,0 +1,465 @@
+"""A learned audience score: the model's ``log p(item | user)`` with the evidence a marketer reads.
+
+On Beauty the next purchase is strongly tied to the category, brand and co-visited neighbours of a
+user's last few items; the heuristics of ``audience_baselines`` read that evidence directly, the
+two-tower model only through its vectors. This module combines both in one small model per
+(user, item) pair (a linear score plus 16 tanh units for interactions, 12 inputs: a few hundred
+numbers), whose weights are *fitted on the validation step* and stored beside the bundle
+(``audience_scorer.json``); ``audience.find_audience`` applies them whenever the file is there, so
+the CLI, ``POST /audiences`` and ``bench/audience.py`` all rank with the same function.
+
+Features of a candidate user ``u`` for item ``i`` (``FEATURES``):
+
+* ``dot`` = ``u . v_i`` and ``neg_log_z`` = ``-logsumexp_j(u . v_j)``: their sum is ``log p(i | u)``,
+  so the model-only ranking is one setting of the weights;
+* ``covisit`` and ``log_covisit``: recency-weighted co-visitation of the user's recent items with
+  ``i`` (``audience_baselines.covisitation_scores``); ``covisit_last``: the co-visitation of the
+  user's newest item alone with ``i``; ``log_covisit_total``: the user's co-visitation with every
+  item, so that the weights can read the *share* of it that ``i`` takes (a user with many recent
+  items co-occurs with everything);
+* ``log_follows`` and ``follows_last``: the same with directed co-visitation ("bought j, then i"
+  within the window), over the recent items and of the newest one;
+* ``log_affinity``: recency weight of ``i``'s category/brand tokens (idf-weighted) in the user's
+  recent items (``audience_baselines.affinity_scores``), ``log_affinity_total`` the user's total
+  token weight, ``affinity_last``: the tokens the newest item shares with ``i``;
+* ``log_activity``: ``log(1 + steps)`` of the user's history.
+
+Scoring is two-stage: the FAISS search of ``find_audience`` proposes the top ``pool`` users by the
+model, the users with the strongest co-visitation (over their recent items, and of their newest
+item alone) and affinity evidence join them (``pool`` each), and the union is re-scored with the
+weights. Fitting runs exactly that candidate step on the validation step (every user's validation
+item hidden, the histories before it), then maximises the softmax likelihood of each item's real next buyers among its candidates (a conditional logit, the
+listwise objective behind recall@N); negatives are subsampled per item with the matching log
+correction. The test step is never read: ``bench/audience.py`` evaluates on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from towerline.errors import DataValidationError
+from towerline.features.sequences import Sequences
+from towerline.features.vocab import N_RESERVED
+from towerline.marketing import audience_baselines as ab
+
+log = logging.getLogger(__name__)
+
+SCORER_FILE = "audience_scorer.json"
+FORMAT = "towerline-audience-scorer/1"
+FEATURES = ("dot", "neg_log_z", "covisit", "log_covisit", "covisit_last", "log_covisit_total", "log_follows",
+            "follows_last", "log_affinity", "log_affinity_total", "affinity_last", "log_activity")
+COVISIT_EPS = 1e-3  # log_covisit = log(covisit + eps): users without evidence sit at log(eps)
+
+
+class HeuristicParams(BaseModel):
+    """How the evidence is read (the heuristics' own defaults in ``bench/audience.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recent: int = Field(20, ge=1)  # a user's last N items count
+    half_life: float = Field(10.0, gt=0)  # recency half-life, in steps
+    window: int = Field(3, ge=1)  # co-visitation: pairs within this many steps
+
+
+class AudienceScorer(BaseModel):
+    """The fitted weights, as stored in ``audience_scorer.json`` (plain JSON, nothing unpickled)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["towerline-audience-scorer/1"] = FORMAT
+    features: list[str]
+    mean: list[float]  # standardisation of each feature (over the fitting candidates)
+    scale: list[float]
+    weights: list[float]  # linear part: sum_k weights[k] * z_k, z = (x - mean) / scale
+    hidden_weights: list[list[float]] = Field(default_factory=list)  # (H, F): + out . tanh(hidden_weights z + hidden_bias)
+    hidden_bias: list[float] = Field(default_factory=list)  # (H,)
+    output_weights: list[float] = Field(default_factory=list)  # (H,); H = 0: the linear model alone
+    heuristics: HeuristicParams = Field(default_factory=HeuristicParams)
+    pool: int = Field(1000, ge=1)  # candidates per source (model, co-visitation, affinity); at least 2 x size
+    item_embeddings_sha256: str | None = None  # the bundle the weights were fitted for
+    fitted: dict[str, Any] = Field(default_factory=dict)  # what it was fitted on, and its validation recall
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "AudienceScorer":
+        F, H = len(self.features), len(self.output_weights)
+        if not (len(self.mean) == len(self.scale) == len(self.weights) == F):
+            raise ValueError(f"mean, scale and weights need one number per feature ({F})")
+        if len(self.hidden_bias) != H or len(self.hidden_weights) != H or any(len(r) != F for r in self.hidden_weights):
+            raise ValueError(f"hidden_weights ({H} x {F}), hidden_bias and output_weights ({H}) do not fit together")
+        return self
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """(n,) scores of a (n, F) feature matrix in ``features`` order."""
+        z = (np.asarray(x, np.float64) - np.asarray(self.mean)) / np.asarray(self.scale)  # (n, F)
+        out = z @ np.asarray(self.weights, np.float64)
+        if self.output_weights:
+            h = np.tanh(z @ np.asarray(self.hidden_weights, np.float64).T + np.asarray(self.hidden_bias))  # (n, H)
+            out = out + h @ np.asarray(self.output_weights, np.float64)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# evidence: what the heuristics read from the histories
+
+
+@dataclass
+class Evidence:
+    """Every user's recent-item evidence over one set of histories (rows in ``user_ids`` order).
+
+    Build it once per set of histories (``from_bundle``; a service keeps it beside the user
+    vectors): the matrices cost a fraction of a second on Beauty, one item's scores a few
+    sparse products.
+    """
+
+    user_ids: np.ndarray  # (R,) external ids
+    W: sp.csr_matrix  # (R, I) recency weights of each user's recent items
+    last_item: np.ndarray  # (R,) vocabulary index of each user's newest item
+    activity: np.ndarray  # (R,) steps in each user's history
+    A: sp.csr_matrix  # (I, T) idf-weighted item x attribute token
+    UT: sp.csr_matrix  # (R, T) = W @ A
+    C: sp.csc_matrix  # (I, I) cosine co-visitation
+    D: sp.csc_matrix  # (I, I) directed co-visitation: D[j, i] for i within the window after j
+    covisit_total: np.ndarray  # (R,) each user's co-visitation with every item
+    affinity_total: np.ndarray  # (R,) each user's total token weight
+
+    @classmethod
+    def from_histories(cls, hist: Sequences, user_ids: np.ndarray, item_attributes: Sequence[Sequence[str]],
+                       params: HeuristicParams | None = None) -> "Evidence":
+        p = params or HeuristicParams()
+        n_items = len(item_attributes)
+        W = ab.recency_matrix(hist.offsets, hist.item_idx, n_items, p.recent, p.half_life)
+        A, _ = ab.attribute_matrix(item_attributes, idf=True)
+        C = ab.covisitation_matrix(hist.offsets, hist.item_idx, n_items, window=p.window)
+        D = ab.covisitation_matrix(hist.offsets, hist.item_idx, n_items, window=p.window, directed=True)
+        lengths = hist.lengths
+        last = np.where(lengths > 0, hist.item_idx[np.maximum(hist.offsets[1:] - 1, 0)] if hist.n_events else 0, 0)
+        UT = (W @ A).tocsr()
+        covisit_total = np.asarray(W @ np.asarray(C.sum(axis=1)).ravel()).ravel()
+        affinity_total = np.asarray(UT @ np.asarray(A.sum(axis=0)).ravel()).ravel()
+        return cls(np.asarray(user_ids, dtype=object), W, last.astype(np.int64), lengths.astype(np.float64),
+                   A, UT, C, D, covisit_total, affinity_total)
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, extra_history: Any = None, params: HeuristicParams | None = None) -> "Evidence":
+        """The evidence of ``bundle``'s histories (with ``extra_history`` appended), as ``user_vectors`` sees them."""
+        from towerline.marketing.audience import merged_histories  # audience imports this module
+
+        hist, ids = merged_histories(bundle, extra_history)
+        return cls.from_histories(hist, ids, item_attribute_lists(bundle), params)
+
+    def rows_of(self, user_ids: np.ndarray) -> np.ndarray:
+        """(U,) row of each of ``user_ids`` here, -1 for a user these histories lack."""
+        if len(user_ids) == len(self.user_ids) and np.array_equal(np.asarray(user_ids, dtype=object), self.user_ids):
+            return np.arange(len(user_ids))
+        import pandas as pd
+
+        return pd.Index(self.user_ids).get_indexer(np.asarray(user_ids, dtype=object))
+
+    def item_evidence(self, item_idx: int, user_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """(U,) evidence of each of ``user_ids`` for ``item_idx`` (0 for a user these histories lack)."""
+        col = self.C[:, item_idx].toarray().ravel()  # (I,) co-visitation of every item with it
+        follows = self.D[:, item_idx].toarray().ravel()  # (I,) how often it came after each item
+        tokens = self.A[item_idx].toarray().ravel()  # (T,)
+        shared = np.asarray(self.A @ tokens).ravel()  # (I,) token weight each item shares with it
+        per_user = {
+            "covisit": self.W @ col, "covisit_last": col[self.last_item], "covisit_total": self.covisit_total,
+            "follows": self.W @ follows, "follows_last": follows[self.last_item],
+            "affinity": np.asarray(self.UT @ tokens).ravel(), "affinity_total": self.affinity_total,
+            "affinity_last": shared[self.last_item], "activity": self.activity,
+        }
+        rows = self.rows_of(user_ids)
+        known = rows >= 0
+
+        def gather(x: np.ndarray) -> np.ndarray:
+            out = np.zeros(len(rows), np.float64)
+            out[known] = x[rows[known]]
+            return out
+
+        return {k: gather(np.asarray(v, np.float64)) for k, v in per_user.items()}
+
+
+def item_attribute_lists(bundle: Any) -> list[list[str]]:
+    """Attribute tokens of each item vocabulary index (empty for reserved rows and bare items)."""
+    attrs: list[list[str]] = [[] for _ in range(len(bundle.vocabs.items))]
+    items = bundle.items
+    if items is None or "attributes" not in items or not len(items):
+        return attrs
+    for idx, a in zip(bundle.vocabs.items.encode(items["item_id"].astype(str).to_numpy(dtype=object)), items["attributes"]):
+        if int(idx) >= N_RESERVED:
+            attrs[int(idx)] = [str(t) for t in a] if a is not None else []
+    return attrs
+
+
+# ----------------------------------------------------------------------------------------------
+# candidates and features: the one path fitting and serving share
+
+
+def features(dot: np.ndarray, log_z: np.ndarray, ev: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """(n, F) ``FEATURES`` of the candidate ``rows``: ``dot`` (n,) is theirs, ``log_z`` and ``ev`` are (U,)."""
+    cov = ev["covisit"][rows]
+    return np.stack([
+        np.asarray(dot, np.float64), -log_z[rows], cov, np.log(cov + COVISIT_EPS), ev["covisit_last"][rows],
+        np.log(ev["covisit_total"][rows] + COVISIT_EPS), np.log(ev["follows"][rows] + COVISIT_EPS), ev["follows_last"][rows],
+        np.log1p(ev["affinity"][rows]), np.log1p(ev["affinity_total"][rows]), ev["affinity_last"][rows],
+        np.log1p(ev["activity"][rows]),
+    ], axis=1)
+
+
+def candidates(model_rows: np.ndarray, ev: dict[str, np.ndarray], eligible: np.ndarray, pool: int) -> np.ndarray:
+    """Sorted unique rows: the model's top users (``model_rows``, from FAISS) and the ``pool``
+    eligible users with the most co-visitation (over their recent items, and of their newest item)
+    and the most affinity evidence (evidence > 0 only)."""
+    parts = [np.asarray(model_rows, np.int64)]
+    for key in ("covisit", "covisit_last", "affinity"):
+        s = np.where(eligible, ev[key], 0.0)
+        has = np.flatnonzero(s > 0)
+        if len(has) > pool:
+            has = has[np.argpartition(-s[has], pool - 1)[:pool]]
+        parts.append(has)
+    return np.unique(np.concatenate(parts))
+
+
+def pool_size(scorer: AudienceScorer, size: int) -> int:
+    return max(scorer.pool, 2 * size)
+
+
+def rescore(scorer: AudienceScorer, vectors: np.ndarray, query: np.ndarray, log_z: np.ndarray,
+            ev: dict[str, np.ndarray], rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``size`` of the candidate ``rows`` by the learned score: (scores, rows), best first."""
+    s = scorer.score(features(vectors[rows] @ query, log_z, ev, rows))
+    order = np.lexsort((rows, -s))[:size]  # ties: lower row first (deterministic)
+    return s[order], rows[order]
+
+
+# ----------------------------------------------------------------------------------------------
+# loading and saving
+
+
+def scorer_path(bundle: Any) -> Path:
+    return Path(bundle.path) / SCORER_FILE
+
+
+def load_scorer(bundle: Any) -> AudienceScorer | None:
+    """The bundle's fitted scorer (``audience_scorer.json``), or None when it has none.
+
+    Weights fitted for another model (a different ``item_embeddings.npy``) are not applied: the
+    scale of ``u . v`` is the model's own. Cached in ``bundle.extras``.
+    """
+    path = scorer_path(bundle)
+    key = ("audience_scorer", str(path))
+    cache = bundle.extras
+    if key in cache:
+        return cache[key]
+    scorer = None
+    if path.is_file():
+        try:
+            scorer = AudienceScorer.model_validate(json.loads(path.read_text()))
+        except (ValueError, ValidationError) as e:
+            raise DataValidationError(f"{path}: not a Towerline audience scorer ({str(e).splitlines()[0]}); "
+                                      "refit it with `towerline audience-scorer`") from None
+        if list(scorer.features) != list(FEATURES):
+            raise DataValidationError(f"{path}: features {scorer.features} are not this version's {list(FEATURES)}; "
+                                      "refit it with `towerline audience-scorer`")
+        mine = bundle.manifest.get("files", {}).get("item_embeddings.npy")
+        if scorer.item_embeddings_sha256 and mine and scorer.item_embeddings_sha256 != mine:
+            log.warning("%s was fitted for another model (item embeddings differ); audiences use log p(item | user) "
+                        "alone until it is refitted", path)
+            scorer = None
+    cache[key] = scorer
+    return scorer
+
+
+def save_scorer(scorer: AudienceScorer, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(scorer.model_dump(), indent=2))
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# fitting on the validation step
+
+
+@dataclass
+class ValidationView:
+    """Every user's history before their validation step, what the model makes of it, and the buyers."""
+
+    bundle: Any  # the bundle with histories cut before the validation step
+    user_ids: np.ndarray  # (U,)
+    vectors: np.ndarray  # (U, D)
+    log_z: np.ndarray  # (U,)
+    evidence: Evidence
+    buyers: dict[int, np.ndarray]  # item index -> rows (into user_ids) whose validation item it is
+    interacted: dict[int, np.ndarray]  # item index -> rows that interacted with it before
+
+
+def validation_view(bundle: Any, params: HeuristicParams | None = None) -> ValidationView:
+    """Cut every evaluated user's history before their validation item (the model's own split)."""
+    import dataclasses
+
+    from towerline.marketing.audience import log_partition, user_vectors
+    from towerline.training.data import make_split
+
+    full = bundle.histories
+    if full is None:
+        raise DataValidationError(f"bundle {bundle.path} has no histories.npz; the scorer is fitted on them")
+    split = make_split(full, bundle.config.data)
+    valid = split.valid
+    if not len(valid):
+        raise DataValidationError("audience scorer: the split has no validation step to fit on")
+    lengths = full.lengths.copy()
+    lengths[valid.rows] = valid.history_end - full.offsets[:-1][valid.rows]
+    keep = lengths > 0
+    past = full.truncate(lengths, keep)
+    view = dataclasses.replace(bundle, histories=past)
+    ids, vectors = user_vectors(view)
+    log_z = log_partition(view, vectors)
+    evidence = Evidence.from_histories(past, ids, item_attribute_lists(bundle), params)
+    # rows of `past` are the kept rows of `full`, in order
+    row_in_past = np.full(len(full), -1, np.int64)
+    row_in_past[np.flatnonzero(keep)] = np.arange(int(keep.sum()))
+    vr = row_in_past[valid.rows]
+    ok = vr >= 0
+    buyers: dict[int, list[int]] = {}
+    for r, t in zip(vr[ok], valid.targets[ok]):
+        buyers.setdefault(int(t), []).append(int(r))
+    row_of_step = np.repeat(np.arange(len(past)), past.lengths)
+    order = np.argsort(past.item_idx, kind="stable")
+    items_sorted = past.item_idx[order]
+    interacted = {}
+    for item in buyers:
+        lo, hi = np.searchsorted(items_sorted, [item, item + 1])
+        interacted[item] = np.unique(row_of_step[order[lo:hi]])
+    return ValidationView(view, ids, vectors, log_z, evidence,
+                          {k: np.asarray(v, np.int64) for k, v in buyers.items()}, interacted)
+
+
+def fit_scorer(
+    bundle: Any,
+    *,
+    max_items: int = 1500,
+    size: int = 500,
+    pool: int = 1000,
+    negatives: int = 400,
+    l2: float = 1e-3,
+    hidden: int = 16,
+    seed: int = 0,
+    params: HeuristicParams | None = None,
+) -> AudienceScorer:
+    """Fit the weights on the validation step of ``bundle``'s own split.
+
+    Args:
+        max_items: items with validation buyers to fit on (sampled with ``seed``; 0 = all).
+        size: the audience size whose candidate pool the fit sees (``max(pool, 2 * size)`` per source).
+        pool: the scorer's candidates per source when serving.
+        negatives: candidates kept per item besides its buyers (uniform sample, log-corrected).
+        l2: ridge penalty on the standardised weights.
+        hidden: tanh units beside the linear part (0: linear only), for interactions such as
+            "the model's score counts for more when there is no co-visitation evidence".
+    """
+    import torch
+
+    from towerline.marketing.audience import index_vectors, search_rows
+
+    t0 = time.perf_counter()
+    params = params or HeuristicParams()
+    vv = validation_view(bundle, params)
+    items = np.asarray(sorted(vv.buyers), np.int64)
+    rng = np.random.default_rng(seed)
+    if max_items and len(items) > max_items:
+        items = np.sort(rng.choice(items, max_items, replace=False))
+    draft = AudienceScorer(features=list(FEATURES), mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
+                           weights=[0.0] * len(FEATURES), heuristics=params, pool=pool)
+    k = pool_size(draft, size)
+    index, _ = index_vectors(vv.vectors, vv.log_z)
+    emb = vv.bundle.item_embeddings
+    groups: list[tuple[np.ndarray, np.ndarray, float]] = []  # (features (n, F), is_buyer (n,), log correction)
+    model_hits = reachable = total = 0
+    for item in items:
+        eligible = np.ones(len(vv.user_ids), bool)
+        eligible[vv.interacted[int(item)]] = False
+        buyers = vv.buyers[int(item)]
+        buyers = buyers[eligible[buyers]]
+        if not len(buyers):
+            continue
+        total += len(buyers)
+        _, model_rows = search_rows(index, np.append(emb[item], 1.0), eligible, k)
+        model_hits += int(np.isin(buyers, model_rows[:size]).sum())
+        ev = vv.evidence.item_evidence(int(item), vv.user_ids)
+        rows = candidates(model_rows, ev, eligible, k)
+        pos = np.isin(rows, buyers)
+        if not pos.any():
+            continue
+        reachable += int(pos.sum())
+        neg = np.flatnonzero(~pos)
+        take = rng.choice(neg, min(negatives, len(neg)), replace=False) if len(neg) else neg
+        pick = np.concatenate([np.flatnonzero(pos), take])
+        x = features(vv.vectors[rows[pick]] @ emb[item], vv.log_z, ev, rows[pick])
+        groups.append((x, pos[pick], float(np.log(len(neg) / max(len(take), 1))) if len(take) else 0.0))
+    if not groups:
+        raise DataValidationError("audience scorer: no validation buyer is among any item's candidates; nothing to fit")
+
+    allx = np.concatenate([g[0] for g in groups])
+    mean, scale = allx.mean(axis=0), allx.std(axis=0)
+    scale[scale < 1e-9] = 1.0
+    n_max = max(len(g[0]) for g in groups)
+    G, F = len(groups), len(FEATURES)
+    X = np.zeros((G, n_max, F), np.float32)
+    Y = np.zeros((G, n_max), np.float32)
+    offset = np.full((G, n_max), -np.inf, np.float32)  # padding never wins the softmax
+    for g, (x, y, corr) in enumerate(groups):
+        X[g, : len(x)] = (x - mean) / scale
+        Y[g, : len(x)] = y
+        offset[g, : len(x)] = np.where(y, 0.0, corr)
+    Xt, Yt, Ot = torch.from_numpy(X), torch.from_numpy(Y), torch.from_numpy(offset)
+    w = torch.zeros(F, dtype=torch.float32, requires_grad=True)
+    with torch.no_grad():  # start at the model alone: log p = dot + neg_log_z
+        w[FEATURES.index("dot")] = float(scale[FEATURES.index("dot")])
+        w[FEATURES.index("neg_log_z")] = float(scale[FEATURES.index("neg_log_z")])
+    gen = torch.Generator().manual_seed(seed)
+    W1 = (0.1 * torch.randn(hidden, F, generator=gen)).requires_grad_(True)
+    b1 = torch.zeros(hidden, requires_grad=True)
+    w2 = torch.zeros(hidden, requires_grad=True)  # starts as the linear model
+    params_t = [w] + ([W1, b1, w2] if hidden else [])
+    opt = torch.optim.LBFGS(params_t, lr=1.0, max_iter=300, line_search_fn="strong_wolfe")
+    n_pos = float(Yt.sum())
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logits = Xt @ w + Ot  # (G, n)
+        if hidden:
+            logits = logits + torch.tanh(Xt @ W1.T + b1) @ w2
+        lse = torch.logsumexp(logits, dim=1, keepdim=True)
+        logp = torch.where(Yt > 0, logits - lse, torch.zeros_like(logits))  # padding is -inf: never times 0
+        loss = -logp.sum() / n_pos + l2 * sum((q ** 2).sum() for q in params_t)
+        loss.backward()
+        return loss
+
+    loss = float(opt.step(closure).detach())
+    weights = w.detach().numpy().astype(np.float64)
+    mlp = {"hidden_weights": W1.detach().double().numpy().tolist(), "hidden_bias": b1.detach().double().numpy().tolist(),
+           "output_weights": w2.detach().double().numpy().tolist()} if hidden else {}
+    scorer = AudienceScorer(
+        features=list(FEATURES), mean=mean.tolist(), scale=scale.tolist(), weights=weights.tolist(), **mlp,
+        heuristics=params, pool=pool, item_embeddings_sha256=bundle.manifest.get("files", {}).get("item_embeddings.npy"),
+        fitted={
+            "split": "validation", "items_sampled": int(len(items)), "items": int(len(groups)), "buyers": int(total),
+            "buyers_among_candidates": int(reachable), "negatives_per_item": negatives, "l2": l2, "hidden": hidden, "seed": seed,
+            "fit_size": size, "loss": loss, "model_recall_at_size": model_hits / max(total, 1),
+            "seconds": round(time.perf_counter() - t0, 1), "created_at": int(time.time()),
+        },
+    )
+    log.info("audience scorer fitted on %d validation items (%d buyers, %d among candidates): weights %s",
+             len(groups), total, reachable, dict(zip(FEATURES, np.round(weights, 3))))
+    return scorer
