@@ -68,6 +68,20 @@ def test_parquet_outbox_writes_each_message_once(tmp_path):
     assert list(back["items"].iloc[0]) == ["i0", "i1"] and pd.isna(back["offer"].iloc[-1])
 
 
+def test_history_kept_between_reads_matches_a_fresh_read_of_the_folder(tmp_path):
+    """The service reads the history before every signup batch; it is kept joined between reads,
+    and a file from another process (another replica, the nightly run) is picked up wherever it sorts."""
+    box = ParquetOutbox(tmp_path / "outbox")
+    box.publish(messages(3, campaign="welcome"))
+    first = box.history()
+    first.loc[0, "user_id"] = "changed by a caller"  # a caller's edit never reaches the next read
+    box.publish(messages(4, created_at=1_740_000_100))  # a later file: appended to the joined frame
+    ParquetOutbox(tmp_path / "outbox").publish(messages(2, campaign="a-nightly-run"))  # sorts before: a full re-read
+    kept, fresh = box.history(), ParquetOutbox(tmp_path / "outbox").history()
+    assert len(kept) == 6 and "changed by a caller" not in set(kept["user_id"])
+    pd.testing.assert_frame_equal(kept, fresh)
+
+
 def test_outbox_targets_are_folders_or_broker_urls(tmp_path):
     assert isinstance(open_outbox(tmp_path / "o"), ParquetOutbox)
     assert isinstance(open_outbox(RABBIT_URL, tmp_path / "l"), RabbitMQOutbox)
