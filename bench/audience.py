@@ -14,10 +14,16 @@ baselines at the same N, with the same exclusions:
   recently touched the item's category or brand; attribute tokens weighted by idf) and
   **co-visitation** (users whose recent items co-occur with the item, cosine-normalised).
 
+"audience" is what ``find_audience`` serves: with the bundle's learned scorer
+(``audience_scorer.json``, ``marketing/audience_scorer.py``; ``--fit-scorer`` fits it on the
+validation step first, as ``towerline audience-scorer`` does) the model's ``log p(item | user)``
+combined with co-visitation and category/brand evidence, called once per size N as the product
+would be; "audience_model" is the model alone (``scoring="probability"``).
+
 Targets: audience >= 3x the RFM-style baseline, and >= 1.5x the best heuristic. Usage::
 
-    python bench/audience.py --model runs/beauty/bundle            # a trained Beauty bundle
-    python bench/audience.py --budget-s 300                        # train one with configs/beauty.yaml first
+    python bench/audience.py --model runs/beauty/bundle --fit-scorer   # a trained Beauty bundle
+    python bench/audience.py --budget-s 300                            # train one with configs/beauty.yaml first
 
 Writes ``bench/results/audience.json`` with the command line, the model and every number.
 """
@@ -54,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recent", type=int, default=20, help="heuristics: a user's last N items count")
     p.add_argument("--half-life", type=float, default=10.0, help="heuristics: recency half-life in steps")
     p.add_argument("--covisit-window", type=int, default=3, help="co-visitation: pairs within this many steps")
+    p.add_argument("--fit-scorer", action="store_true",
+                   help="fit the learned audience scorer on the validation step and write it into the bundle first")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "audience.json")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -69,12 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     if model is None:
         model, train_info = _train(args)
     bundle = load_bundle(model)
+    scorer_info = None
+    if args.fit_scorer:
+        from towerline.marketing.audience_scorer import fit_scorer, save_scorer, scorer_path
+
+        t = time.perf_counter()
+        path = save_scorer(fit_scorer(bundle, seed=args.seed), scorer_path(bundle))
+        scorer_info = {"path": str(path), "seconds": round(time.perf_counter() - t, 1)}
+        bundle = load_bundle(model)
     result = evaluate(bundle, args.sizes, args.max_items, args.seed,
                       heuristics={"recent": args.recent, "half_life": args.half_life, "window": args.covisit_window})
     result.update(
         command=" ".join([Path(sys.executable).name, *sys.argv]),
         model=str(model),
         training=train_info,
+        scorer_fit=scorer_info,
         seconds_total=round(time.perf_counter() - t0, 1),
         machine={"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
     )
@@ -82,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2))
     for n in args.sizes:
         r = result["sizes"][str(n)]
-        print(f"N={n:>5}: audience {r['audience']['macro']:.4f} (dot {r['audience_dot']['macro']:.4f})  "
+        print(f"N={n:>5}: audience {r['audience']['macro']:.4f} (micro {r['audience']['micro']:.4f}; model alone "
+              f"{r['audience_model']['macro']:.4f}, dot {r['audience_dot']['macro']:.4f})  "
               f"RFM {r['rfm']['macro']:.4f}  random {r['random']['macro']:.4f}  "
               f"audience/RFM {_x(r['audience_over_rfm_macro'])} (micro {_x(r['audience_over_rfm_micro'])})  "
               f"affinity {r['affinity']['macro']:.4f}  co-visitation {r['covisit']['macro']:.4f}  "
-              f"audience/best heuristic {_x(r['audience_over_best_heuristic_macro'])} (target 1.5x)")
+              f"audience/best heuristic {_x(r['audience_over_best_heuristic_macro'])} "
+              f"(micro {_x(r['audience_over_best_heuristic_micro'])}; target 1.5x)")
     print(f"written {args.out}")
     return 0
 
@@ -112,6 +131,7 @@ def evaluate(bundle, sizes: list[int], max_items: int, seed: int, heuristics: di
     from towerline.features.splits import split_leave_one_out
     from towerline.marketing import audience_baselines as ab
     from towerline.marketing.audience import find_audience, log_partition, user_vectors
+    from towerline.marketing.audience_scorer import Evidence, HeuristicParams, item_attribute_lists, load_scorer
     full = bundle.histories
     split = split_leave_one_out(full, bundle.config.data.min_user_events)
     test = split.test
@@ -140,21 +160,20 @@ def evaluate(bundle, sizes: list[int], max_items: int, seed: int, heuristics: di
     row_of_step = np.repeat(np.arange(len(past)), past.lengths)
     past_ids = view.vocabs.users.decode(past.user_idx)
 
-    # marketer heuristics over the same past histories
+    # marketer heuristics over the same past histories (the matrices the learned scorer reads too)
     hp = heuristics or {"recent": 20, "half_life": 10.0, "window": 3}
     t = time.perf_counter()
-    n_items = len(view.vocabs.items)
-    attrs: list = [[] for _ in range(n_items)]
-    for idx, a in zip(view.vocabs.items.encode(view.items["item_id"].astype(str)), view.items["attributes"]):
-        attrs[int(idx)] = list(a) if a is not None else []
-    W = ab.recency_matrix(past.offsets, past.item_idx, n_items, hp["recent"], hp["half_life"])
-    A, _ = ab.attribute_matrix(attrs, idf=True)
-    UT = (W @ A).tocsr()
-    C = ab.covisitation_matrix(past.offsets, past.item_idx, n_items, window=hp["window"])
+    attrs = item_attribute_lists(view)
+    ev = Evidence.from_histories(past, past_ids, attrs, HeuristicParams(**hp))
+    W, A, UT, C = ev.W, ev.A, ev.UT, ev.C
     heuristics_s = time.perf_counter() - t
+    scorer = load_scorer(view)
+    scorer_ev = None
+    if scorer is not None:  # the product's evidence: the scorer's own heuristic settings
+        scorer_ev = ev if scorer.heuristics == HeuristicParams(**hp) else Evidence.from_histories(past, past_ids, attrs, scorer.heuristics)
 
     n_max = max(sizes)
-    hits = {k: {n: [] for n in sizes} for k in ("audience", "audience_dot", "rfm", "random", "affinity", "covisit")}
+    hits = {k: {n: [] for n in sizes} for k in ("audience", "audience_model", "audience_dot", "rfm", "random", "affinity", "covisit")}
     n_buyers = []
     t = time.perf_counter()
     for i, item_idx in enumerate(items):
@@ -163,22 +182,27 @@ def evaluate(bundle, sizes: list[int], max_items: int, seed: int, heuristics: di
         n_buyers.append(len(truth))
         seen = set(past_ids[row_of_step[past.item_idx == item_idx]])
         eligible = len(ids) - len(seen)
-        prob = find_audience(view, vectors, ids, item_id=item_id, size=n_max, log_z=log_z, exclude="interacted")
-        dot = find_audience(view, vectors, ids, item_id=item_id, size=n_max, scoring="dot", exclude="interacted")
-        prob, dot = prob["user_id"].to_numpy(), dot["user_id"].to_numpy()
+        model = find_audience(view, vectors, ids, item_id=item_id, size=n_max, scoring="probability", log_z=log_z,
+                              exclude="interacted")["user_id"].to_numpy()
+        dot = find_audience(view, vectors, ids, item_id=item_id, size=n_max, scoring="dot", exclude="interacted")["user_id"].to_numpy()
+        # what the product serves at each size (the learned scorer's candidate pool grows with the size)
+        served = {n: model for n in sizes} if scorer is None else {
+            n: find_audience(view, vectors, ids, item_id=item_id, size=n, scoring="learned", log_z=log_z,
+                             exclude="interacted", evidence=scorer_ev)["user_id"].to_numpy() for n in sizes}
         rfm = [u for u in active_order[: n_max + len(seen)] if u not in seen][:n_max]
         excluded = np.zeros(len(past), bool)
         excluded[row_of_step[past.item_idx == item_idx]] = True
         aff = past_ids[ab.top_users(ab.affinity_scores(W, A, int(item_idx), UT), n_max, excluded, past.lengths, seed)].tolist()
         cov = past_ids[ab.top_users(ab.covisitation_scores(W, C, int(item_idx)), n_max, excluded, past.lengths, seed)].tolist()
         for n in sizes:
-            hits["audience"][n].append(len(truth & set(prob[:n])))
+            hits["audience"][n].append(len(truth & set(served[n][:n])))
+            hits["audience_model"][n].append(len(truth & set(model[:n])))
             hits["audience_dot"][n].append(len(truth & set(dot[:n])))
             hits["rfm"][n].append(len(truth & set(rfm[:n])))
             hits["affinity"][n].append(len(truth & set(aff[:n])))
             hits["covisit"][n].append(len(truth & set(cov[:n])))
             hits["random"][n].append(len(truth) * min(n, eligible) / max(eligible, 1))  # expectation
-        if (i + 1) % 500 == 0:
+        if (i + 1) % 250 == 0:
             log.info("%d / %d items", i + 1, len(items))
     search_s = time.perf_counter() - t
 
@@ -189,6 +213,7 @@ def evaluate(bundle, sizes: list[int], max_items: int, seed: int, heuristics: di
         for k in hits:
             h = np.asarray(hits[k][n], dtype=np.float64)
             row[k] = {"macro": float(np.mean(h / nb)), "micro": float(h.sum() / nb.sum())}
+        row["audience_over_model_macro"] = _ratio(row["audience"]["macro"], row["audience_model"]["macro"])
         row["audience_over_rfm_macro"] = _ratio(row["audience"]["macro"], row["rfm"]["macro"])
         row["audience_over_rfm_micro"] = _ratio(row["audience"]["micro"], row["rfm"]["micro"])
         row["audience_over_random_macro"] = _ratio(row["audience"]["macro"], row["random"]["macro"])
@@ -205,6 +230,8 @@ def evaluate(bundle, sizes: list[int], max_items: int, seed: int, heuristics: di
         items_evaluated=int(len(items)),
         buyers_evaluated=int(nb.sum()),
         model_metrics={k: bundle.metrics.get(k) for k in ("test/ndcg_10", "test/hr_10", "train/epochs")},
+        audience_scoring="learned (audience_scorer.json)" if scorer is not None else "probability (no audience_scorer.json)",
+        scorer=scorer.model_dump() if scorer is not None else None,
         seconds_user_vectors=round(vec_s, 1),
         seconds_heuristic_matrices=round(heuristics_s, 1),
         heuristics=hp,

@@ -32,7 +32,7 @@ def fitted(own_bundle):
     from towerline.training.bundle import load_bundle
 
     bundle = load_bundle(own_bundle)
-    scorer = fit_scorer(bundle, max_items=40, size=10, pool=40, negatives=60)
+    scorer = fit_scorer(bundle, max_items=30, size=10, pool=40, negatives=60, hidden=4)
     save_scorer(scorer, scorer_path(bundle))
     return scorer
 
@@ -49,7 +49,7 @@ def test_the_weights_are_fitted_on_the_validation_step_and_never_read_the_test_s
     from towerline.marketing.audience_scorer import fit_scorer
     from towerline.training.bundle import load_bundle
 
-    assert fitted.fitted["split"] == "validation" and fitted.fitted["items"] > 5
+    assert fitted.fitted["split"] == "validation" and fitted.fitted["items"] > 5 and len(fitted.output_weights) == 4
     assert np.isfinite(fitted.weights).all() and any(w != 0 for w in fitted.weights)
     # scramble every user's last step (the test item): the fit must not move
     bundle = load_bundle(own_bundle)
@@ -58,8 +58,9 @@ def test_the_weights_are_fitted_on_the_validation_step_and_never_read_the_test_s
     last = h.offsets[1:] - 1
     items[last] = np.random.default_rng(1).permutation(items[last])
     scrambled = dataclasses.replace(bundle, histories=dataclasses.replace(h, item_idx=items))
-    again = fit_scorer(scrambled, max_items=40, size=10, pool=40, negatives=60)
+    again = fit_scorer(scrambled, max_items=30, size=10, pool=40, negatives=60, hidden=4)
     assert again.weights == pytest.approx(fitted.weights, rel=1e-4, abs=1e-5)
+    assert np.asarray(again.hidden_weights) == pytest.approx(np.asarray(fitted.hidden_weights), rel=1e-4, abs=1e-5)
 
 
 def test_find_audience_ranks_with_the_stored_scorer_when_present(own_bundle, fitted):
@@ -139,7 +140,7 @@ def test_cli_fits_the_scorer_into_the_bundle(tiny_run, tmp_path, capsys):
     from towerline.cli import main
 
     shutil.copytree(tiny_run.bundle_dir, tmp_path / "b")
-    assert main(["audience-scorer", "--model", str(tmp_path / "b"), "--max-items", "20"]) == 0
+    assert main(["audience-scorer", "--model", str(tmp_path / "b"), "--max-items", "10", "--hidden", "0"]) == 0
     stored = json.loads((tmp_path / "b" / "audience_scorer.json").read_text())
     assert stored["fitted"]["split"] == "validation" and len(stored["weights"]) == len(stored["features"])
     assert "audience scorer fitted on" in capsys.readouterr().out
