@@ -16,14 +16,14 @@ signup events on a bounded ``asyncio.Queue`` (microseconds) and answers; one wor
 replica drains it. A full queue drops the batch with a warning (the nightly run's ``window_days``
 still catches those users), and a failing outbox or campaign is logged, never a 500.
 
-Where the second goes (profiled on a loaded 2-core box): the decision is a few hundred small
-pandas steps (~150 ms), the content's user-tower pass on the replica's loop ~50 ms, the Parquet
-write ~20 ms; a signup arriving during a decision waits for it, so its latency is up to two
-decisions. Two things keep that under a second: the content is *prefetched* — ``submit`` starts
-each signup's ``recommend_async`` on the loop at once, so it runs while the batch waits in the
-queue and the decision only collects it (the same call the decision would make, on the history the
-handler has just stored; a user the decision then leaves out costs one wasted pass) — and the
-outbox's history is kept joined between reads instead of re-concatenating every file per decision.
+Where the second goes (profiled on the shared 2-core box, load 8-10, tiny bundle): a decision costs
+~150 ms of small pandas steps (trigger ~30 ms, eligibility and caps ~60 ms, the content's user-tower
+pass on the replica's loop ~50 ms), the publish ~25 ms (history re-read under the lock, Parquet
+write ~15 ms). A signup arriving during a decision waits for it, so its latency is up to two
+decisions. The outbox's history used to be re-concatenated from every file on each read (twice per
+decision, growing with every file the service wrote); ``ParquetOutbox`` now keeps it joined.
+Prefetching each signup's content at submit was tried and dropped: it put the tower pass in front of
+the next ``/events`` request on the loop and, measured, made both that request and the messages slower.
 
 Consent: marketing is opt-in. A user's consent rows come from ``campaign_users`` (a users table,
 re-read when the file changes, for users who signed up after the model was trained) over the
@@ -90,9 +90,6 @@ class CampaignTriggers:
         self.queue: asyncio.Queue[list[Event]] | None = None
         self.worker: asyncio.Task[None] | None = None
         self._users: tuple[Any, pd.DataFrame] | None = None  # ((file mtime, bundle path), table)
-        # content prefetched at submit: user id -> (k, task of recommend_async), consumed by the decision
-        self.content_k = max((c.content.k for c in self.campaigns if c.content.kind == "recommendations"), default=0)
-        self._content: dict[str, tuple[int, asyncio.Task[Any]]] = {}
         self.published = 0  # messages this replica published (tests, logs)
         self.dropped = 0  # batches lost to a full queue
         log.info("campaigns %s fire from POST /events into %s", [c.name for c in self.campaigns], self.target)
@@ -115,32 +112,12 @@ class CampaignTriggers:
             if self.worker is None or self.worker.done():
                 self.worker = loop.create_task(self._work())
             self.queue.put_nowait(signups)
-            self._prefetch(signups)
         except asyncio.QueueFull:
             self.dropped += 1
             log.warning("campaign triggers: queue full (%d batches), %d signups left to the nightly campaign run",
                         self.queue_size, len(signups))
         except Exception:
             log.exception("campaign triggers: could not queue %d events", len(events))
-
-    def _prefetch(self, signups: Sequence[Event]) -> None:
-        """Start each signup's recommendations now, on the loop, while the batch waits for the worker."""
-        if not self.content_k:
-            return
-        for e in signups:
-            user = str(e.user_id)
-            if user not in self._content:
-                self._content[user] = (self.content_k, asyncio.ensure_future(self.recommender.recommend_async(user, self.content_k)))
-
-    async def _content_of(self, user: str, k: int) -> list[str]:
-        """The prefetched recommendations of ``user`` (or a fresh call when none fits ``k``)."""
-        got = self._content.pop(user, None)
-        if got is not None and got[0] >= k:
-            try:
-                return [item for item, _ in (await got[1]).items][:k]
-            except Exception:  # the prefetch failed (e.g. a reload in between): ask again below
-                log.debug("campaign triggers: prefetched content of %s failed; asking again", user, exc_info=True)
-        return [item for item, _ in (await self.recommender.recommend_async(user, k)).items]
 
     async def _work(self) -> None:
         """Drain the queue for ever: each pass takes every batch waiting, so a burst costs one decision."""
@@ -160,16 +137,11 @@ class CampaignTriggers:
 
         def recommend(user_ids: Sequence[str], k: int) -> list[list[str]]:
             """The sync callable the campaign engine takes, answered on the replica's loop."""
-            futures = [asyncio.run_coroutine_threadsafe(self._content_of(str(u), k), loop) for u in user_ids]
-            return [f.result(timeout=30) for f in futures]
+            futures = [asyncio.run_coroutine_threadsafe(self.recommender.recommend_async(str(u), k), loop)
+                       for u in user_ids]
+            return [[item for item, _ in f.result(timeout=30).items] for f in futures]
 
-        try:
-            published = await asyncio.to_thread(self._decide_and_publish, events, recommend)
-        finally:  # prefetches the decision did not use (users it left out) go
-            for e in events:
-                got = self._content.pop(str(e.user_id), None)
-                if got is not None:
-                    got[1].cancel()
+        published = await asyncio.to_thread(self._decide_and_publish, events, recommend)
         self.published += len(published)
         if len(published):
             log.info("campaign triggers: %d messages -> %s", len(published), self.target)
