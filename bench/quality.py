@@ -3,6 +3,7 @@
     python bench/quality.py                          # Beauty and LastFM with their configs
     python bench/quality.py --datasets lastfm --seeds 42 43 44   # spread over seeds
     python bench/quality.py --datasets beauty --refit           # + the test model refit on train+valid
+    python bench/quality.py --datasets beauty --work W --resume --set trainer.max_epochs=N  # finish a cut run
 
 Writes bench/results/quality.json: per data set the test metrics (masked and unmasked), time per
 epoch, the validation NDCG@10 curve against wall time, the targets and whether each was met. With
@@ -38,13 +39,13 @@ PUBLISHED = {
 HEADLINE = ("test/ndcg_10", "test/hr_10", "test_unmasked/ndcg_10", "test_unmasked/hr_10", "valid/best_ndcg_10")
 
 
-def run(dataset: str, overrides: list[str], tracking_uri: str, out: Path) -> dict:
+def run(dataset: str, overrides: list[str], tracking_uri: str, out: Path, resume: bool = False) -> dict:
     from towerline.config import load_config, to_dict
     from towerline.training.train import train
 
     cfg = load_config(REPO / "configs" / f"{dataset}.yaml", overrides + [f"tracking.tracking_uri={tracking_uri}"])
     t0 = time.perf_counter()
-    result = train(cfg, out / dataset, progress=False)
+    result = train(cfg, out / dataset, resume=resume, progress=False)
     wall = time.perf_counter() - t0
     curve = result.curve
     per_epoch = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip([{"elapsed_s": 0.0}] + curve[:-1], curve)]
@@ -105,11 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="trainer.seed of each run")
     parser.add_argument("--refit", action="store_true", help="also train the refit test model (trainer.refit)")
     parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--work", type=Path, default=None, help="runs, data and MLflow store here (default: a new temp folder)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the runs in --work from their last checkpoints, e.g. with a smaller "
+                             "--set trainer.max_epochs to stop a cut run where it is and test its best epoch")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    work = Path(tempfile.mkdtemp(prefix="towerline-quality-"))
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="towerline-quality-"))
+    if args.resume and not args.work:
+        parser.error("--resume needs --work: the folder of the run to continue")
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder: {work}", flush=True)
 
     args.out = args.out.resolve()  # paths given on the command line are relative to where it ran
     os.chdir(work)  # MLflow puts run artifacts under ./mlruns: keep them out of the checkout
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for seed in args.seeds:
             sets = args.overrides + [f"trainer.seed={seed}"]
-            r = run(name, sets, uri, work / f"seed{seed}")
+            r = run(name, sets, uri, work / f"seed{seed}", resume=args.resume)
             if args.refit:
                 epochs = int(r["metrics"].get("best/epoch", r["epochs"] - 1)) + 1
                 r["refit"] = run(name, sets + ["trainer.refit=true", f"trainer.max_epochs={epochs}"], uri,
