@@ -282,8 +282,8 @@ class TowerlineConfig:
                "true needs loss.kind: sampled_softmax (the full softmax scores every item row: a dense gradient)")
         _check(not self.trainer.refit or self.data.split == "leave_one_out", "trainer", "refit",
                "needs data.split: leave_one_out (the validation step joins training; a time split has no such step)")
-        _check(self.trainer.workers == 1 or (self.trainer.ema_epochs == 0 and not self.trainer.refit), "trainer",
-               "workers", "> 1 does not support trainer.ema_epochs or trainer.refit yet; train with workers: 1")
+        _check(self.trainer.workers == 1 or not self.trainer.refit, "trainer", "refit",
+               "needs trainer.workers: 1 (the Ray Train path has no refit mode yet)")
         _check(not self.trainer.refit or self.ranker.enabled is False, "trainer", "refit",
                "cannot train the ranker (it learns from the validation steps the retriever was refit on)")
 
