@@ -58,7 +58,8 @@ def run(dataset: str, overrides: list[str], tracking_uri: str, out: Path, resume
         "config": to_dict(cfg),
         "run_id": result.run_id,
         "wall_s": wall,
-        "epochs": len(curve),
+        # epochs fitted (the curve below is the best checkpoint's copy, which ends at the best epoch)
+        "epochs": int(result.metrics.get("train/epochs", len(curve))),
         "seconds_per_epoch": sum(per_epoch) / max(len(per_epoch), 1),
         "metrics": result.metrics,
         "valid_ndcg_10_curve": [(round(p["elapsed_s"], 1), p.get("valid/ndcg_10")) for p in curve],
