@@ -93,6 +93,10 @@ class TwoTowerConfig:
     use_event_type: bool = True  # user tower adds an event-type embedding per history step
     id_dropout: float = 0.1  # training: chance an item occurrence loses its id embedding (DropoutNet), [0, 1)
     time_gaps: bool = False  # user tower reads log2-bucketed time gaps (to the previous step; pairwise ages as attention biases)
+    # BSARec-style mixing (Shin et al., AAAI 2024), causal: each block adds freq_mix * (low-pass of the last
+    # freq_window steps + learned rescaling of the rest) beside (1 - freq_mix) * self-attention; 0 = off
+    freq_mix: float = 0.0
+    freq_window: int = 4  # steps the causal low-pass filter averages over (the newest step included)
     # sampled softmax on a big catalogue: sparse gradients for the item-id table, updated by SparseAdam
     # (only the rows a step touched) beside AdamW for the rest. "auto": on above SPARSE_AUTO_MIN_ITEMS items.
     sparse_item_grads: bool | Literal["auto"] = "auto"
@@ -105,6 +109,8 @@ class TwoTowerConfig:
         _check(0 <= self.dropout < 1, "model", "dropout", "must be in [0, 1)")
         _check(self.max_attributes >= 1, "model", "max_attributes", "must be >= 1")
         _check(0 <= self.id_dropout < 1, "model", "id_dropout", "must be in [0, 1)")
+        _check(0 <= self.freq_mix <= 1, "model", "freq_mix", "must be in [0, 1]")
+        _check(self.freq_window >= 1, "model", "freq_window", "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -113,10 +119,12 @@ class LossConfig:
     n_negatives: int = 1024  # sampled softmax: uniform negatives shared by the batch (plus in-batch)
     temperature: float = 1.0  # logits are divided by this
     logq_correction: bool = True  # sampled softmax: subtract log sampling probability (Yi et al., 2019)
+    label_smoothing: float = 0.0  # full softmax: share of each target's mass spread over the whole catalogue, [0, 1)
 
     def __post_init__(self) -> None:
         _check(self.n_negatives >= 1, "loss", "n_negatives", "must be >= 1")
         _check(self.temperature > 0, "loss", "temperature", "must be > 0")
+        _check(0 <= self.label_smoothing < 1, "loss", "label_smoothing", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,12 @@ class TrainerConfig:
     log_every_n_steps: int = 20
     workers: int = 1  # 1: one process (Lightning picks the devices); N > 1: N Ray Train workers running DDP
     warm_start: str | None = None  # parent model URI (models:/name@alias, runs:/..., bundle or run dir); None = from scratch
+    # weights evaluated, checkpointed and exported: an exponential moving average of the training weights
+    # with this time constant in epochs (decay per step exp(-1 / (ema_epochs * batches per epoch))); 0 = off
+    ema_epochs: float = 0.0
+    # leave-one-out only: the validation item joins each user's training sequence, and the fit runs exactly
+    # max_epochs (choose them on a run without refit) with no validation or early stopping: the test model
+    refit: bool = False
 
     def __post_init__(self) -> None:
         _check(self.max_epochs >= 1, "trainer", "max_epochs", "must be >= 1")
@@ -145,6 +159,7 @@ class TrainerConfig:
         _check(self.patience >= 1, "trainer", "patience", "must be >= 1")
         _check(self.max_time_s is None or self.max_time_s > 0, "trainer", "max_time_s", "must be > 0")
         _check(self.workers >= 1, "trainer", "workers", "must be >= 1")
+        _check(self.ema_epochs >= 0, "trainer", "ema_epochs", "must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -265,6 +280,12 @@ class TowerlineConfig:
     def __post_init__(self) -> None:
         _check(self.model.sparse_item_grads is not True or self.loss.kind == "sampled_softmax", "model", "sparse_item_grads",
                "true needs loss.kind: sampled_softmax (the full softmax scores every item row: a dense gradient)")
+        _check(not self.trainer.refit or self.data.split == "leave_one_out", "trainer", "refit",
+               "needs data.split: leave_one_out (the validation step joins training; a time split has no such step)")
+        _check(self.trainer.workers == 1 or not self.trainer.refit, "trainer", "refit",
+               "needs trainer.workers: 1 (the Ray Train path has no refit mode yet)")
+        _check(not self.trainer.refit or self.ranker.enabled is False, "trainer", "refit",
+               "cannot train the ranker (it learns from the validation steps the retriever was refit on)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

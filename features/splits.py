@@ -16,6 +16,7 @@ handful of integer arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -52,6 +53,21 @@ class Split:
             "valid_users": len(self.valid),
             "test_users": len(self.test),
         }
+
+
+def with_validation_in_training(split: Split) -> Split:
+    """The leave-one-out ``split`` with each evaluated user's validation step moved into training.
+
+    For the final test model (``trainer.refit``): once validation has chosen the epoch count, the
+    step right before each test target is the most recent evidence of what the user does next, and
+    every deployed model trains on it. ``valid`` is kept (its target is now a training target, so
+    its metrics are no longer a held-out measure); ``test`` is unchanged.
+    """
+    if split.kind != "leave_one_out":
+        raise ValueError(f"refit needs a leave-one-out split, got {split.kind!r}")
+    lengths = split.full.lengths.copy()
+    lengths[split.test.rows] -= 1  # everything but the test step; users too short to evaluate keep all
+    return dataclasses.replace(split, train=split.full.truncate(lengths))
 
 
 def split_leave_one_out(seqs: Sequences, min_events: int = 3) -> Split:

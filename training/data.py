@@ -40,6 +40,7 @@ from towerline.features.splits import (
     Split,
     split_by_time,
     split_leave_one_out,
+    with_validation_in_training,
 )
 from towerline.features.synthetic import generate_dataset
 from towerline.features.vocab import (
@@ -276,6 +277,8 @@ class SequenceDataModule(L.LightningDataModule):
         self.vocabs = Vocabs.load(self.vocab_dir)
         seqs = Sequences.load(self.work_dir / "sequences.npz")
         self.split = make_split(seqs, self.cfg.data)
+        if self.cfg.trainer.refit:  # the test model: validation steps train too (features/splits.py)
+            self.split = with_validation_in_training(self.split)
         self.item_attributes = np.load(self.work_dir / "item_attributes.npy", allow_pickle=False)
         self.item_counts = np.bincount(self.split.train.item_idx, minlength=len(self.vocabs.items))
 

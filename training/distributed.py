@@ -44,6 +44,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from towerline.config import TowerlineConfig, from_dict, save_config, to_dict
 from towerline.errors import ConfigError
+from towerline.training.averaging import averaging_callbacks
 from towerline.training.data import SequenceDataModule
 from towerline.training.ranker_model import item_categories
 from towerline.training.system import TwoTowerSystem
@@ -131,7 +132,9 @@ def _train_worker(config: dict[str, Any]) -> None:
         precision=cfg.trainer.precision,
         logger=logger,
         # the curve first: the checkpoint the report callback saves then holds this epoch's point
-        callbacks=[EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience), LearningCurve(), RayTrainReportCallback()],
+        # weight averaging first (as in train.py): the checkpoints Ray Train reports hold the averaged weights
+        callbacks=averaging_callbacks(cfg.trainer, dm.n_train_batches())
+        + [EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience), LearningCurve(), RayTrainReportCallback()],
         enable_checkpointing=False,  # checkpoints go through Ray Train
         use_distributed_sampler=False,  # training is sharded by ShardedDataModule, evaluation is not
         default_root_dir=config["root_dir"],

@@ -43,6 +43,7 @@ def full_softmax_loss(
     item_vectors: torch.Tensor,
     targets: torch.Tensor,
     temperature: float = 1.0,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of each state's target against every real item.
 
@@ -51,6 +52,8 @@ def full_softmax_loss(
         item_vectors: (V, D) the whole item table, reserved rows included.
         targets: (N,) long item indices; rows with a PAD or UNK target are ignored.
         temperature: logits are ``states @ item_vectors.T / temperature``.
+        label_smoothing: share of the target's probability mass spread evenly over the real items
+            (Szegedy et al., CVPR 2016); 0 is the plain cross-entropy.
 
     Returns:
         scalar: mean over rows with a real target (0, still differentiable, when there is none).
@@ -65,7 +68,7 @@ def full_softmax_loss(
     if temperature != 1.0:
         logits = logits / temperature
     labels = torch.where(real, targets - N_RESERVED, torch.full_like(targets, _IGNORE))  # (N,)
-    return F.cross_entropy(logits, labels, ignore_index=_IGNORE)
+    return F.cross_entropy(logits, labels, ignore_index=_IGNORE, label_smoothing=label_smoothing)
 
 
 def sample_uniform_negatives(

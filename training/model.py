@@ -274,6 +274,60 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))  # (B, T, D)
 
 
+def causal_moving_average(x: torch.Tensor, pad_mask: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, T, D) -> (B, T, D): at step ``t`` the mean of the real (non-padding) steps ``t - window + 1 .. t``.
+
+    A low-pass filter that reads no future step, so it may run at every training position (BSARec's
+    FFT filter sees the whole sequence, which is only sound when the loss reads the last step alone).
+    Padding steps are left out of every mean; a padding step itself gets the mean of nothing (zero).
+    """
+    real = (~pad_mask).to(x.dtype).unsqueeze(-1)  # (B, T, 1)
+    cs = F.pad(torch.cumsum(x * real, dim=1), (0, 0, 1, 0))  # (B, T + 1, D); cs[:, i] = sum of steps < i
+    cn = F.pad(torch.cumsum(real, dim=1), (0, 0, 1, 0))  # (B, T + 1, 1)
+    T = x.shape[1]
+    hi = torch.arange(1, T + 1, device=x.device)  # exclusive end of each step's window
+    lo = (hi - window).clamp(min=0)
+    total = cs[:, hi] - cs[:, lo]  # (B, T, D)
+    count = (cn[:, hi] - cn[:, lo]).clamp(min=1.0)  # (B, T, 1)
+    return total / count
+
+
+class FrequencyFilter(nn.Module):
+    """BSARec's frequency branch (Shin et al., "An Attentive Inductive Bias for Sequential
+    Recommendation beyond the Self-Attention", AAAI 2024), made causal: the low-frequency part of
+    the sequence (a moving average of the last ``freq_window`` steps) plus the high-frequency rest
+    rescaled per channel by a learned ``beta**2``. At ``beta = 1`` (the initial value) it passes its
+    input through unchanged, so the branch starts as a plain residual of the normalised input.
+    """
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.window = cfg.freq_window
+        self.sqrt_beta = nn.Parameter(torch.ones(cfg.dim))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        low = causal_moving_average(x, pad_mask, self.window)  # (B, T, D)
+        return self.drop(low + self.sqrt_beta**2 * (x - low))  # (B, T, D)
+
+
+class FreqMixBlock(Block):
+    """A pre-LN block whose token mixer is ``alpha * FrequencyFilter + (1 - alpha) * attention``
+    (``alpha = cfg.freq_mix``), as BSARec mixes its inductive-bias branch with self-attention."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__(cfg)
+        self.alpha = cfg.freq_mix
+        self.filter = FrequencyFilter(cfg)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if pad_mask is None:
+            raise ValueError("FreqMixBlock needs the padding mask (its filter must skip padding steps)")
+        h = self.ln_1(x)  # (B, T, D)
+        x = x + self.alpha * self.filter(h, pad_mask) + (1.0 - self.alpha) * self.attn(h, allowed)
+        return x + self.mlp(self.ln_2(x))  # (B, T, D)
+
+
 class UserTower(nn.Module):
     """History of item vectors (+ position, + event type) -> a user state at every step.
 
@@ -300,7 +354,7 @@ class UserTower(nn.Module):
         self.gap_emb = nn.Embedding(N_GAP_BUCKETS, cfg.dim, padding_idx=GAP_PAD) if cfg.time_gaps else None
         self.age_bias = nn.Embedding(N_GAP_BUCKETS, cfg.n_heads) if cfg.time_gaps else None
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.blocks = nn.ModuleList([FreqMixBlock(cfg) if cfg.freq_mix > 0 else Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(cfg.dim)
 
     def forward(
@@ -342,7 +396,7 @@ class UserTower(nn.Module):
         x = self.drop(x)
 
         for block in self.blocks:
-            x = block(x, allowed)
+            x = block(x, allowed, pad_mask) if isinstance(block, FreqMixBlock) else block(x, allowed)
         return self.ln_f(x)  # (B, T, D)
 
 

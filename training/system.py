@@ -106,7 +106,8 @@ class TwoTowerSystem(L.LightningModule):
             # histories and as a softmax output, the two roles a cold item has when served
             table = self.net.item_tower.all_items(p)  # (V, D), attribute pooling paid once per step
             states = self.net.user_states(inputs, types, item_table=table, timestamps=ts)[mask]  # (N, D)
-            loss = full_softmax_loss(states, table, targets[mask], self.loss_cfg.temperature)
+            loss = full_softmax_loss(states, table, targets[mask], self.loss_cfg.temperature,
+                                     label_smoothing=self.loss_cfg.label_smoothing)
         else:
             states = self.net.user_states(inputs, types, id_dropout=p, timestamps=ts)[mask]  # (N, D)
             t = targets[mask]  # (N,)

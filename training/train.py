@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from towerline.config import TowerlineConfig, save_config, to_dict
 from towerline.errors import ConfigError
 from towerline.features.contracts import Dataset
+from towerline.training.averaging import averaging_callbacks
 from towerline.training.data import SequenceDataModule, cache_key
 from towerline.training.export import export_bundle
 from towerline.training.progress import EpochLine, show_bar
@@ -189,7 +190,10 @@ def train(
         log_dataset(logger.experiment, run_id, cfg.data, cache_key(cfg)["sha256"], dm.prepared_counts())
     curve = LearningCurve()
     bar = show_bar(progress)
-    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True)
+    refit = cfg.trainer.refit  # the test model: exactly max_epochs, no validation, its last weights are "best"
+    best = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor=None if refit else MONITOR, mode="max",
+                           save_last=True)
+    stopping = [] if refit else [EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience)]
     trainer = L.Trainer(
         max_epochs=cfg.trainer.max_epochs,
         max_time=dt.timedelta(seconds=cfg.trainer.max_time_s) if cfg.trainer.max_time_s else None,
@@ -197,12 +201,14 @@ def train(
         devices=cfg.trainer.devices,
         precision=cfg.trainer.precision,
         logger=logger,
-        callbacks=[best, EarlyStopping(monitor=MONITOR, mode="max", patience=cfg.trainer.patience), curve]
+        # weight averaging first: the checkpoint callbacks then see (and save) the averaged weights
+        callbacks=averaging_callbacks(cfg.trainer, dm.n_train_batches()) + [best, *stopping, curve]
         + ([] if bar else [EpochLine(monitor=MONITOR)]),
         default_root_dir=out,
         # at most once per epoch: a larger interval than the epoch has batches only earns a warning
         log_every_n_steps=max(1, min(cfg.trainer.log_every_n_steps, dm.n_train_batches())),
         limit_train_batches=cfg.trainer.limit_train_batches,
+        limit_val_batches=0 if refit else None,
         num_sanity_val_steps=0,
         enable_progress_bar=bar,
         enable_model_summary=False,
