@@ -180,6 +180,134 @@ def optimizer_ab(cfg, work: Path, rounds: int) -> dict:
     return {"rounds": rounds, "median_step_s": med, "speedup": med["unfused"] / med["fused"]}
 
 
+PACKAGE_DIRS = {"towerline": "core", "towerline.features": "features", "towerline.training": "training",
+                "towerline.marketing": "marketing", "towerline.serving": "serving"}  # pyproject's package-dir
+
+
+def import_towerline_from(root: Path) -> None:
+    """Import the ``towerline`` packages from the checkout at ``root`` (pyproject's package-dir
+    layout), whatever the environment has installed: how a worker times another revision's code."""
+    import importlib.util
+
+    for name, folder in PACKAGE_DIRS.items():
+        d = root / folder
+        spec = importlib.util.spec_from_file_location(name, d / "__init__.py", submodule_search_locations=[str(d)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        if "." in name:
+            setattr(sys.modules["towerline"], name.split(".", 1)[1], module)
+
+
+def step_worker(cfg, work: Path, steps: int) -> None:
+    """Serve timing requests on stdin/stdout: ``train N`` runs the next N training steps (the same
+    batches in every worker: the loader is seeded), ``eval`` one full validation pass (both the
+    masked and the unmasked ranking of every validation user, as each epoch does); each answers a
+    JSON line with CPU seconds of this process and wall seconds. CPU seconds are what a shared
+    machine's load changes least."""
+    from towerline.features.vocab import PAD_IDX
+
+    dm, system = build(cfg, work)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    system = system.to(dev)
+    system.log = lambda *a, **k: None
+    opt = system.configure_optimizers()
+    loader = iter(dm.train_dataloader())
+    batches = [tuple(t.to(dev) for t in next(loader)) for _ in range(steps)]
+    state = {"i": 0}
+
+    def train(n: int) -> int:
+        system.train()
+        positions = 0
+        for _ in range(n):
+            b = batches[state["i"] % len(batches)]
+            state["i"] += 1
+            opt.zero_grad(set_to_none=True)
+            system.training_step(b, state["i"]).backward()
+            opt.step()
+            positions += int((b[2] != PAD_IDX).sum())
+        return positions
+
+    def evaluate() -> int:
+        system.eval()
+        system.on_validation_epoch_start()
+        with torch.no_grad():
+            for i, b in enumerate(dm.val_dataloader()):
+                system.validation_step({k: v.to(dev) for k, v in b.items()}, i)
+        users = sum(a.n_users for a in system._acc.values()) // max(len(system._acc), 1)
+        system._acc, system._eval_items = {}, None
+        return users
+
+    train(2)  # warm-up: allocator, kernels, the pooling matrix
+    print(json.dumps({"ready": True, "steps_per_epoch": dm.n_train_batches()}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        _sync()
+        c0, t0 = time.process_time(), time.perf_counter()
+        count = train(int(cmd[1])) if cmd[0] == "train" else evaluate()
+        _sync()
+        print(json.dumps({"cpu_s": time.process_time() - c0, "wall_s": time.perf_counter() - t0, "count": count}), flush=True)
+
+
+def code_ab(rev: str, argv_cfg: list[str], rounds: int, steps: int, evals: int) -> dict:
+    """This checkout against git revision ``rev``, in two worker processes (``step_worker``) fed the
+    same batches, requests interleaved (ABBA) so a shared machine's load hits both alike: medians of
+    CPU and wall seconds per training step and per validation pass."""
+    import statistics
+    import subprocess
+
+    base = Path(tempfile.mkdtemp(prefix="towerline-ab-"))
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    arms = {f"{rev} ({sha})": base, "this checkout": REPO}
+    procs = {}
+    for name, root in arms.items():
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(root), "--steps", str(steps), *argv_cfg]
+        procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=base)
+    info = {name: json.loads(p.stdout.readline()) for name, p in procs.items()}
+
+    def ask(name: str, request: str) -> dict:
+        procs[name].stdin.write(request + "\n")
+        procs[name].stdin.flush()
+        return json.loads(procs[name].stdout.readline())
+
+    names = list(arms)
+    per_step: dict[str, dict[str, list[float]]] = {n: {"cpu_s": [], "wall_s": [], "positions": []} for n in names}
+    per_eval: dict[str, dict[str, list[float]]] = {n: {"cpu_s": [], "wall_s": []} for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            a = ask(name, "train 1")
+            for k in ("cpu_s", "wall_s"):
+                per_step[name][k].append(a[k])
+            per_step[name]["positions"].append(a["count"])
+    for r in range(evals):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            a = ask(name, "eval")
+            for k in ("cpu_s", "wall_s"):
+                per_eval[name][k].append(a[k])
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    out: dict = {"rev": rev, "rounds": rounds, "evals": evals, "arms": {}}
+    for name in names:
+        arm = {"step_cpu_s": med(per_step[name]["cpu_s"]), "step_wall_s": med(per_step[name]["wall_s"]),
+               "positions_per_step": statistics.mean(per_step[name]["positions"]),
+               "eval_cpu_s": med(per_eval[name]["cpu_s"]), "eval_wall_s": med(per_eval[name]["wall_s"]),
+               "steps_per_epoch": info[name]["steps_per_epoch"]}
+        arm["epoch_cpu_s"] = arm["step_cpu_s"] * arm["steps_per_epoch"] + (arm["eval_cpu_s"] or 0.0)
+        out["arms"][name] = arm
+    old, new = (out["arms"][n] for n in names)
+    out["step_cpu_speedup"] = old["step_cpu_s"] / new["step_cpu_s"]
+    out["step_wall_speedup"] = old["step_wall_s"] / new["step_wall_s"]
+    if evals:
+        out["eval_cpu_speedup"] = old["eval_cpu_s"] / new["eval_cpu_s"]
+    out["epoch_cpu_speedup"] = old["epoch_cpu_s"] / new["epoch_cpu_s"]
+    return out
+
+
 def time_to_target(cfg, work: Path, target: float) -> dict:
     from towerline.training.train import train
 
@@ -212,11 +340,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "train"])
     parser.add_argument("--optimizer-ab", type=int, default=0, metavar="ROUNDS",
                         help="also time fused vs unfused AdamW steps, interleaved, this many rounds")
+    parser.add_argument("--ab", metavar="REV", default=None,
+                        help="also time training steps and validation passes of this checkout against git revision "
+                             "REV, interleaved in two processes on the same batches")
+    parser.add_argument("--ab-rounds", type=int, default=30, help="--ab: timed steps per arm")
+    parser.add_argument("--ab-evals", type=int, default=2, help="--ab: timed validation passes per arm")
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # --ab's timing process
     parser.add_argument("--peer", choices=["recbole"], default=None, help="run a peer side by side (if installed)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train_speed.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.worker is not None:
+        import_towerline_from(args.worker.resolve())
+        from towerline.config import load_config
+
+        work = Path(tempfile.mkdtemp(prefix="towerline-ab-worker-"))
+        step_worker(load_config(args.config.resolve(), args.overrides), work, args.steps)
+        return 0
 
     from towerline.config import load_config
 
@@ -250,6 +391,15 @@ def main(argv: list[str] | None = None) -> int:
         report["optimizer_ab"] = ab
         print(f"AdamW step: fused {ab['median_step_s']['fused']:.3f} s vs unfused {ab['median_step_s']['unfused']:.3f} s "
               f"(median of {ab['rounds']}): {ab['speedup']:.3f}x", flush=True)
+    if args.ab:
+        ab = code_ab(args.ab, ["--config", str(config)] + [a for o in args.overrides for a in ("--set", o)],
+                     args.ab_rounds, args.steps, args.ab_evals)
+        report["code_ab"] = ab
+        for name, arm in ab["arms"].items():
+            print(f"{name}: step {arm['step_cpu_s']:.3f} CPU-s ({arm['step_wall_s']:.3f} s wall), validation pass "
+                  f"{arm['eval_cpu_s'] or 0:.2f} CPU-s, epoch ~{arm['epoch_cpu_s']:.1f} CPU-s", flush=True)
+        print(f"speed-up: step {ab['step_cpu_speedup']:.2f}x CPU ({ab['step_wall_speedup']:.2f}x wall), "
+              f"epoch {ab['epoch_cpu_speedup']:.2f}x CPU (medians of {ab['rounds']} interleaved steps)", flush=True)
     if "train" not in args.skip:
         tt = time_to_target(cfg, work, args.target)
         report["time_to_target"] = tt
