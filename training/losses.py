@@ -64,11 +64,56 @@ def full_softmax_loss(
     real = targets >= N_RESERVED  # (N,)
     if not bool(real.any()):
         return _zero_loss(states, item_vectors)
-    logits = states @ item_vectors[N_RESERVED:].T  # (N, V - 2)
-    if temperature != 1.0:
-        logits = logits / temperature
     labels = torch.where(real, targets - N_RESERVED, torch.full_like(targets, _IGNORE))  # (N,)
-    return F.cross_entropy(logits, labels, ignore_index=_IGNORE, label_smoothing=label_smoothing)
+    if label_smoothing > 0:  # the fused backward assumes a one-hot target: autograd's path for smoothing
+        logits = states @ item_vectors[N_RESERVED:].T  # (N, V - 2)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return F.cross_entropy(logits, labels, ignore_index=_IGNORE, label_smoothing=label_smoothing)
+    return _FullSoftmaxCrossEntropy.apply(states, item_vectors[N_RESERVED:], labels, 1.0 / temperature)
+
+
+class _FullSoftmaxCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(states @ items.T / temperature, labels, ignore_index=_IGNORE)`` in fewer
+    passes over the (N, V) logits, the one big tensor of a training step.
+
+    Autograd's version writes and reads several (N, V) tensors around the two matmuls: the
+    log-softmax output, a zero-filled (N, V) gradient that NLL scatters into, and the log-softmax
+    backward's output (each freshly allocated, so page-faulted, on CPU). Here the backward turns
+    the saved log-probabilities into ``softmax - onehot`` in place, one pass, and applies ``1/N``
+    and the temperature to the (N, D) and (V, D) products instead of the (N, V) matrix. Same value
+    and gradients up to float rounding (``tests/training/test_losses.py``). A second backward
+    through the same graph is refused by autograd (the saved tensor was changed in place).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, states: torch.Tensor, items: torch.Tensor, labels: torch.Tensor, inv_temp: float) -> torch.Tensor:
+        scaled = states * inv_temp if inv_temp != 1.0 else states  # (N, D): cheaper than scaling (N, V)
+        logp = torch.log_softmax((scaled @ items.T).float(), dim=1)  # (N, V')
+        kept = labels != _IGNORE  # (N,)
+        n = kept.sum()
+        picked = logp.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)  # (N,)
+        ctx.save_for_backward(scaled, items, labels, logp)
+        ctx.inv_temp = inv_temp
+        ctx.n = n
+        return -(picked * kept).sum() / n
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None]:
+        scaled, items, labels, logp = ctx.saved_tensors
+        p = logp.exp_()  # (N, V') softmax, in place of the saved log-probabilities
+        kept = labels != _IGNORE
+        rows = torch.nonzero(kept).squeeze(1)
+        p[rows, labels[rows]] -= 1.0  # softmax - onehot
+        if not bool(kept.all()):
+            p[~kept] = 0.0
+        coef = grad / ctx.n  # d loss / d logits = coef * (softmax - onehot)
+        p = p.to(items.dtype)
+        grad_states = (p @ items) * (coef * ctx.inv_temp)  # (N, D)
+        grad_items = (p.T @ scaled) * coef  # (V', D)
+        return grad_states.to(scaled.dtype), grad_items, None, None
 
 
 def sample_uniform_negatives(

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -77,6 +78,48 @@ def _fit_attribute_table(item_attributes: torch.Tensor | None, n_items: int, wid
     table[:, :w] = item_attributes[:, :w].to(torch.long)
     table[PAD_IDX] = PAD_IDX
     return table
+
+
+def mean_pooling_transpose(table: torch.Tensor, n_attributes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n_attributes, n_items) sparse CSR ``P.T`` of the mean-pooling matrix ``P`` of a PAD-padded
+    (n_items, A) attribute table: ``P[i, a]`` = (times ``a`` is in row ``i``) / (non-PAD entries of row ``i``).
+
+    ``P @ W`` is what ``F.embedding_bag(table, W, mode="mean", padding_idx=PAD_IDX)`` computes, so the
+    gradient of the attribute table is ``P.T @ grad``: one sparse product over the catalogue's
+    attribute entries, instead of the CPU EmbeddingBag backward, which sorts all ``n_items * A``
+    indices (PAD included) every training step.
+    """
+    mask = table != PAD_IDX  # (V, A)
+    per_row = mask.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)  # (V, 1)
+    weights = (1.0 / per_row).expand(table.shape)[mask]  # (nnz,)
+    rows = torch.arange(table.shape[0], device=table.device).unsqueeze(1).expand(table.shape)[mask]  # (nnz,)
+    size = (n_attributes, table.shape[0])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long-standing
+        warnings.simplefilter("ignore", UserWarning)
+        coo = torch.sparse_coo_tensor(torch.stack([table[mask], rows]), weights, size, check_invariants=False)
+        return coo.coalesce().to_sparse_csr()  # coalesce sums an attribute listed twice in a row, as the bag does
+
+
+def _csr(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR tensor from its (crow, col, values) parts, which (unlike the tensor) copy and pickle."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(*parts, size, check_invariants=False)
+
+
+class _MeanPool(torch.autograd.Function):
+    """``F.embedding_bag`` mean pooling forward (bit for bit), backward as ``P.T @ grad``
+    (``mean_pooling_transpose``): the same gradient up to float summation order."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, table: torch.Tensor, transpose: torch.Tensor) -> torch.Tensor:
+        ctx.transpose = transpose
+        return F.embedding_bag(table, weight, mode="mean", padding_idx=PAD_IDX)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        t = ctx.transpose
+        return t @ grad.to(t.dtype), None, None
 
 
 class ItemTower(nn.Module):
@@ -128,6 +171,7 @@ class ItemTower(nn.Module):
                 n_attr_rows, cfg.dim, mode="mean", padding_idx=PAD_IDX
             )
             self.register_buffer("item_attributes", table, persistent=True)
+            self._pool_transpose: tuple[torch.Tensor, tuple[Any, ...], tuple[torch.Tensor, ...]] | None = None  # _pool
         else:
             self.attr_emb = None
             self.item_attributes: torch.Tensor | None = None
@@ -146,8 +190,27 @@ class ItemTower(nn.Module):
             x = x * keep.unsqueeze(-1).to(x.dtype)
         if self.attr_emb is not None:
             attrs = self.item_attributes[item_idx.reshape(-1)]  # (N, A)
-            x = x + self.attr_emb(attrs).view(x.shape)  # (..., D)
+            x = x + self._pool(attrs).view(x.shape)  # (..., D)
         return x
+
+    def _pool(self, attributes: torch.Tensor, catalogue: bool = False) -> torch.Tensor:
+        """(N, A) PAD-padded attribute indices -> (N, D) mean of their embeddings (zero without any).
+
+        The one pooling of the item tower (history lookups, ``all_items``, cold items). With
+        ``catalogue`` (``attributes`` is the item table itself) and a gradient to compute, the
+        backward is one sparse product with the cached ``mean_pooling_transpose`` of the table,
+        rebuilt whenever the table changes (``load_state_dict``, ``.to(device)``).
+        """
+        weight = self.attr_emb.weight  # type: ignore[union-attr]
+        if not (catalogue and torch.is_grad_enabled() and weight.requires_grad):
+            return F.embedding_bag(attributes, weight, mode="mean", padding_idx=PAD_IDX)
+        cached = self._pool_transpose
+        key = (attributes._version, weight.dtype)
+        if cached is None or cached[0] is not attributes or cached[1] != key:
+            t = mean_pooling_transpose(attributes, weight.shape[0], weight.dtype)
+            cached = self._pool_transpose = (attributes, key, (t.crow_indices(), t.col_indices(), t.values()))
+        transpose = _csr(cached[2], (weight.shape[0], attributes.shape[0]))  # (n_attributes, V)
+        return _MeanPool.apply(weight, attributes, transpose)
 
     def all_items(self, id_dropout: float = 0.0) -> torch.Tensor:
         """(n_items, D): every row of the catalogue in one pass (softmax outputs, FAISS vectors).
@@ -160,7 +223,7 @@ class ItemTower(nn.Module):
             keep = torch.rand(x.shape[0], device=x.device) >= id_dropout  # (V,)
             x = x * keep.unsqueeze(1).to(x.dtype)
         if self.attr_emb is not None:
-            x = x + self.attr_emb(self.item_attributes)  # (V, D)
+            x = x + self._pool(self.item_attributes, catalogue=True)  # (V, D)
         return x
 
     def attribute_vectors(self, attributes: torch.Tensor) -> torch.Tensor:
@@ -175,7 +238,7 @@ class ItemTower(nn.Module):
             raise ValueError(f"attributes must be (N, A) attribute indices, got shape {tuple(attributes.shape)}")
         if self.attr_emb is None:
             return self.id_emb.weight.new_zeros((attributes.shape[0], self.id_emb.embedding_dim))
-        return self.attr_emb(attributes.long())  # (N, D)
+        return self._pool(attributes.long())  # (N, D)
 
 
 def gap_bucket(gaps: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from towerline.features.vocab import PAD_IDX
 from towerline.training.losses import full_softmax_loss, log_sampling_prob, sample_uniform_negatives, sampled_softmax_loss
 from towerline.training.data import trim_left_padding
 from towerline.training.evaluate import ItemFacts, accumulate_batch, summarise
+from towerline.training.inference import row_widths
 from towerline.training.metrics import RankingAccumulator
 from towerline.training.model import TwoTowerNet
 
@@ -97,20 +98,42 @@ class TwoTowerSystem(L.LightningModule):
         """Inference: (B, T) left-padded histories -> (B, D) user vectors."""
         return self.net.user_vector(history, event_types)
 
+    def position_states(
+        self, batch: tuple[torch.Tensor, ...], item_table: torch.Tensor | None = None, id_dropout: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch ``(inputs, types, targets, timestamps)`` (B, T) -> ``(states (N, D), targets (N,))``
+        at every position that has a next item.
+
+        Rows are run through the user tower in groups of like width (``inference.row_widths``: 8, 16,
+        32, ``max_len``), each group trimmed to its longest row: Beauty's median window has 3 steps,
+        so one (B, 50) pass spent ~8x more attention and MLP work on padding than on positions. A
+        row's states do not depend on the other rows or on extra left padding, so this is the same
+        function of the batch as one padded pass; only the order of the positions (which the mean
+        loss ignores) and the dropout draws differ.
+        """
+        inputs, types, targets, ts = (t.long() for t in batch)
+        widths = row_widths(inputs, self.net.cfg.max_len)  # (B,)
+        states, labels = [], []
+        for w in torch.unique(widths).tolist():
+            rows = torch.nonzero(widths == w).squeeze(1)
+            i, ty, tg, t = trim_left_padding(inputs[rows], types[rows], targets[rows], ts[rows])  # (b, w') each
+            mask = tg != PAD_IDX  # (b, w') positions with a next item
+            out = self.net.user_states(i, ty, item_table=item_table, id_dropout=id_dropout, timestamps=t)  # (b, w', D)
+            states.append(out[mask])
+            labels.append(tg[mask])
+        return torch.cat(states), torch.cat(labels)  # (N, D), (N,)
+
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        inputs, types, targets, ts = trim_left_padding(*(t.long() for t in batch))  # (B, T') each
-        mask = targets != PAD_IDX  # (B, T) positions with a next item
         p = self.model_cfg.id_dropout  # DropoutNet: the attribute path must stand alone (cold items)
         if self.loss_cfg.kind == "full_softmax":
             # one draw per item per step: an item whose id is dropped is attribute-only both in the
             # histories and as a softmax output, the two roles a cold item has when served
             table = self.net.item_tower.all_items(p)  # (V, D), attribute pooling paid once per step
-            states = self.net.user_states(inputs, types, item_table=table, timestamps=ts)[mask]  # (N, D)
-            loss = full_softmax_loss(states, table, targets[mask], self.loss_cfg.temperature,
+            states, t = self.position_states(batch, item_table=table)  # (N, D), (N,)
+            loss = full_softmax_loss(states, table, t, self.loss_cfg.temperature,
                                      label_smoothing=self.loss_cfg.label_smoothing)
         else:
-            states = self.net.user_states(inputs, types, id_dropout=p, timestamps=ts)[mask]  # (N, D)
-            t = targets[mask]  # (N,)
+            states, t = self.position_states(batch, id_dropout=p)  # (N, D), (N,)
             neg_ids = sample_uniform_negatives(self.net.n_items, self.loss_cfg.n_negatives, device=self.device)
             ids = torch.cat([t, neg_ids])  # log Q of just these rows, not a (V,) table per step
             logq = log_sampling_prob(self.item_counts, n_in_batch=len(t), n_uniform=len(neg_ids), ids=ids)  # (N + M,)
@@ -125,7 +148,7 @@ class TwoTowerSystem(L.LightningModule):
                 temperature=self.loss_cfg.temperature,
                 logq_correction=self.loss_cfg.logq_correction,
             )
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=int(mask.sum()))
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(t))
         if self.sparse_item_grads:
             self._sparse_dense_step(loss)
         return loss

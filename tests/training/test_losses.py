@@ -176,3 +176,26 @@ def test_log_sampling_prob_of_some_ids_is_the_table_entries_bit_for_bit():
     ids = torch.tensor([5, 1, 2, 2, 4, 0, 6])
     assert torch.equal(log_sampling_prob(counts, n_in_batch=7, n_uniform=3, ids=ids), table[ids])
     assert torch.isinf(table[:2]).all() and torch.isfinite(table[2:]).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_full_softmax_value_and_gradients_match_autograd_cross_entropy(temperature):
+    """The fused backward (softmax - onehot in place, scales on the small products) is the gradient
+    of ``F.cross_entropy`` over the real columns, ignored rows included."""
+    g = torch.Generator().manual_seed(3)
+    states = torch.randn(40, 8, generator=g, requires_grad=True)
+    items = torch.randn(30, 8, generator=g, requires_grad=True)
+    targets = torch.randint(N_RESERVED, 30, (40,), generator=g)
+    targets[::7] = PAD_IDX
+    targets[3] = UNK_IDX
+    got = full_softmax_loss(states, items, targets, temperature)
+    g_states, g_items = torch.autograd.grad(got, (states, items))
+    real = targets >= N_RESERVED
+    logits = states[real] @ items[N_RESERVED:].T / temperature
+    want = torch.nn.functional.cross_entropy(logits, targets[real] - N_RESERVED)
+    w_states, w_items = torch.autograd.grad(want, (states, items))
+    assert torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(g_states, w_states, atol=1e-6)
+    assert torch.allclose(g_items, w_items, atol=1e-6)
+    assert torch.count_nonzero(g_states[~real]) == 0
+    assert torch.count_nonzero(g_items[:N_RESERVED]) == 0

@@ -215,3 +215,31 @@ def test_adam_steps_lower_the_full_softmax_loss_on_a_toy_sequence_task():
     last = loss_now().item()
     assert first > 3.0  # about log(28) at initialisation
     assert last < 0.5 * first
+
+
+def test_catalogue_pooling_backward_is_the_embedding_bag_gradient_and_follows_a_new_table():
+    """``all_items`` in training takes its attribute gradient from one sparse product with the
+    pooling matrix; outputs are EmbeddingBag's bit for bit, gradients within float rounding, and a
+    table loaded later (``load_state_dict``) is the one the gradient follows."""
+    net = _net().train()
+    tower = net.item_tower
+    table = tower.item_attributes.clone()
+    table[9] = torch.tensor([4, 4, PAD_IDX])  # an attribute listed twice counts twice, as in the bag
+    for attrs in (tower.item_attributes, table):
+        tower.load_state_dict({**tower.state_dict(), "item_attributes": attrs})
+        upstream = torch.randn(N_ITEMS, 16, generator=torch.Generator().manual_seed(2))
+        got = tower.all_items()
+        (got * upstream).sum().backward()
+        fast = tower.attr_emb.weight.grad.clone()
+        tower.attr_emb.weight.grad = None
+        want = tower.id_emb.weight + torch.nn.functional.embedding_bag(
+            tower.item_attributes, tower.attr_emb.weight, mode="mean", padding_idx=PAD_IDX)
+        (want * upstream).sum().backward()
+        assert torch.equal(got, want)
+        assert torch.allclose(fast, tower.attr_emb.weight.grad, atol=1e-6)
+        assert torch.count_nonzero(fast[PAD_IDX]) == 0
+        tower.zero_grad(set_to_none=True)
+    with torch.no_grad():  # serving's path: the same numbers as the training forward
+        assert torch.equal(tower.all_items(), got.detach())
+        pooled = tower.attribute_vectors(tower.item_attributes)
+        assert torch.equal(tower.id_emb.weight + pooled, got.detach())
