@@ -99,7 +99,11 @@ class TwoTowerConfig:
     # export: fit the cold-start mapper (attribute bag -> trained item vector, ridge on the warm items,
     # training/cold_items.py) into the bundle; cold items then get its vectors instead of the tower's attribute path
     cold_item_mapper: bool = True
-    cold_item_l2: float = 1.0  # the mapper's ridge penalty, in average-weight warm items; > 0
+    cold_item_l2: float = 0.1  # the mapper's ridge penalty, in average-weight warm items; > 0
+    # the weight of each warm item in the fit, from its training interactions: "popularity" places cold
+    # items where much-bought items with their attributes sit (best cold-item recall, and cold items
+    # take more of everyone's top K); "sqrt"/"log"/"uniform" place them nearer the average item
+    cold_item_weighting: Literal["uniform", "log", "sqrt", "popularity"] = "popularity"
 
     def __post_init__(self) -> None:
         _check(self.dim > 0, "model", "dim", "must be > 0")

@@ -139,8 +139,8 @@ def fit_mapper(
     popularity: np.ndarray,
     prior: np.ndarray,
     *,
-    l2: float = 1.0,
-    weighting: Weighting = "log",
+    l2: float = 0.1,
+    weighting: Weighting = "popularity",
     rescale: bool = True,
 ) -> ColdItemMapper:
     """Fit ``ColdItemMapper`` on the warm items: weighted ridge from the attribute bag to the trained vector.
@@ -200,6 +200,7 @@ def fit_from_net(net: Any, item_vectors: np.ndarray, popularity: np.ndarray, **k
     if tower.attr_emb is None:
         return None
     kwargs.setdefault("l2", net.cfg.cold_item_l2)
+    kwargs.setdefault("weighting", net.cfg.cold_item_weighting)
     rows = tower.item_attributes.detach().cpu().numpy()
     prior = tower.attr_emb.weight.detach().float().cpu().numpy()
     try:

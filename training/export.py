@@ -59,7 +59,7 @@ def export_bundle(
     emb = item_embeddings(net)
     np.save(d / "item_embeddings.npy", emb, allow_pickle=False)
     if cfg.model.cold_item_mapper and item_popularity is not None:
-        mapper = fit_from_net(net, emb, np.asarray(item_popularity), l2=cfg.model.cold_item_l2)
+        mapper = fit_from_net(net, emb, np.asarray(item_popularity))  # model.cold_item_l2, _weighting
         if mapper is not None:  # None: no attributes, or no warm item to fit on; cold items take the tower's path
             mapper.save(d)
     if item_popularity is not None:
