@@ -158,7 +158,7 @@ def fit_mapper(
         rescale: multiply the output so the fitted warm items' weighted mean norm matches their
             trained vectors' (ridge predictions are shrunk toward the mean, hence short).
     """
-    Y = np.asarray(item_vectors, dtype=np.float64)
+    Y = np.asarray(item_vectors, dtype=np.float32)  # (V, D); float32: a 1M-item catalogue, not a float64 copy of it
     rows = np.asarray(attribute_rows, dtype=np.int64)
     E = np.asarray(prior, dtype=np.float64)
     n_tok, d = E.shape
@@ -178,14 +178,14 @@ def fit_mapper(
     penalty[:N_RESERVED] = max(float(l2), 1.0)  # PAD/UNK rows: never used by a bag, kept at the prior
     gram = (X.T @ Xw + sp.diags(penalty)).tocsc()
     prior_aug = np.vstack([E, np.zeros((1, d))])  # (T + 1, D)
-    rhs = X.T @ (w[:, None] * Y[fit]) + penalty[:, None] * prior_aug
+    rhs = (X.T @ (w[:, None].astype(np.float32) * Y[fit])).astype(np.float64) + penalty[:, None] * prior_aug
     theta = spla.splu(gram).solve(np.asarray(rhs))  # (T + 1, D)
     weight = torch.from_numpy(theta[:-1].astype(np.float32))
     bias = torch.from_numpy(theta[-1].astype(np.float32))
     mapper = ColdItemMapper(weight=weight, bias=bias, scale=1.0)
     scale = 1.0
     if rescale:
-        pred = mapper.vectors(torch.from_numpy(rows[fit])).double().numpy()
+        pred = mapper.vectors(torch.from_numpy(rows[fit])).numpy()  # (n, D)
         scale = float(np.sum(w * np.linalg.norm(Y[fit], axis=1)) / max(np.sum(w * np.linalg.norm(pred, axis=1)), 1e-12))
     meta = {"l2": float(l2), "weighting": weighting, "rescale": bool(rescale), "fitted_items": int(len(fit))}
     log.info("cold-item mapper fitted on %d warm items (l2=%g, %s weights, scale %.3f)", len(fit), l2, weighting, scale)
