@@ -6,6 +6,7 @@ config.json            the full resolved TowerlineConfig of the run
 vocab/                 users/items/event_types/attributes.json
 retriever/config.json  network metadata (table sizes + TwoTowerConfig), enough to rebuild the net
 retriever/weights.safetensors
+retriever/cold_items.safetensors  optional: the fitted cold-start mapper (attribute bag -> item vector)
 item_embeddings.npy    (n_items, dim) float32 item-tower output, row = item vocabulary index
 item_popularity.npy    (n_items,) int64 training interactions per item (popular fallback, logQ)
 items.parquet          the catalogue (attributes, price, in_stock) for business rules

@@ -100,6 +100,14 @@ class TwoTowerConfig:
     # sampled softmax on a big catalogue: sparse gradients for the item-id table, updated by SparseAdam
     # (only the rows a step touched) beside AdamW for the rest. "auto": on above SPARSE_AUTO_MIN_ITEMS items.
     sparse_item_grads: bool | Literal["auto"] = "auto"
+    # export: fit the cold-start mapper (attribute bag -> trained item vector, ridge on the warm items,
+    # training/cold_items.py) into the bundle; cold items then get its vectors instead of the tower's attribute path
+    cold_item_mapper: bool = True
+    cold_item_l2: float = 0.1  # the mapper's ridge penalty, in average-weight warm items; > 0
+    # the weight of each warm item in the fit, from its training interactions: "popularity" places cold
+    # items where much-bought items with their attributes sit (best cold-item recall, and cold items
+    # take more of everyone's top K); "sqrt"/"log"/"uniform" place them nearer the average item
+    cold_item_weighting: Literal["uniform", "log", "sqrt", "popularity"] = "popularity"
 
     def __post_init__(self) -> None:
         _check(self.dim > 0, "model", "dim", "must be > 0")
@@ -111,6 +119,7 @@ class TwoTowerConfig:
         _check(0 <= self.id_dropout < 1, "model", "id_dropout", "must be in [0, 1)")
         _check(0 <= self.freq_mix <= 1, "model", "freq_mix", "must be in [0, 1]")
         _check(self.freq_window >= 1, "model", "freq_window", "must be >= 1")
+        _check(self.cold_item_l2 > 0, "model", "cold_item_l2", "must be > 0")
 
 
 @dataclass(frozen=True)

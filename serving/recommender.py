@@ -231,7 +231,8 @@ def add_items(state: ModelState, items: pd.DataFrame | Sequence[dict[str, Any]])
     ``items`` has the catalogue contract's columns (``features.contracts``: ``item_id``,
     ``attributes`` list of tokens, optional ``price``, ``in_stock``, ``title``). Each new id gets the
     next item index (vocabulary rows only grow, so every index already handed out keeps its item),
-    a vector from the item tower's attribute path (``inference.cold_item_vectors``: id part zeroed,
+    a vector from its attributes (``inference.cold_item_vectors``: the bundle's fitted cold-item
+    mapper, ``training.cold_items``, or without one the item tower's attribute path, id part zeroed,
     which training taught with id dropout, DropoutNet, Volkovs et al., NeurIPS 2017), popularity 0,
     its stock flag and category in the rules' facts, and a row in a copy of the FAISS index (flat,
     HNSW or IVF: ``index.add_to_index``). Attribute tokens the model never saw are ignored (their
@@ -272,7 +273,7 @@ def add_items(state: ModelState, items: pd.DataFrame | Sequence[dict[str, Any]])
         rows[r, : len(idx)] = idx
         if not len(idx):
             no_attr.append(str(new["item_id"][r]))
-    vectors = inference.cold_item_vectors(bundle.net, rows)  # (N, D)
+    vectors = inference.cold_item_vectors(bundle.net, rows, bundle.cold_items)  # (N, D)
     first = state.n_items
     new_idx = np.arange(first, first + len(new), dtype=np.int64)  # (N,)
     vocabs = dataclasses.replace(bundle.vocabs, items=Vocab(np.concatenate([vocab.ids, new["item_id"].to_numpy(dtype=object)])))

@@ -26,6 +26,7 @@ from towerline.config import TowerlineConfig, from_dict
 from towerline.errors import BundleError, ConfigError
 from towerline.features.sequences import Sequences
 from towerline.features.vocab import Vocabs
+from towerline.training.cold_items import ColdItemMapper, load_mapper
 from towerline.training.model import TwoTowerNet, build_two_tower
 from towerline.training.ranker_model import Ranker, build_ranker
 
@@ -52,6 +53,7 @@ class Bundle:
     model_alias: str | None = None
     histories: Sequences | None = None
     ranker: Ranker | None = None  # in eval mode; None without ranker/
+    cold_items: ColdItemMapper | None = None  # retriever/cold_items.safetensors: cold items' vectors; None: the tower's path
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -105,6 +107,7 @@ def load_bundle(uri: str | Path, cache_dir: str | Path | None = None) -> Bundle:
         manifest=manifest,
         histories=histories,
         ranker=ranker,
+        cold_items=load_mapper(path),
         **info,
     )
 

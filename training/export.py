@@ -17,6 +17,7 @@ from towerline.bundle import write_manifest
 from towerline.config import TowerlineConfig, to_dict
 from towerline.features.sequences import Sequences
 from towerline.features.vocab import Vocabs
+from towerline.training.cold_items import fit_from_net
 from towerline.training.model import TwoTowerNet
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,12 @@ def export_bundle(
     (d / "retriever" / "config.json").write_text(json.dumps(net.meta(), indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(d / "retriever" / "weights.safetensors"))
-    np.save(d / "item_embeddings.npy", item_embeddings(net), allow_pickle=False)
+    emb = item_embeddings(net)
+    np.save(d / "item_embeddings.npy", emb, allow_pickle=False)
+    if cfg.model.cold_item_mapper and item_popularity is not None:
+        mapper = fit_from_net(net, emb, np.asarray(item_popularity))  # model.cold_item_l2, _weighting
+        if mapper is not None:  # None: no attributes, or no warm item to fit on; cold items take the tower's path
+            mapper.save(d)
     if item_popularity is not None:
         np.save(d / "item_popularity.npy", np.asarray(item_popularity, dtype=np.int64), allow_pickle=False)
     if items is not None:

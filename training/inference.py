@@ -38,6 +38,7 @@ import torch
 
 from towerline.features.sequences import Sequences, left_padded_windows
 from towerline.features.vocab import N_RESERVED, PAD_IDX, UNK_IDX
+from towerline.training.cold_items import ColdItemMapper
 from towerline.training.metrics import mask_scores
 from towerline.training.model import TwoTowerNet
 from towerline.training.ranker_model import Ranker
@@ -254,14 +255,17 @@ def user_vectors_of(net: TwoTowerNet, item_table: np.ndarray, hist: Histories, b
 
 
 @torch.no_grad()
-def cold_item_vectors(net: TwoTowerNet, attribute_rows: np.ndarray) -> np.ndarray:
+def cold_item_vectors(net: TwoTowerNet, attribute_rows: np.ndarray, mapper: ColdItemMapper | None = None) -> np.ndarray:
     """(N, A) int64 attribute indices (PAD-padded, ``vocabs.attributes`` indices) -> (N, D) float32
-    item vectors of items the net has never seen: the item tower with the id part zeroed.
+    item vectors of items the net has never seen. The one cold-item path: ``recommender.add_items``
+    (``POST /admin/items``, catalogue reloads) and ``bench/cold_start.py`` call it.
 
-    Training drops id embeddings with probability ``cfg.id_dropout`` (DropoutNet, Volkovs et al.,
-    NeurIPS 2017), so this attribute-only vector is one the user tower and the softmax have learned
-    to score; it lives in the same space as ``net.item_vectors()`` and goes into the same index.
-    Columns past ``cfg.max_attributes`` are cut, as training cut them.
+    With the bundle's fitted ``mapper`` (``training.cold_items``: attribute bag -> trained item
+    vector, fitted on the warm items after training), its output; without one, the item tower with
+    the id part zeroed. Training drops id embeddings with probability ``cfg.id_dropout``
+    (DropoutNet, Volkovs et al., NeurIPS 2017), so that attribute-only vector is one the user tower
+    has learned to score; either lives in the space of ``net.item_vectors()`` and goes into the same
+    index. Columns past ``cfg.max_attributes`` are cut, as training cut them.
     """
     rows = np.asarray(attribute_rows, dtype=np.int64)
     if rows.ndim != 2:
@@ -271,6 +275,8 @@ def cold_item_vectors(net: TwoTowerNet, attribute_rows: np.ndarray) -> np.ndarra
         rows = np.full((rows.shape[0], 1), PAD_IDX, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= max(net.n_attributes, N_RESERVED)):
         raise ValueError(f"attribute_rows hold indices outside [0, {net.n_attributes}); encode with the bundle's vocabulary")
+    if mapper is not None:
+        return mapper.vectors(torch.from_numpy(rows)).float().cpu().numpy()
     tower = net.item_tower
     device = tower.id_emb.weight.device
     was_training = net.training

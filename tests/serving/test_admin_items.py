@@ -53,6 +53,26 @@ def test_cold_item_vectors_are_the_attribute_path_of_the_item_tower(tiny_state):
     assert np.abs(cold).sum() > 0
 
 
+def test_added_items_get_the_vectors_of_the_bundles_fitted_mapper(tiny_state):
+    """Training exports a fitted cold-item mapper; ``add_items`` (``POST /admin/items``, catalogue
+    reloads) serves exactly its vectors, which the cold-start benchmark measures."""
+    from towerline.serving import recommender as rec
+    from towerline.training.inference import cold_item_vectors
+
+    mapper = tiny_state.bundle.cold_items
+    assert mapper is not None and (tiny_state.bundle.path / "retriever" / "cold_items.safetensors").is_file()
+    rows = _twin_rows(tiny_state)
+    new, _ = rec.add_items(tiny_state, [{k: v for k, v in r.items() if k != "_source"} for r in rows])
+    net = tiny_state.bundle.net
+    sources = tiny_state.bundle.vocabs.items.encode(np.asarray([r["_source"] for r in rows], dtype=object))
+    attrs = net.item_tower.item_attributes[sources].numpy()  # (3, A): the twins' attribute rows
+    expected = mapper.vectors(net.item_tower.item_attributes[sources]).numpy()
+    got = new.bundle.item_embeddings[tiny_state.n_items :]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, cold_item_vectors(net, attrs, mapper), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got, cold_item_vectors(net, attrs), atol=1e-4), "the mapper, not the tower's path"
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_added_item_is_similar_to_its_attribute_twin_and_recommendable(tiny_run, kind):
     from towerline.config import IndexConfig

@@ -1,4 +1,4 @@
-"""Id dropout (DropoutNet) and the attribute-only vectors cold-start items get."""
+"""Id dropout (DropoutNet), the attribute-only vectors and the fitted mapper cold-start items get."""
 
 from __future__ import annotations
 
@@ -45,6 +45,46 @@ def test_items_with_the_same_attributes_get_the_same_cold_vector_in_the_tower_sp
     np.testing.assert_allclose(cold[[0, 2]], expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="outside"):
         cold_item_vectors(net, np.array([[9, 0]]))
+
+
+def test_fitted_mapper_maps_an_attribute_bag_to_where_its_warm_items_sit(tmp_path):
+    from towerline.training import cold_items
+
+    net = _net().eval()
+    emb = net.item_vectors().detach().numpy()  # (V, D): what the index holds
+    pop = np.array([0, 0, 3, 1, 2, 5])
+    mapper = cold_items.fit_from_net(net, emb, pop, l2=1e-6, weighting="uniform", rescale=False)
+    rows = np.array([[2, 3], [3, 2], [4, 0], [0, 0]])
+    cold = cold_item_vectors(net, rows, mapper)  # (4, D): the one cold-item path, with the bundle's mapper
+    np.testing.assert_allclose(cold[0], (emb[2] + emb[3]) / 2, atol=1e-4)  # the two warm items with bag {2, 3}
+    np.testing.assert_array_equal(cold[0], cold[1])  # a bag: order does not matter
+    np.testing.assert_allclose(cold[2], emb[4], atol=1e-4)
+    np.testing.assert_array_equal(cold[3], np.zeros(8, np.float32))  # no attributes: nothing places it
+    assert not np.allclose(cold[:3], cold_item_vectors(net, rows[:3]), atol=1e-3), "must differ from the tower path"
+    # stored in a bundle directory as safetensors + JSON metadata, loaded back to the same vectors
+    mapper.save(tmp_path)
+    loaded = cold_items.load_mapper(tmp_path)
+    assert loaded.meta == mapper.meta and loaded.scale == mapper.scale
+    np.testing.assert_array_equal(cold_item_vectors(net, rows, loaded), cold)
+    assert cold_items.load_mapper(tmp_path / "none") is None
+
+
+def test_mapper_keeps_the_prior_for_unfitted_tokens_and_rescales_to_the_warm_norms():
+    from towerline.training import cold_items
+
+    rng = np.random.default_rng(0)
+    rows = np.array([[0, 0], [0, 0], [2, 0], [2, 3], [3, 0], [3, 2], [2, 0]])  # (V=7, A=2); token 4 unused
+    Y = rng.normal(size=(7, 4))
+    prior = rng.normal(size=(5, 4))
+    pop = np.array([0, 0, 4, 1, 2, 3, 0])  # item 6 has no training interactions: not fitted on
+    m = cold_items.fit_mapper(Y, rows, pop, prior, l2=10.0, weighting="log", rescale=True)
+    np.testing.assert_allclose(m.weight[4].numpy(), prior[4], rtol=1e-5)  # no warm item carries it
+    assert m.meta["fitted_items"] == 4
+    w = np.log1p(pop[2:6])
+    pred = m.vectors(torch.from_numpy(rows[2:6])).double().numpy()
+    np.testing.assert_allclose(w @ np.linalg.norm(pred, axis=1), w @ np.linalg.norm(Y[2:6], axis=1), rtol=1e-5)
+    with pytest.raises(cold_items.NoWarmItems):
+        cold_items.fit_mapper(Y, rows, np.zeros(7), prior)
 
 
 def test_id_dropout_must_be_a_probability_below_one():
