@@ -10,6 +10,10 @@ import os
 
 import pytest
 
+# Idle OpenMP threads sleep instead of spinning: the suite runs Ray Serve replicas, trainings and
+# clients side by side on 2 cores, where spinning threads burn the CPU the others wait for
+# (inherited by the Ray workers the tests start). Set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from support import RANKER_OVERRIDES, start_redis, train_tiny
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
