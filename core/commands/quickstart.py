@@ -105,7 +105,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"[5/5] Ray Serve on 127.0.0.1:{port} with {model_uri}: one POST /recommend for {user_id}")
     app_args = AppArgs(model=model_uri, index_dir=str(report["out"]), tracking_uri=uri,
                        settings={"host": "127.0.0.1", "port": port,  # every file of the run stays under --out
-                                 "history_db": str(out / "history.sqlite"), "feedback_db": str(out / "feedback.sqlite")})
+                                 "history_db": str(out / "history.sqlite"), "feedback_db": str(out / "feedback.sqlite"),
+                                 "ingress_replicas": 1})  # one request: a second replica only costs a model load
     answer = serve_locally(app_args, "127.0.0.1", port, num_cpus=2, check_request={"user_id": user_id, "k": 5})
     print(json.dumps(answer["body"] if answer else None, indent=2))
     return 0 if answer and answer["status"] == 200 else 1

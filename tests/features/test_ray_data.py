@@ -78,12 +78,12 @@ def test_ray_data_on_shards_equals_local_path(ray_local, tied_dataset, tmp_path,
 
 
 def test_small_partitions_change_nothing(ray_local, tied_dataset, tmp_path):
-    """Many user partitions (about 100 events each) give the same sequences as one."""
+    """Many user partitions (about 300 events each) give the same sequences as one."""
     sharded = tmp_path / "sharded"
     write_sharded_dataset(tied_dataset, sharded, rows_per_shard=2_500)
     cfg = load_config(None, [f"data.format=parquet", f"data.path={sharded}", "data.engine=ray"]).data
     prepare_features(cfg, tmp_path / "one", 8, rows_per_partition=10**9)
-    prepare_features(cfg, tmp_path / "many", 8, rows_per_partition=100)
+    prepare_features(cfg, tmp_path / "many", 8, rows_per_partition=300)
     assert_same_artefacts(tmp_path / "one", tmp_path / "many")
 
 

@@ -219,7 +219,7 @@ def test_95_percent_intervals_cover_a_known_lift_in_200_experiments():
     n_exp = 200
     hits = {f"{kind}:{m}": 0 for kind in ("arm", "lift") for m in ("ctr", "conversion", "revenue_per_user")}
     for k in range(n_exp):
-        report = report_from_users(simulate_per_user(TWO, 4000, true, seed=1000 + k), TWO, n_boot=400, seed=k)
+        report = report_from_users(simulate_per_user(TWO, 2000, true, seed=1000 + k), TWO, n_boot=400, seed=k)
         for m, t in truth.items():
             lo, hi = report["arms"]["control"][m]["ci"]
             hits[f"arm:{m}"] += lo <= t <= hi

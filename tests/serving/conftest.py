@@ -30,3 +30,26 @@ def store(request, tmp_path):
         s = RedisHistoryStore(request.getfixturevalue("redis_url"), prefix=f"t:{request.node.name}:")
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def serve_base():
+    """One local Ray and one Serve HTTP proxy on 127.0.0.1:<free port> for every Serve test module.
+
+    Each module deploys its own applications (``serve.run`` with its own name and route prefix) and
+    deletes them when it is done; starting Ray and Serve costs tens of seconds of the 2 cores, so
+    the run does it once. Stopped at the end of the run.
+    """
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from support import free_port
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -1,6 +1,6 @@
 """A real Ray Serve application on 127.0.0.1: endpoints, bad input, events, reload under load.
 
-Ray starts once for the module (2 CPUs, no dashboard) and everything is shut down at the end.
+The apps are deployed into the run's one Ray and Serve (``serve_base`` in conftest.py) and deleted at the end.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 
-from support import free_port
 
 pytestmark = pytest.mark.serve
 
@@ -24,30 +23,26 @@ TOKEN = "t0k3n-for-the-real-serve-tests-42"
 
 
 @pytest.fixture(scope="module")
-def served(tiny_run, tmp_path_factory):
-    """(base_url, tiny_run) of the app serving the tiny bundle; stopped after the module."""
-    ray = pytest.importorskip("ray")
+def served(serve_base, tiny_run, tmp_path_factory):
+    """(base_url, tiny_run) of the app serving the tiny bundle; deleted after the module."""
     from ray import serve
 
     from towerline.serving.app import AppArgs, build_app
 
     tmp = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = AppArgs(
             model=str(tiny_run.bundle_dir),
             tracking_uri=tiny_run.tracking_uri,
             # reloads may load bundle folders anywhere under pytest's temp root (the tests copy bundles there)
             settings={"history_db": str(tmp / "history.sqlite"), "feedback_db": str(tmp / "feedback.sqlite"),
-                      "models_root": str(tmp_path_factory.getbasetemp())},
+                      "models_root": str(tmp_path_factory.getbasetemp()),
+                      "ingress_replicas": 1},  # two replicas are tested in the `shared_redis` app below
         )
         serve.run(build_app(args), name="towerline", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", tiny_run
+        yield serve_base, tiny_run
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("towerline")
 
 
 @pytest.fixture
@@ -274,7 +269,8 @@ def secured(served, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secure")
     (tmp / "token").write_text(TOKEN)
     args = AppArgs(model=str(tiny_run.bundle_dir), settings={
-        "history_db": str(tmp / "h.sqlite"), "feedback_db": str(tmp / "f.sqlite"), "api_token_file": str(tmp / "token")})
+        "history_db": str(tmp / "h.sqlite"), "feedback_db": str(tmp / "f.sqlite"), "api_token_file": str(tmp / "token"),
+        "ingress_replicas": 1})
     serve.run(build_app(args), name="secure", route_prefix="/secure")
     with httpx.Client(base_url=f"{base}/secure", timeout=30) as c:
         yield c

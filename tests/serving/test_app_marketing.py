@@ -1,7 +1,7 @@
 """The marketing side of the real Serve app: A/B arms, profiles, segments, audiences, feedback.
 
-A second application ("/ab") is deployed into the Serve instance ``served`` started, with an
-experiment and a profiles table, so the plain app's tests keep their no-experiment contract. It
+An application of its own ("/ab") is deployed into the run's Serve instance (``serve_base``), with
+an experiment and a profiles table, so the plain app's tests keep their no-experiment contract. It
 keeps its online history in a real redis-server, as a deployment on several machines does.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from test_app import assert_problem, served  # noqa: F401  (the module fixture is reused)
+from test_app import assert_problem
 from test_campaign_triggers import campaign_settings, wait_for
 
 pytestmark = pytest.mark.serve
@@ -23,7 +23,7 @@ EXPERIMENT = {
 
 
 @pytest.fixture(scope="module")
-def ab(served, tmp_path_factory, redis_url):  # noqa: F811
+def ab(serve_base, tiny_run, tmp_path_factory, redis_url):
     from ray import serve
 
     from towerline.config import ProfileConfig
@@ -32,7 +32,7 @@ def ab(served, tmp_path_factory, redis_url):  # noqa: F811
     from towerline.features.synthetic import generate_dataset
     from towerline.serving.app import AppArgs, build_app
 
-    base, tiny_run = served
+    base = serve_base
     tmp = tmp_path_factory.mktemp("ab")
     profiles = build_profiles(generate_dataset(300, 60, seed=0), ProfileConfig())  # the tiny run's data
     export_profiles(profiles, tmp / "profiles.parquet")

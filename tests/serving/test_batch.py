@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from support import free_port
 
 K = 8
 
@@ -115,10 +114,9 @@ def test_cli_errors_are_one_line_naming_the_flag(tiny_run, tmp_path, capsys, cas
 
 
 @pytest.mark.serve
-def test_batch_export_equals_the_served_answers_over_http(tiny_run, tmp_path_factory):
+def test_batch_export_equals_the_served_answers_over_http(serve_base, tiny_run, tmp_path_factory):
     """20 users through a real Serve app on 127.0.0.1, one of them with online events posted to the app,
-    against the export that reads the app's history file."""
-    ray = pytest.importorskip("ray")
+    against the export that reads the app's history file (once the app is deleted)."""
     from ray import serve
 
     from towerline.serving.app import AppArgs, build_app
@@ -128,16 +126,14 @@ def test_batch_export_equals_the_served_answers_over_http(tiny_run, tmp_path_fac
     from towerline.serving.settings import ServeSettings
 
     tmp = tmp_path_factory.mktemp("batch_http")
-    settings = ServeSettings(history_db=str(tmp / "history.sqlite"), feedback_db=str(tmp / "feedback.sqlite"))
+    settings = ServeSettings(history_db=str(tmp / "history.sqlite"), feedback_db=str(tmp / "feedback.sqlite"),
+                             ingress_replicas=1)
     state = load_model(tiny_run.bundle_dir, settings)
     users = _users(state, 19) + ["brand-new-visitor"]
     items = [str(i) for i in state.bundle.vocabs.items.ids[:3]]
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(AppArgs(model=str(tiny_run.bundle_dir), settings=settings)), name="towerline", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        serve.run(build_app(AppArgs(model=str(tiny_run.bundle_dir), settings=settings)), name="batch", route_prefix="/batch")
+        with httpx.Client(base_url=f"{serve_base}/batch", timeout=60) as http:
             events = [{"user_id": u, "item_id": i, "event_type": "click", "timestamp": 1_900_000_000 + n}
                       for u in (users[0], users[-1]) for n, i in enumerate(items)]
             assert http.post("/events", json=events).status_code == 200
@@ -147,8 +143,7 @@ def test_batch_export_equals_the_served_answers_over_http(tiny_run, tmp_path_fac
                 assert r.status_code == 200, r.text
                 served[u] = r.json()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("batch")
     store = SQLiteHistoryStore(settings.history_db)
     try:
         df = recommend_all(state, users, k=K, settings=settings, store=store)

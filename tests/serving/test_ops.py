@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from support import free_port
 from towerline.serving import ingress, lifecycle
 from towerline.serving.lifecycle import is_loopback, rebind
@@ -241,6 +241,15 @@ def test_serve_listens_on_loopback_only_and_a_signal_drains_then_stops_everythin
             assert sockets, configs
             for path in sockets:
                 assert os.stat(path).st_mode & 0o777 == 0o600, (path, oct(os.stat(path).st_mode))
+            # the banner names the front door and HAProxy's stats and metrics ports: free ones (not Ray's
+            # fixed 8404 / 9101), on the host only, like every other listener above
+            banner = (tmp_path / "stdout").read_text()
+            assert f"127.0.0.1:{server.port} through HAProxy" in banner, banner[-2000:]
+            found = re.search(r"HAProxy stats http://127\.0\.0\.1:(\d+)/stats, metrics http://127\.0\.0\.1:(\d+)/metrics", banner)
+            assert found, banner[-2000:]
+            stats, metrics = int(found[1]), int(found[2])
+            assert stats != metrics and not {stats, metrics} & {8404, 9101}
+            assert {("127.0.0.1", stats), ("127.0.0.1", metrics)} <= {(a, p) for a, p, _ in listening}, sorted(listening)
 
         signalled = time.monotonic()
         server.proc.send_signal(sig)

@@ -15,7 +15,6 @@ import httpx
 import numpy as np
 import pytest
 
-from support import free_port
 
 pytestmark = pytest.mark.serve
 
@@ -23,9 +22,8 @@ N_USERS = 200
 
 
 @pytest.fixture(scope="module")
-def apps(ranked_run, tmp_path_factory):
-    """(base URL of the default app, base URL of the deployments app, settings); Ray stopped after."""
-    ray = pytest.importorskip("ray")
+def apps(serve_base, ranked_run, tmp_path_factory):
+    """(base URL of the default app, base URL of the deployments app, settings); both deleted after."""
     from ray import serve
 
     from towerline.serving.app import AppArgs, build_app
@@ -34,20 +32,17 @@ def apps(ranked_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parity")
     settings = evaluation_settings(history_db=str(tmp / "history.sqlite"), feedback_db=str(tmp / "feedback.sqlite"))
     # 32 concurrent requests must all be answered here (parity, not load shedding): room for all of them
-    settings = settings.model_copy(update={"max_ongoing_requests": 64, "max_queued_requests": -1})
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    settings = settings.model_copy(update={"max_ongoing_requests": 64, "max_queued_requests": -1,
+                                          "ingress_replicas": 1})  # parity needs one replica, not two
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = AppArgs(model=str(ranked_run.bundle_dir), settings=settings)
-        serve.run(build_app(args), name="towerline", route_prefix="/")
+        serve.run(build_app(args), name="parity", route_prefix="/parity-ingress")
         split = args.model_copy(update={"settings": settings.model_copy(update={"stage_placement": "deployments"})})
-        serve.run(build_app(split), name="towerline-deployments", route_prefix="/d")
-        base = f"http://127.0.0.1:{port}"
-        yield base, f"{base}/d", settings
+        serve.run(build_app(split), name="parity-deployments", route_prefix="/parity-deployments")
+        yield f"{serve_base}/parity-ingress", f"{serve_base}/parity-deployments", settings
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        for name in ("parity", "parity-deployments"):
+            serve.delete(name)
 
 
 @pytest.fixture(scope="module")
@@ -101,5 +96,5 @@ def test_deployment_placement_answers_exactly_as_the_ingress_placement(apps, off
         assert [recommend(a, u) for u in users] == [recommend(b, u) for u in users]
     apps_status = serve.status().applications
     # stages in the ingress: no model deployment bound (AdminState holds what admin writes decided)
-    assert set(apps_status["towerline"].deployments) == {"Ingress", "AdminState"}
-    assert set(apps_status["towerline-deployments"].deployments) == {"Ingress", "AdminState", "Retriever", "Ranker"}
+    assert set(apps_status["parity"].deployments) == {"Ingress", "AdminState"}
+    assert set(apps_status["parity-deployments"].deployments) == {"Ingress", "AdminState", "Retriever", "Ranker"}

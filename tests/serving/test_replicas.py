@@ -13,7 +13,6 @@ import time
 
 import pytest
 
-from support import free_port
 
 pytestmark = pytest.mark.serve
 
@@ -43,27 +42,22 @@ def registry(tiny_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(registry, tmp_path_factory):
-    ray = pytest.importorskip("ray")
+def served(serve_base, registry, tmp_path_factory):
     import httpx
     from ray import serve
 
     from towerline.serving.app import AppArgs, build_app
 
     tmp = tmp_path_factory.mktemp("replicas-serve")
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = AppArgs(model=f"models:/{NAME}@champion", tracking_uri=registry,
                        settings={"history_db": str(tmp / "history.sqlite"), "feedback_db": str(tmp / "feedback.sqlite"),
                                  "ingress_replicas": 2, "admin_poll_s": 0.25})
         serve.run(build_app(args), name="towerline", route_prefix="/")
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        with httpx.Client(base_url=serve_base, timeout=60) as client:
             yield client
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        serve.delete("towerline")
 
 
 def _versions(client) -> set[str]:
@@ -79,12 +73,12 @@ def _replace_one_ingress_replica() -> None:
     import ray
     from ray import serve
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Ingress#" in a["name"]]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "towerline#Ingress#" in a["name"]]
     assert len(names) == 2, names
     ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        names_now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Ingress#" in a["name"]]
+        names_now = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "towerline#Ingress#" in a["name"]]
         running = serve.status().applications["towerline"].deployments["Ingress"].replica_states.get("RUNNING", 0)
         if names[0] not in names_now and len(names_now) == 2 and running == 2:
             return

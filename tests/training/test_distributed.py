@@ -13,6 +13,7 @@ import torch
 
 from towerline.training.bundle import load_bundle
 from towerline.config import load_config
+from towerline.features.ray_data import ray_session
 from towerline.training.train import train
 
 from support import REPO, tiny_overrides
@@ -20,7 +21,14 @@ from support import REPO, tiny_overrides
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
-def test_two_workers_log_one_run_register_a_loadable_bundle_and_resume(mlflow_store, tmp_path):
+@pytest.fixture
+def ray_cluster():
+    """One local Ray for both fits (train_distributed joins a running Ray): one start, not two."""
+    with ray_session(num_cpus=2):
+        yield
+
+
+def test_two_workers_log_one_run_register_a_loadable_bundle_and_resume(ray_cluster, mlflow_store, tmp_path):
     base = tiny_overrides(mlflow_store) + ["trainer.workers=2"]
     cfg = load_config(REPO / "configs" / "synthetic.yaml", base + ["trainer.max_epochs=1"])
     first = train(cfg, tmp_path / "run", progress=False)
