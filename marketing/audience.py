@@ -40,7 +40,7 @@ from towerline.training.bundle import Bundle
 from towerline.errors import DataValidationError
 from towerline.features.sequences import Sequences
 from towerline.features.vocab import N_RESERVED
-from towerline.marketing.audience_scorer import Evidence, candidates, load_scorer, pool_size, rescore, scorer_path
+from towerline.marketing.audience_scorer import Evidence, learned_audience, load_scorer, scorer_path
 from towerline.training import inference
 from towerline.text import Text
 
@@ -246,9 +246,7 @@ def find_audience(
         lz = log_partition(bundle, vecs) if log_z is None else np.asarray(log_z, dtype=np.float32)
         ev_all = evidence if evidence is not None else Evidence.from_bundle(bundle, extra_history, scorer.heuristics)
         ev = ev_all.item_evidence(item_idx, user_ids)
-        k = pool_size(scorer, size)
-        _, model_rows = search_rows(index_vectors(vecs, lz)[0], np.append(query, 1.0), eligible, k)
-        scores, rows = rescore(scorer, vecs, np.asarray(query, np.float32), lz, ev, candidates(model_rows, ev, eligible, k), size)
+        scores, rows, _ = learned_audience(scorer, index_vectors(vecs, lz)[0], vecs, query, lz, ev, eligible, size)
     elif scoring in ("auto", "learned", "probability"):
         lz = log_partition(bundle, vecs) if log_z is None else np.asarray(log_z, dtype=np.float32)
         scores, rows = search_rows(index_vectors(vecs, lz)[0], np.append(query, 1.0), eligible, size)
