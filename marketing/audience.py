@@ -13,9 +13,10 @@ exactly ``log p(i | u)``. ``scoring="dot"`` keeps the raw inner product (``bench
 compares the two).
 
 Learned scoring. When the bundle carries ``audience_scorer.json`` (``towerline audience-scorer``
-fits it on the validation step), an item query re-scores the FAISS search's top users, joined by
-the users with the most co-visitation and category/brand evidence for the item, with a small model
-(linear plus 16 tanh units) over ``log p(i | u)`` and that evidence (``marketing.audience_scorer``). ``scoring="auto"``
+fits it on the validation step), an item query ranks every eligible user (or, with the scorer's
+``pool`` > 0, the FAISS search's top users joined by the users with the most co-visitation and
+category/brand evidence for the item) by a small model (linear plus 16 tanh units) over
+``log p(i | u)`` and that evidence (``marketing.audience_scorer``). ``scoring="auto"``
 (the default) uses it whenever it is there; ``"probability"`` asks for the model alone.
 
 Who is never in an audience: users without consent (privacy: no personalisation), users whose

@@ -24,13 +24,22 @@ Features of a candidate user ``u`` for item ``i`` (``FEATURES``):
   token weight, ``affinity_last``: the tokens the newest item shares with ``i``;
 * ``log_activity``: ``log(1 + steps)`` of the user's history.
 
-Scoring is two-stage: the FAISS search of ``find_audience`` proposes the top ``pool`` users by the
-model, the users with the strongest co-visitation (over their recent items, and of their newest
-item alone) and affinity evidence join them (``pool`` each), and the union is re-scored with the
-weights. Fitting runs exactly that candidate step on the validation step (every user's validation
-item hidden, the histories before it), then maximises the softmax likelihood of each item's real next buyers among its candidates (a conditional logit, the
-listwise objective behind recall@N); negatives are subsampled per item with the matching log
-correction. The test step is never read: ``bench/audience.py`` evaluates on it.
+Scoring. With ``pool`` 0 (the default) every eligible user is scored: ``item_evidence`` already
+reads every user's evidence for the item (a few sparse products), and the features and the small
+network cost microseconds a user, so no buyer is lost to a candidate step. With ``pool`` > 0 it
+is two-stage: the FAISS search of ``find_audience`` proposes the top ``pool`` users by the model,
+the users with the strongest co-visitation (over their recent items, and of their newest item)
+and affinity evidence join them (``pool`` each), and the union is re-scored with the weights
+(``learned_audience``, the one path serving and the fit's report share).
+
+Fitting runs on the validation step (every user's validation item hidden, the histories before
+it) and maximises the softmax likelihood of each item's real next buyers among the eligible users
+(a conditional logit, the listwise objective behind recall@N). Negatives are sampled in two
+strata, each with its own log correction: the item's evidence candidates (the hard ones) and,
+with ``pool`` 0, the other eligible users. Items held out of the fit measure the fitted scorer at
+N = 100, 500, 1000 against the model alone and the heuristics (``validation_report``, stored in
+``fitted["validation_recall"]``): the figure to choose settings by. The test step is never read:
+``bench/audience.py`` evaluates on it.
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ from towerline.marketing import audience_baselines as ab
 log = logging.getLogger(__name__)
 
 SCORER_FILE = "audience_scorer.json"
-FORMAT = "towerline-audience-scorer/1"
+FORMAT = "towerline-audience-scorer/1"  # bump with FEATURES or the meaning of a field
 FEATURES = ("dot", "neg_log_z", "covisit", "log_covisit", "covisit_last", "log_covisit_total", "log_follows",
             "follows_last", "log_affinity", "log_affinity_total", "affinity_last", "log_activity")
 REPORT_SIZES = (100, 500, 1000)  # audience sizes of the fit's validation report (bench/audience.py's)
