@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
               f"affinity {r['affinity']['macro']:.4f}  co-visitation {r['covisit']['macro']:.4f}  "
               f"audience/best heuristic {_x(r['audience_over_best_heuristic_macro'])} "
               f"(micro {_x(r['audience_over_best_heuristic_micro'])}; target 1.5x)")
+    report = (result.get("scorer") or {}).get("fitted", {}).get("validation_recall")
+    if report:  # what the fit chose by: held-out items of the validation step
+        print("scorer on held-out validation items: " + "; ".join(
+            f"N={n} {report[str(n)]['audience']['macro']:.4f} ({report[str(n)]['audience_over_best_heuristic_macro']}x "
+            f"the best heuristic)" for n in args.sizes if str(n) in report))
     print(f"written {args.out}")
     return 0
 

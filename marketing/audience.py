@@ -13,9 +13,10 @@ exactly ``log p(i | u)``. ``scoring="dot"`` keeps the raw inner product (``bench
 compares the two).
 
 Learned scoring. When the bundle carries ``audience_scorer.json`` (``towerline audience-scorer``
-fits it on the validation step), an item query re-scores the FAISS search's top users, joined by
-the users with the most co-visitation and category/brand evidence for the item, with a small model
-(linear plus 16 tanh units) over ``log p(i | u)`` and that evidence (``marketing.audience_scorer``). ``scoring="auto"``
+fits it on the validation step), an item query ranks every eligible user (or, with the scorer's
+``pool`` > 0, the FAISS search's top users joined by the users with the most co-visitation and
+category/brand evidence for the item) by a small model (linear plus 16 tanh units) over
+``log p(i | u)`` and that evidence (``marketing.audience_scorer``). ``scoring="auto"``
 (the default) uses it whenever it is there; ``"probability"`` asks for the model alone.
 
 Who is never in an audience: users without consent (privacy: no personalisation), users whose
@@ -40,7 +41,7 @@ from towerline.training.bundle import Bundle
 from towerline.errors import DataValidationError
 from towerline.features.sequences import Sequences
 from towerline.features.vocab import N_RESERVED
-from towerline.marketing.audience_scorer import Evidence, candidates, load_scorer, pool_size, rescore, scorer_path
+from towerline.marketing.audience_scorer import Evidence, learned_audience, load_scorer, scorer_path
 from towerline.training import inference
 from towerline.text import Text
 
@@ -246,9 +247,7 @@ def find_audience(
         lz = log_partition(bundle, vecs) if log_z is None else np.asarray(log_z, dtype=np.float32)
         ev_all = evidence if evidence is not None else Evidence.from_bundle(bundle, extra_history, scorer.heuristics)
         ev = ev_all.item_evidence(item_idx, user_ids)
-        k = pool_size(scorer, size)
-        _, model_rows = search_rows(index_vectors(vecs, lz)[0], np.append(query, 1.0), eligible, k)
-        scores, rows = rescore(scorer, vecs, np.asarray(query, np.float32), lz, ev, candidates(model_rows, ev, eligible, k), size)
+        scores, rows, _ = learned_audience(scorer, index_vectors(vecs, lz)[0], vecs, query, lz, ev, eligible, size)
     elif scoring in ("auto", "learned", "probability"):
         lz = log_partition(bundle, vecs) if log_z is None else np.asarray(log_z, dtype=np.float32)
         scores, rows = search_rows(index_vectors(vecs, lz)[0], np.append(query, 1.0), eligible, size)

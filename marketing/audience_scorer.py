@@ -24,13 +24,22 @@ Features of a candidate user ``u`` for item ``i`` (``FEATURES``):
   token weight, ``affinity_last``: the tokens the newest item shares with ``i``;
 * ``log_activity``: ``log(1 + steps)`` of the user's history.
 
-Scoring is two-stage: the FAISS search of ``find_audience`` proposes the top ``pool`` users by the
-model, the users with the strongest co-visitation (over their recent items, and of their newest
-item alone) and affinity evidence join them (``pool`` each), and the union is re-scored with the
-weights. Fitting runs exactly that candidate step on the validation step (every user's validation
-item hidden, the histories before it), then maximises the softmax likelihood of each item's real next buyers among its candidates (a conditional logit, the
-listwise objective behind recall@N); negatives are subsampled per item with the matching log
-correction. The test step is never read: ``bench/audience.py`` evaluates on it.
+Scoring. With ``pool`` 0 (the default) every eligible user is scored: ``item_evidence`` already
+reads every user's evidence for the item (a few sparse products), and the features and the small
+network cost microseconds a user, so no buyer is lost to a candidate step. With ``pool`` > 0 it
+is two-stage: the FAISS search of ``find_audience`` proposes the top ``pool`` users by the model,
+the users with the strongest co-visitation (over their recent items, and of their newest item)
+and affinity evidence join them (``pool`` each), and the union is re-scored with the weights
+(``learned_audience``, the one path serving and the fit's report share).
+
+Fitting runs on the validation step (every user's validation item hidden, the histories before
+it) and maximises the softmax likelihood of each item's real next buyers among the eligible users
+(a conditional logit, the listwise objective behind recall@N). Negatives are sampled in two
+strata, each with its own log correction: the item's evidence candidates (the hard ones) and,
+with ``pool`` 0, the other eligible users. Items held out of the fit measure the fitted scorer at
+N = 100, 500, 1000 against the model alone and the heuristics (``validation_report``, stored in
+``fitted["validation_recall"]``): the figure to choose settings by. The test step is never read:
+``bench/audience.py`` evaluates on it.
 """
 
 from __future__ import annotations
@@ -54,9 +63,10 @@ from towerline.marketing import audience_baselines as ab
 log = logging.getLogger(__name__)
 
 SCORER_FILE = "audience_scorer.json"
-FORMAT = "towerline-audience-scorer/1"
+FORMAT = "towerline-audience-scorer/1"  # bump with FEATURES or the meaning of a field
 FEATURES = ("dot", "neg_log_z", "covisit", "log_covisit", "covisit_last", "log_covisit_total", "log_follows",
             "follows_last", "log_affinity", "log_affinity_total", "affinity_last", "log_activity")
+REPORT_SIZES = (100, 500, 1000)  # audience sizes of the fit's validation report (bench/audience.py's)
 COVISIT_EPS = 1e-3  # log_covisit = log(covisit + eps): users without evidence sit at log(eps)
 
 
@@ -84,7 +94,7 @@ class AudienceScorer(BaseModel):
     hidden_bias: list[float] = Field(default_factory=list)  # (H,)
     output_weights: list[float] = Field(default_factory=list)  # (H,); H = 0: the linear model alone
     heuristics: HeuristicParams = Field(default_factory=HeuristicParams)
-    pool: int = Field(1000, ge=1)  # candidates per source (model, co-visitation, affinity); at least 2 x size
+    pool: int = Field(0, ge=0)  # candidates per source (model, co-visitation, affinity), at least 2 x size; 0 = every eligible user
     item_embeddings_sha256: str | None = None  # the bundle the weights were fitted for
     fitted: dict[str, Any] = Field(default_factory=dict)  # what it was fitted on, and its validation recall
 
@@ -217,7 +227,9 @@ def features(dot: np.ndarray, log_z: np.ndarray, ev: dict[str, np.ndarray], rows
 def candidates(model_rows: np.ndarray, ev: dict[str, np.ndarray], eligible: np.ndarray, pool: int) -> np.ndarray:
     """Sorted unique rows: the model's top users (``model_rows``, from FAISS) and the ``pool``
     eligible users with the most co-visitation (over their recent items, and of their newest item)
-    and the most affinity evidence (evidence > 0 only)."""
+    and the most affinity evidence (evidence > 0 only); ``pool`` 0: every eligible user."""
+    if pool == 0:
+        return np.flatnonzero(eligible)
     parts = [np.asarray(model_rows, np.int64)]
     for key in ("covisit", "covisit_last", "affinity"):
         s = np.where(eligible, ev[key], 0.0)
@@ -229,7 +241,8 @@ def candidates(model_rows: np.ndarray, ev: dict[str, np.ndarray], eligible: np.n
 
 
 def pool_size(scorer: AudienceScorer, size: int) -> int:
-    return max(scorer.pool, 2 * size)
+    """Candidates per source at audience size ``size`` (0: every eligible user)."""
+    return max(scorer.pool, 2 * size) if scorer.pool else 0
 
 
 def rescore(scorer: AudienceScorer, vectors: np.ndarray, query: np.ndarray, log_z: np.ndarray,
@@ -238,6 +251,20 @@ def rescore(scorer: AudienceScorer, vectors: np.ndarray, query: np.ndarray, log_
     s = scorer.score(features(vectors[rows] @ query, log_z, ev, rows))
     order = np.lexsort((rows, -s))[:size]  # ties: lower row first (deterministic)
     return s[order], rows[order]
+
+
+def learned_audience(scorer: AudienceScorer, index: Any, vectors: np.ndarray, query: np.ndarray, log_z: np.ndarray,
+                     ev: dict[str, np.ndarray], eligible: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The served learned audience (``find_audience``, and the fit's validation report): the FAISS
+    search of ``index`` (``audience.index_vectors``) for the model's top users, the evidence
+    candidates beside them, the top ``size`` by the learned score. Returns (scores, rows, candidates)."""
+    from towerline.marketing.audience import search_rows  # audience imports this module
+
+    k = pool_size(scorer, size)
+    model_rows = search_rows(index, np.append(query, 1.0), eligible, k)[1] if k else np.zeros(0, np.int64)
+    rows = candidates(model_rows, ev, eligible, k)
+    scores, top = rescore(scorer, vectors, np.asarray(query, np.float32), log_z, ev, rows, size)
+    return scores, top, rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,28 +372,82 @@ def validation_view(bundle: Any, params: HeuristicParams | None = None) -> Valid
                           {k: np.asarray(v, np.int64) for k, v in buyers.items()}, interacted)
 
 
+def validation_report(scorer: AudienceScorer, vv: ValidationView, items: np.ndarray, sizes: Sequence[int] = REPORT_SIZES,
+                      seed: int = 0) -> dict[str, Any]:
+    """Recall@N on the validation step of ``items`` (items the fit did not see): the served learned
+    audience, the model alone, the two heuristics (as ``bench/audience.py`` reads them), and the share
+    of the buyers that are among the scorer's candidates at that N (the ceiling of its recall).
+
+    The number to compare scorer variants by; the test step stays for ``bench/audience.py``. Users
+    who interacted with the item before are excluded; recall divides by all the item's buyers.
+    """
+    from towerline.marketing.audience import index_vectors
+
+    index, _ = index_vectors(vv.vectors, vv.log_z)
+    emb = vv.bundle.item_embeddings
+    ev_all = vv.evidence
+    names = ("audience", "model", "affinity", "covisit", "buyers_among_candidates")
+    hits = {k: {n: [] for n in sizes} for k in names}
+    n_buyers = []
+    for item in items:
+        buyers = vv.buyers[int(item)]
+        eligible = np.ones(len(vv.user_ids), bool)
+        eligible[vv.interacted[int(item)]] = False
+        excluded = ~eligible
+        ev = ev_all.item_evidence(int(item), vv.user_ids)
+        n_buyers.append(len(buyers))
+        lp = np.where(eligible, vv.vectors @ emb[item] - vv.log_z, -np.inf)
+        model = np.argsort(-lp, kind="stable")[: max(sizes)]
+        aff = ab.top_users(ev["affinity"], max(sizes), excluded, ev_all.activity, seed)
+        cov = ab.top_users(ev["covisit"], max(sizes), excluded, ev_all.activity, seed)
+        for n in sizes:
+            _, top, cand = learned_audience(scorer, index, vv.vectors, emb[item], vv.log_z, ev, eligible, n)
+            for k, rows in (("audience", top), ("model", model[:n]), ("affinity", aff[:n]), ("covisit", cov[:n]),
+                            ("buyers_among_candidates", cand)):
+                hits[k][n].append(int(np.isin(buyers, rows).sum()))
+    nb = np.asarray(n_buyers, np.float64)
+    out: dict[str, Any] = {"items": int(len(items)), "buyers": int(nb.sum())}
+    for n in sizes:
+        row = {k: {"macro": round(float(np.mean(np.asarray(hits[k][n]) / nb)), 4),
+                   "micro": round(float(np.sum(hits[k][n]) / nb.sum()), 4)} for k in names}
+        best = max(row["affinity"]["macro"], row["covisit"]["macro"])
+        row["audience_over_best_heuristic_macro"] = round(row["audience"]["macro"] / best, 3) if best > 0 else None
+        out[str(n)] = row
+    return out
+
+
 def fit_scorer(
     bundle: Any,
     *,
     max_items: int = 1500,
     size: int = 500,
-    pool: int = 1000,
+    pool: int = 0,
+    hard_pool: int = 1000,
     negatives: int = 400,
+    rest_negatives: int = 400,
     l2: float = 1e-3,
     hidden: int = 16,
     seed: int = 0,
     params: HeuristicParams | None = None,
+    holdout: int = 500,
 ) -> AudienceScorer:
     """Fit the weights on the validation step of ``bundle``'s own split.
 
     Args:
         max_items: items with validation buyers to fit on (sampled with ``seed``; 0 = all).
-        size: the audience size whose candidate pool the fit sees (``max(pool, 2 * size)`` per source).
-        pool: the scorer's candidates per source when serving.
-        negatives: candidates kept per item besides its buyers (uniform sample, log-corrected).
+        size: the audience size whose evidence candidates the fit samples its hard negatives from
+            (``max(hard_pool, 2 * size)`` per source).
+        pool: the scorer's candidates per source when serving; 0 (default) = every eligible user
+            (the evidence of every user is computed anyway; the features and the small network
+            cost microseconds a user), so no buyer is lost to the candidate step.
+        negatives: hard negatives per item (uniform over its evidence candidates, log-corrected);
+        rest_negatives: with ``pool`` 0, negatives drawn from the other eligible users (log-corrected).
         l2: ridge penalty on the standardised weights.
         hidden: tanh units beside the linear part (0: linear only), for interactions such as
             "the model's score counts for more when there is no co-visitation evidence".
+        holdout: validation items kept out of the fit (at most a fifth of them; 0 = none) on which
+            ``validation_report`` measures the fitted scorer at ``REPORT_SIZES``
+            (``fitted["validation_recall"]``): the figure to choose settings by, never the test step.
     """
     import torch
 
@@ -375,16 +456,15 @@ def fit_scorer(
     t0 = time.perf_counter()
     params = params or HeuristicParams()
     vv = validation_view(bundle, params)
-    items = np.asarray(sorted(vv.buyers), np.int64)
     rng = np.random.default_rng(seed)
-    if max_items and len(items) > max_items:
-        items = np.sort(rng.choice(items, max_items, replace=False))
-    draft = AudienceScorer(features=list(FEATURES), mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
-                           weights=[0.0] * len(FEATURES), heuristics=params, pool=pool)
-    k = pool_size(draft, size)
+    perm = rng.permutation(np.asarray(sorted(vv.buyers), np.int64))
+    n_held = min(max(holdout, 0), len(perm) // 5)
+    held, items = np.sort(perm[:n_held]), perm[n_held:]
+    items = np.sort(items[:max_items] if max_items else items)
+    fit_k = max(hard_pool, 2 * size)  # the hard stratum: the evidence candidates at the fitted size
     index, _ = index_vectors(vv.vectors, vv.log_z)
     emb = vv.bundle.item_embeddings
-    groups: list[tuple[np.ndarray, np.ndarray, float]] = []  # (features (n, F), is_buyer (n,), log correction)
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (features (n, F), is_buyer (n,), log correction (n,))
     model_hits = reachable = total = 0
     for item in items:
         eligible = np.ones(len(vv.user_ids), bool)
@@ -394,19 +474,26 @@ def fit_scorer(
         if not len(buyers):
             continue
         total += len(buyers)
-        _, model_rows = search_rows(index, np.append(emb[item], 1.0), eligible, k)
+        _, model_rows = search_rows(index, np.append(emb[item], 1.0), eligible, fit_k)
         model_hits += int(np.isin(buyers, model_rows[:size]).sum())
         ev = vv.evidence.item_evidence(int(item), vv.user_ids)
-        rows = candidates(model_rows, ev, eligible, k)
-        pos = np.isin(rows, buyers)
-        if not pos.any():
+        hard = candidates(model_rows, ev, eligible, fit_k)
+        # pool > 0 serves the hard candidates alone; pool 0 ranks every eligible user, so the rest
+        # is a second stratum with its own sample and log correction (the softmax over all users)
+        strata = [(hard, negatives)] if pool else [(hard, negatives), (np.setdiff1d(np.flatnonzero(eligible), hard), rest_negatives)]
+        pos = buyers if not pool else buyers[np.isin(buyers, hard)]
+        if not len(pos):
             continue
-        reachable += int(pos.sum())
-        neg = np.flatnonzero(~pos)
-        take = rng.choice(neg, min(negatives, len(neg)), replace=False) if len(neg) else neg
-        pick = np.concatenate([np.flatnonzero(pos), take])
-        x = features(vv.vectors[rows[pick]] @ emb[item], vv.log_z, ev, rows[pick])
-        groups.append((x, pos[pick], float(np.log(len(neg) / max(len(take), 1))) if len(take) else 0.0))
+        reachable += len(pos)
+        pick, corr = [np.sort(pos)], [np.zeros(len(pos))]
+        for stratum, n_neg in strata:
+            neg = np.setdiff1d(stratum, buyers)
+            take = rng.choice(neg, min(n_neg, len(neg)), replace=False) if len(neg) else neg
+            pick.append(take)
+            corr.append(np.full(len(take), np.log(len(neg) / max(len(take), 1))))
+        rows = np.concatenate(pick)
+        x = features(vv.vectors[rows] @ emb[item], vv.log_z, ev, rows)
+        groups.append((x, np.arange(len(rows)) < len(pos), np.concatenate(corr)))
     if not groups:
         raise DataValidationError("audience scorer: no validation buyer is among any item's candidates; nothing to fit")
 
@@ -421,7 +508,7 @@ def fit_scorer(
     for g, (x, y, corr) in enumerate(groups):
         X[g, : len(x)] = (x - mean) / scale
         Y[g, : len(x)] = y
-        offset[g, : len(x)] = np.where(y, 0.0, corr)
+        offset[g, : len(x)] = np.where(y, 0.0, corr)  # (n,) per stratum
     Xt, Yt, Ot = torch.from_numpy(X), torch.from_numpy(Y), torch.from_numpy(offset)
     w = torch.zeros(F, dtype=torch.float32, requires_grad=True)
     with torch.no_grad():  # start at the model alone: log p = dot + neg_log_z
@@ -455,11 +542,20 @@ def fit_scorer(
         heuristics=params, pool=pool, item_embeddings_sha256=bundle.manifest.get("files", {}).get("item_embeddings.npy"),
         fitted={
             "split": "validation", "items_sampled": int(len(items)), "items": int(len(groups)), "buyers": int(total),
-            "buyers_among_candidates": int(reachable), "negatives_per_item": negatives, "l2": l2, "hidden": hidden, "seed": seed,
-            "fit_size": size, "loss": loss, "model_recall_at_size": model_hits / max(total, 1),
+            "buyers_among_candidates": int(reachable), "negatives_per_item": negatives,
+            "rest_negatives_per_item": rest_negatives if not pool else 0, "hard_pool": hard_pool, "l2": l2, "hidden": hidden, "seed": seed,
+            "fit_size": size, "holdout_items": int(len(held)), "loss": loss, "model_recall_at_size": model_hits / max(total, 1),
             "seconds": round(time.perf_counter() - t0, 1), "created_at": int(time.time()),
         },
     )
     log.info("audience scorer fitted on %d validation items (%d buyers, %d among candidates): weights %s",
              len(groups), total, reachable, dict(zip(FEATURES, np.round(weights, 3))))
+    if len(held):
+        report = validation_report(scorer, vv, held, seed=seed)
+        scorer = scorer.model_copy(update={"fitted": {**scorer.fitted, "validation_recall": report,
+                                                      "seconds": round(time.perf_counter() - t0, 1)}})
+        log.info("validation recall on %d held-out items: %s", len(held), "; ".join(
+            f"N={n} audience {report[str(n)]['audience']['macro']:.4f} model {report[str(n)]['model']['macro']:.4f} "
+            f"affinity {report[str(n)]['affinity']['macro']:.4f} covisit {report[str(n)]['covisit']['macro']:.4f} "
+            f"({report[str(n)]['audience_over_best_heuristic_macro']}x)" for n in REPORT_SIZES))
     return scorer

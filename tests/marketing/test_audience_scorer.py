@@ -51,6 +51,13 @@ def test_the_weights_are_fitted_on_the_validation_step_and_never_read_the_test_s
 
     assert fitted.fitted["split"] == "validation" and fitted.fitted["items"] > 5 and len(fitted.output_weights) == 4
     assert np.isfinite(fitted.weights).all() and any(w != 0 for w in fitted.weights)
+    # the report on held-out validation items: every size, every method, recall in [0, 1]
+    report = fitted.fitted["validation_recall"]
+    assert report["items"] == fitted.fitted["holdout_items"] > 0
+    for n in ("100", "500", "1000"):
+        for k in ("audience", "model", "affinity", "covisit", "buyers_among_candidates"):
+            assert 0.0 <= report[n][k]["macro"] <= 1.0 and 0.0 <= report[n][k]["micro"] <= 1.0
+        assert report[n]["audience"]["micro"] <= report[n]["buyers_among_candidates"]["micro"]
     # scramble every user's last step (the test item): the fit must not move
     bundle = load_bundle(own_bundle)
     h = bundle.histories
@@ -146,3 +153,28 @@ def test_cli_fits_the_scorer_into_the_bundle(tiny_run, tmp_path, capsys):
     assert "audience scorer fitted on" in capsys.readouterr().out
     assert main(["audience-scorer", "--model", str(tmp_path / "missing")]) == 2
     assert "model not found" in capsys.readouterr().err
+
+
+def test_pool_zero_ranks_every_eligible_user_by_the_learned_score(tiny_run, tmp_path):
+    """The default scorer (``pool`` 0) has no candidate step: its audience is the top of the learned
+    score over every eligible user, and the fit samples negatives from beyond the evidence candidates."""
+    from towerline.marketing.audience import find_audience, log_partition, past_users, user_vectors
+    from towerline.marketing.audience_scorer import Evidence, features, fit_scorer, save_scorer, scorer_path
+    from towerline.training.bundle import load_bundle
+
+    shutil.copytree(tiny_run.bundle_dir, tmp_path / "b")
+    bundle = load_bundle(tmp_path / "b")
+    scorer = fit_scorer(bundle, max_items=20, size=5, hard_pool=10, negatives=20, rest_negatives=20, hidden=2, holdout=0)
+    assert scorer.pool == 0 and scorer.fitted["rest_negatives_per_item"] == 20 and "validation_recall" not in scorer.fitted
+    save_scorer(scorer, scorer_path(bundle))
+    bundle = load_bundle(tmp_path / "b")
+    ids, vectors = user_vectors(bundle)
+    item = str(bundle.vocabs.items.ids[7])
+    idx = bundle.vocabs.items.encode_one(item)
+    served = find_audience(bundle, vectors, ids, item_id=item, size=12)
+    eligible = np.flatnonzero(~past_users(bundle, idx, ids))
+    x = features(vectors[eligible] @ bundle.item_embeddings[idx], log_partition(bundle, vectors),
+                 Evidence.from_bundle(bundle).item_evidence(idx, ids), eligible)
+    s = scorer.score(x)
+    best = eligible[np.lexsort((eligible, -s))[:12]]
+    assert served["user_id"].tolist() == [str(u) for u in ids[best]]
