@@ -4,6 +4,7 @@
     python bench/quality.py --datasets lastfm --seeds 42 43 44   # spread over seeds
     python bench/quality.py --datasets beauty --refit           # + the test model refit on train+valid
     python bench/quality.py --datasets beauty --work W --resume --set trainer.max_epochs=N  # finish a cut run
+    python bench/quality.py --datasets beauty --merge A.json B.json C.json --out S.json  # one seed per file -> spread
 
 Writes bench/results/quality.json: per data set the test metrics (masked and unmasked), time per
 epoch, the validation NDCG@10 curve against wall time, the targets and whether each was met. With
@@ -11,7 +12,9 @@ several seeds, each seed's run is kept and ``summary`` gives mean, standard devi
 of the headline metrics. ``--refit`` trains a second model per seed with ``trainer.refit=true`` for
 the epoch count validation chose (the best epoch of the first run), and reports its test metrics
 beside the first run's: the validation step then trains too, so no validation figure exists for it.
-Runs in a temporary MLflow store unless --tracking-uri is given.
+Runs in a temporary MLflow store unless --tracking-uri is given. ``--merge`` trains nothing: it
+gathers the runs of result files written by separate processes (one seed each, run side by side on
+one core apiece) and writes their per-seed headline figures and the same ``summary``.
 """
 
 from __future__ import annotations
@@ -100,6 +103,55 @@ def summary(runs: list[dict], targets: dict[str, float]) -> dict[str, dict[str, 
     return out
 
 
+# config keys that may differ between runs merged into one spread: the seed, and where each run logged
+MERGE_FREE = ("trainer.seed", "tracking.tracking_uri")
+
+
+def merge(paths: list[Path], dataset: str) -> dict:
+    """``dataset``'s runs from result files of separate ``quality.py`` processes, as one spread.
+
+    Runs are only comparable when they are the same protocol, so every run's config must equal the
+    first's but for ``MERGE_FREE``, each seed may appear once, and a file cut short (``partial``) is
+    refused: a spread that silently mixes epoch counts or drops a seed would read as a measurement.
+    """
+    runs, sources = [], []
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        result = report.get("results", {}).get(dataset)
+        if result is None:
+            raise ValueError(f"{path}: no {dataset!r} result")
+        if result.get("partial"):
+            raise ValueError(f"{path}: the {dataset} runs were cut short (partial); finish them with --resume")
+        for r in result.get("runs", [result]):
+            runs.append(r)
+            sources.append({"file": str(path), "command": report.get("command"), "seed": r["config"]["trainer"]["seed"]})
+    if not runs:
+        raise ValueError("--merge needs at least one result file")
+    seeds = [s["seed"] for s in sources]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed appears twice in the merged runs: {seeds}")
+    reference = _flat(runs[0]["config"])
+    for r, src in zip(runs[1:], sources[1:]):
+        diff = sorted(k for k in set(reference) | set(_flat(r["config"]))
+                      if k not in MERGE_FREE and reference.get(k) != _flat(r["config"]).get(k))
+        if diff:
+            raise ValueError(f"{src['file']} (seed {src['seed']}) is not the same protocol as seed {seeds[0]}: {diff}")
+    per_seed = [{"seed": s["seed"], "epochs": r["epochs"], "wall_s": r["wall_s"], "seconds_per_epoch": r["seconds_per_epoch"],
+                 **{k: r["metrics"][k] for k in HEADLINE if k in r["metrics"]}} for r, s in zip(runs, sources)]
+    return {"seeds": seeds, "sources": sources, "per_seed": per_seed, "summary": summary(runs, TARGETS.get(dataset, {}))}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, the dotted keys ``--set`` takes."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["beauty", "lastfm"], choices=["beauty", "lastfm"])
@@ -111,8 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue the runs in --work from their last checkpoints, e.g. with a smaller "
                              "--set trainer.max_epochs to stop a cut run where it is and test its best epoch")
+    parser.add_argument("--merge", nargs="+", type=Path, default=None, metavar="RESULT_JSON",
+                        help="train nothing: merge these result files' runs into one spread per data set")
+    parser.add_argument("--note", default=None, help="with --merge: a line on the protocol, kept in the output")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "quality.json")
     args = parser.parse_args(argv)
+    command = " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))
+    if args.merge:
+        report = {"command": command, "results": {name: merge(args.merge, name) for name in args.datasets}}
+        if args.note:
+            report["note"] = args.note
+        for name, result in report["results"].items():
+            for key, st in result["summary"].items():
+                print(f"{name} {key}: mean {st['mean']:.4f} sd {st['sd']:.4f} [{st['min']:.4f}, {st['max']:.4f}] n={st['n']}")
+        write(args.out.resolve(), report)
+        print(f"wrote {args.out}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="towerline-quality-"))
@@ -124,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()  # paths given on the command line are relative to where it ran
     os.chdir(work)  # MLflow puts run artifacts under ./mlruns: keep them out of the checkout
     uri = args.tracking_uri or f"sqlite:///{work / 'mlflow.db'}"
-    report = {"command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])), "results": {}}
+    report = {"command": command, "results": {}}
     for name in args.datasets:
         runs = []
         for seed in args.seeds:
