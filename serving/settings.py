@@ -79,6 +79,8 @@ class ServeSettings(BaseModel):
     health_check_timeout_s: float = Field(2.0, gt=0)  # ... and replaces one that does not answer in time
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0, le=15)  # a stopping replica finishes its
     # requests in flight for at most this long (SIGTERM to exit stays under 20 s)
+    drain_s: float = Field(1.0, ge=0, le=5)  # after SIGTERM/SIGINT the app keeps answering this long before
+    # Serve stops: requests already on their way (accepted, or queued at the proxy) are answered, not cut
     admin_poll_s: float = Field(0.5, gt=0, le=10)  # each ingress replica asks this often whether an admin write
     # (reload, items) reached another replica, and then applies it (serving/admin_state.py)
     admin_sync_timeout_s: float = Field(5.0, ge=0, le=60)  # an admin write waits at most this long for every

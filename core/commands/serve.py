@@ -260,6 +260,9 @@ def serve_locally(
             print(f"POST /recommend {json.dumps(check_request)} -> HTTP {status}")
             return {"status": status, "body": body}
         print(f"{stop.wait()}: stopping (requests in flight finish first)", flush=True)
+        # Serve's shutdown stops the replicas and the proxy at once, so a request that reached the proxy
+        # just before the signal could find no replica left and be cut off: answer for drain_s first
+        time.sleep(app_args.settings.drain_s)
         return None
     except KeyboardInterrupt:  # Ctrl-C before the handler was installed
         print("stopping", flush=True)
