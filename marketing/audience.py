@@ -247,7 +247,8 @@ def find_audience(
         lz = log_partition(bundle, vecs) if log_z is None else np.asarray(log_z, dtype=np.float32)
         ev_all = evidence if evidence is not None else Evidence.from_bundle(bundle, extra_history, scorer.heuristics)
         ev = ev_all.item_evidence(item_idx, user_ids)
-        scores, rows, _ = learned_audience(scorer, index_vectors(vecs, lz)[0], vecs, query, lz, ev, eligible, size)
+        index = index_vectors(vecs, lz)[0] if scorer.pool else None  # pool 0 scores every user: no search
+        scores, rows, _ = learned_audience(scorer, index, vecs, query, lz, ev, eligible, size)
     elif scoring in ("auto", "learned", "probability"):
         lz = log_partition(bundle, vecs) if log_z is None else np.asarray(log_z, dtype=np.float32)
         scores, rows = search_rows(index_vectors(vecs, lz)[0], np.append(query, 1.0), eligible, size)
